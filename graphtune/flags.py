@@ -1,0 +1,209 @@
+"""All of graphtune's flags and options, in one module.
+
+Two kinds of settings live here:
+
+* **Flags**: process-wide, typed, backed by ``GRAPHTUNE_<NAME>`` environment variables and
+  overridable for a block of code with :class:`Context` (``with Context(SPEC=True): ...``).
+  Nothing else in graphtune reads ``os.environ``.
+* **Options**: per-call settings of :func:`graphtune.optimize`, the ``torch.compile``
+  backend and :func:`graphtune.explain`, validated up front by :meth:`Options.from_kwargs`.
+"""
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from graphtune.errors import OptionError
+
+__all__ = ["Flag", "FLAGS", "get", "Context", "Options", "default_db_path"]
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {s!r}")
+
+
+def default_db_path() -> str:
+    """Where the tuning database lives unless ``GRAPHTUNE_DB`` says otherwise."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "graphtune" / "tuning.db")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A typed, environment-backed process flag."""
+
+    name: str
+    type: type
+    default: Any
+    doc: str
+    # default computed lazily (e.g. paths depending on $HOME)
+    default_fn: Callable[[], Any] | None = None
+
+    @property
+    def env(self) -> str:
+        return f"GRAPHTUNE_{self.name}"
+
+    def from_env(self) -> Any:
+        raw = os.environ.get(self.env)
+        if raw is None:
+            return self.default_fn() if self.default_fn else self.default
+        try:
+            if self.type is bool:
+                return _parse_bool(raw)
+            return self.type(raw)
+        except ValueError as e:
+            raise OptionError(f"environment variable {self.env}={raw!r} is not a valid {self.type.__name__}") from e
+
+
+FLAGS: dict[str, Flag] = {
+    f.name: f
+    for f in [
+        Flag("DEBUG", int, 0, "verbosity: 1 logs passes and match counts, 2 prints graphs"),
+        Flag("SPEC", bool, False, "run the IR verifier after capture and after every pass (always on in tests)"),
+        Flag("VALIDATE", bool, False, "translation validation: run original and rewritten graphs and compare"),
+        Flag("DB", str, "", "path of the SQLite tuning database", default_fn=default_db_path),
+        Flag("CACHELEVEL", int, 1, "0 disables the tuning database (defaults only), 1 reads and writes it"),
+        Flag("DISABLE_TRITON", bool, False, "never use Triton kernels, even on a GPU"),
+        Flag("TUNE_TIMEOUT", float, 30.0, "seconds one tuning candidate may run before it scores infinity"),
+        Flag("NUM_THREADS", int, 0, "CPU worker threads for graphtune's CPU kernels (0: torch's setting)"),
+        Flag("HYDRAGEN_MIN_PREFIX", int, -1, "shared-prefix decomposition: min shared tokens (-1: measured default)"),
+        Flag("HYDRAGEN_MIN_ROWS", int, -1, "shared-prefix decomposition: min sharing rows (-1: measured default)"),
+        Flag("LEAN_MIN_SKEW", float, -1.0, "lean decode: min max/mean KV-length skew to use it (-1: measured default)"),
+    ]
+}
+
+# One ContextVar holding the overrides so a `Context` is visible to the whole task/thread.
+_overrides: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("graphtune_flags", default={})
+
+
+def get(name: str) -> Any:
+    """Current value of flag ``name``: a :class:`Context` override, else the environment, else the default."""
+    ov = _overrides.get()
+    if name in ov:
+        return ov[name]
+    try:
+        return FLAGS[name].from_env()
+    except KeyError:
+        raise OptionError(f"unknown graphtune flag {name!r}; known: {sorted(FLAGS)}") from None
+
+
+class Context:
+    """Override flags for a block: ``with Context(DEBUG=1, SPEC=True): ...``."""
+
+    def __init__(self, **overrides: Any) -> None:
+        for k, v in overrides.items():
+            if k not in FLAGS:
+                raise OptionError(f"unknown graphtune flag {k!r}; known: {sorted(FLAGS)}")
+            want = FLAGS[k].type
+            if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+                if not (want is float and isinstance(v, int) and not isinstance(v, bool)):
+                    raise OptionError(f"flag {k} must be {want.__name__}, got {type(v).__name__}")
+        self.overrides = overrides
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> "Context":
+        self._token = _overrides.set({**_overrides.get(), **self.overrides})
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._token is not None
+        _overrides.reset(self._token)
+
+
+# --------------------------------------------------------------------------------------
+# Per-call options
+# --------------------------------------------------------------------------------------
+
+_CAPTURE_METHODS = ("auto", "fx", "dynamo", "export")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Validated options of :func:`graphtune.optimize`, :func:`graphtune.explain` and the backend.
+
+    Parameters
+    ----------
+    capture : {"auto", "fx", "dynamo", "export"}
+        How to capture the model. ``auto`` uses torch.fx symbolic tracing where it works and
+        Dynamo otherwise (always Dynamo for models that ``generate`` with a KV cache).
+    validate : bool or None
+        Translation validation: run original and rewritten graphs on the example inputs and raise
+        :class:`~graphtune.errors.TranslationValidationError` on mismatch. ``None`` follows the
+        ``GRAPHTUNE_VALIDATE`` flag.
+    inductor : bool
+        ``torch.compile`` backend only: hand the rewritten graph to Inductor (default) or run it eagerly.
+    dynamic : bool or None
+        Dynamo's ``dynamic`` argument for the Dynamo capture path.
+    shared_prefix, lean_decode : bool
+        Enable the shared-prefix (Hydragen) and lean-decode rewrites where they pay.
+    sparse_prefill : bool
+        Enable permuted block-sparse prefill. Approximate, so off unless asked for.
+    tune : bool
+        Consult the tuning database for implementation and configuration choices.
+    rtol, atol : float
+        Tolerances of translation validation.
+    """
+
+    capture: str = "auto"
+    validate: bool | None = None
+    inductor: bool = True
+    dynamic: bool | None = None
+    shared_prefix: bool = True
+    lean_decode: bool = True
+    sparse_prefill: bool = False
+    tune: bool = True
+    rtol: float = 1e-5
+    atol: float = 1e-5
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "Options":
+        """Build options, raising :class:`OptionError` naming any unknown or ill-typed option."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for k, v in kwargs.items():
+            if k not in fields:
+                raise OptionError(f"unknown graphtune option {k!r}; valid options: {sorted(fields)}")
+            _check_type(k, v, fields[k].type)
+        opts = cls(**kwargs)
+        if opts.capture not in _CAPTURE_METHODS:
+            raise OptionError(f"option capture={opts.capture!r} must be one of {_CAPTURE_METHODS}")
+        if opts.rtol < 0 or opts.atol < 0:
+            raise OptionError("options rtol and atol must be >= 0")
+        return opts
+
+    @property
+    def validating(self) -> bool:
+        return get("VALIDATE") if self.validate is None else self.validate
+
+    def key(self) -> str:
+        """Stable text of every option that changes the rewritten graph (for cache keys)."""
+        return ";".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        for f in dataclasses.fields(self):
+            yield f.name, getattr(self, f.name)
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    # annotations are strings under `from __future__ import annotations`
+    allowed: list[type] = []
+    for part in str(annotation).split("|"):
+        part = part.strip()
+        allowed.append({"str": str, "bool": bool, "int": int, "float": float, "None": type(None)}[part])
+    ok = any(
+        isinstance(value, t) and not (t in (int, float) and isinstance(value, bool))
+        or (t is float and isinstance(value, int) and not isinstance(value, bool))
+        for t in allowed
+    )
+    if not ok:
+        names = " or ".join(t.__name__ for t in allowed)
+        raise OptionError(f"option {name} must be {names}, got {type(value).__name__} ({value!r})")
+
