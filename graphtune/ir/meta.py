@@ -63,9 +63,14 @@ def fake_mode_of(gm_or_vals: Any) -> FakeTensorMode | None:
     return detect_fake_mode([v for v in flat if isinstance(v, torch.Tensor)])
 
 
-def fakeify(tensors: Any, mode: FakeTensorMode | None = None) -> tuple[Any, FakeTensorMode]:
-    """Fake copies of real tensors (pytree), in ``mode`` or a fresh mode with a ShapeEnv."""
-    mode = mode or FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+def fakeify(tensors: Any, mode: FakeTensorMode | None = None, dynamic: bool = False) -> tuple[Any, FakeTensorMode]:
+    """Fake copies of real tensors (pytree), in ``mode`` or a fresh mode.
+
+    Shapes stay static unless ``dynamic`` (then every dimension becomes a symbol of a ShapeEnv).
+    """
+    if mode is None:
+        mode = FakeTensorMode(shape_env=ShapeEnv() if dynamic else None, allow_non_fake_inputs=True,
+                              static_shapes=not dynamic)
 
     def conv(x: Any) -> Any:
         if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor):

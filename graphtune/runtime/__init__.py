@@ -1,0 +1,39 @@
+"""graphtune's runtime: per-batch plans, implementation selection, KV caches, generation.
+
+:func:`install` activates every runtime feature (tuned dispatch, shared-prefix attention, lean
+decode) by registering its planner/selector in :mod:`graphtune.runtime.context`. Entry points
+call it; it is idempotent.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+
+__all__ = ["install", "FEATURES"]
+
+log = logging.getLogger("graphtune.runtime")
+
+# Runtime features in the order they are installed; each module exposes `install()`.
+FEATURES = (
+    "graphtune.runtime.dispatch",
+    "graphtune.runtime.shared_prefix",
+    "graphtune.runtime.lean_decode",
+)
+_installed = False
+
+
+def install() -> None:
+    """Register all runtime features' planners and selectors (once per process)."""
+    global _installed
+    if _installed:
+        return
+    for name in FEATURES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            log.debug("runtime feature %s not available", name)
+            continue
+        mod.install()
+    _installed = True

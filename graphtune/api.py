@@ -1,0 +1,226 @@
+"""Public entry points: :func:`optimize` and :func:`explain`."""
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphtune.backend import GraphtuneBackend, copy_graph_module, rewrite_graph
+from graphtune.errors import CaptureError, OptionError
+from graphtune.flags import Options
+from graphtune.ir.capture import capture, capture_export, capture_fx, normalize_inputs
+from graphtune.ir.meta import tensor_meta
+from graphtune.rewrites import AttentionSite, PipelineResult
+from graphtune.runtime import install as install_runtime
+from graphtune.runtime.context import batch_context
+
+__all__ = ["optimize", "explain", "Report", "SiteReport"]
+
+log = logging.getLogger("graphtune")
+
+
+def _is_generation_model(model: nn.Module) -> bool:
+    """HF-style causal LMs: ``generate`` + ``config``; they are captured with Dynamo (KV cache objects)."""
+    return hasattr(model, "generate") and hasattr(model, "config")
+
+
+def _cache_length(past_key_values: Any) -> int:
+    if past_key_values is None:
+        return 0
+    get = getattr(past_key_values, "get_seq_length", None)
+    if callable(get):
+        try:
+            return int(get())
+        except Exception:  # an empty cache of some HF versions raises
+            return 0
+    return 0
+
+
+class _OptimizedForward:
+    """``forward`` of an optimized generation model: plan the batch, then run the Dynamo-captured,
+    graphtune-rewritten forward.
+
+    Dynamo guards are checked per call, and shapes become dynamic after the first recompile, so
+    HF ``generate`` compiles the prefill and the decode step once each, not once per step.
+    """
+
+    def __init__(self, forward: Any, options: Options) -> None:
+        self.backend = GraphtuneBackend(Options(**{**dict(options.items()), "inductor": False}))
+        self.compiled = torch.compile(forward, backend=self.backend, dynamic=options.dynamic)
+        self.state: dict[str, Any] = {}  # per-model runtime state that survives decode steps
+        functools.update_wrapper(self, forward)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        with batch_context(
+            input_ids=input_ids if isinstance(input_ids, torch.Tensor) else None,
+            attention_mask=kwargs.get("attention_mask"),
+            past_length=_cache_length(kwargs.get("past_key_values")),
+            state=self.state,
+        ):
+            return self.compiled(*args, **kwargs)
+
+
+def _optimize_dynamo(model: nn.Module, options: Options) -> nn.Module:
+    # A shallow copy shares parameters and submodules with `model` but gets its own `forward`,
+    # so HF `generate` on the copy runs graphtune while the caller's model is left untouched.
+    new = copy.copy(model)
+    forward = type(model).forward.__get__(new)
+    new.forward = _OptimizedForward(forward, options)
+    return new
+
+
+def optimize(model: nn.Module, example_inputs: Any = None, **options: Any) -> nn.Module:
+    """Return a module computing the same function with attention through graphtune's ops.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any PyTorch model; typically a Hugging Face causal LM.
+    example_inputs : tensor, tuple or dict, optional
+        Inputs for an up-front capture (needed for ``capture="fx"`` / ``"export"``). Without them,
+        the model is captured with Dynamo at its first call (graph breaks are fine).
+    **options
+        Fields of :class:`graphtune.flags.Options` (``capture``, ``validate``, ``shared_prefix``,
+        ...). Unknown or ill-typed options raise :class:`~graphtune.errors.OptionError`.
+
+    Returns
+    -------
+    nn.Module
+        Generation models (those with ``generate``): a shallow copy sharing the weights whose
+        ``forward`` is captured and rewritten, a drop-in for ``generate``. Others: the rewritten
+        ``fx.GraphModule``, or ``model`` itself if it has no attention.
+
+    Examples
+    --------
+    >>> import torch, torch.nn.functional as F, graphtune
+    >>> class Attn(torch.nn.Module):
+    ...     def forward(self, q, k, v):
+    ...         w = torch.softmax(q @ k.transpose(-2, -1) / 8.0, dim=-1)
+    ...         return w @ v
+    >>> q = torch.randn(1, 2, 5, 64)
+    >>> fast = graphtune.optimize(Attn(), (q, q, q))
+    >>> torch.allclose(fast(q, q, q), Attn()(q, q, q), atol=1e-5)
+    True
+    """
+    opts = Options.from_kwargs(**options)
+    if not isinstance(model, nn.Module):
+        raise OptionError(f"optimize expects an nn.Module, got {type(model).__name__}")
+    install_runtime()
+    method = opts.capture
+    if method == "auto":
+        method = "dynamo" if (_is_generation_model(model) or example_inputs is None) else "fx"
+    if method in ("fx", "export"):
+        if example_inputs is None:
+            raise OptionError(f"capture={opts.capture!r} needs example_inputs")
+        try:
+            ir = capture_fx(model, example_inputs) if method == "fx" else capture_export(model, example_inputs)
+        except CaptureError:
+            if opts.capture != "auto":
+                raise
+            log.info("graphtune: fx capture failed; capturing with Dynamo at the first call")
+            return _optimize_dynamo(model, opts)
+        result = rewrite_graph(ir.gm, ir.example_inputs, opts)
+        if not result.sites:
+            log.info("graphtune.optimize: no attention in %s; returned unchanged", type(model).__name__)
+            return model
+        return result.gm
+    return _optimize_dynamo(model, opts)
+
+
+@dataclass
+class SiteReport:
+    """One attention site of an explained model."""
+
+    graph: int
+    node: str
+    module_path: str
+    form: str
+    details: dict
+    implementation: str
+    q_shape: tuple | None = None
+    k_shape: tuple | None = None
+
+
+@dataclass
+class Report:
+    """What :func:`explain` found: capture method, passes and every attention site.
+
+    Print it for a table; ``to_dict()`` for JSON.
+    """
+
+    model: str
+    capture: str
+    graphs: int
+    graph_breaks: int
+    passes: dict[str, int] = field(default_factory=dict)
+    sites: list[SiteReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"graphtune explain: {self.model}",
+                 f"  capture: {self.capture} ({self.graphs} graph{'s' if self.graphs != 1 else ''}, "
+                 f"{self.graph_breaks} graph break{'s' if self.graph_breaks != 1 else ''})",
+                 "  passes: " + (", ".join(f"{k}={v}" for k, v in self.passes.items()) or "none")]
+        if not self.sites:
+            lines.append("  no attention sites found: the model is returned unchanged by optimize()")
+            return "\n".join(lines)
+        lines.append(f"  attention sites: {len(self.sites)}")
+        w = max(len(s.module_path or s.node) for s in self.sites)
+        for i, s in enumerate(self.sites):
+            det = ", ".join(f"{k}={v}" for k, v in s.details.items() if v not in (None, False))
+            lines.append(f"  [{i:2d}] {(s.module_path or s.node):<{w}}  {s.form:<12} {det:<40} -> {s.implementation}")
+        return "\n".join(lines)
+
+
+def _implementation_of(site: AttentionSite, q: tuple | None, k: tuple | None) -> str:
+    from graphtune.runtime import describe
+
+    return describe.implementation(site, q, k)
+
+
+def explain(model: nn.Module, example_inputs: Any, **options: Any) -> Report:
+    """Capture and rewrite ``model`` on ``example_inputs`` without changing it; report every attention site.
+
+    Examples
+    --------
+    >>> import torch, torch.nn.functional as F, graphtune
+    >>> class Attn(torch.nn.Module):
+    ...     def forward(self, q, k, v):
+    ...         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    >>> q = torch.randn(1, 2, 5, 64)
+    >>> rep = graphtune.explain(Attn(), (q, q, q))
+    >>> [s.form for s in rep.sites]
+    ['sdpa']
+    """
+    opts = Options.from_kwargs(**options)
+    install_runtime()
+    method = opts.capture
+    if method == "auto" and _is_generation_model(model):
+        method = "dynamo"
+    args, kwargs = normalize_inputs(example_inputs)
+    graphs = capture(model, kwargs if kwargs else args, method)
+    report = Report(type(model).__name__, graphs.method, len(graphs), graphs.graph_breaks)
+    for gi, ir in enumerate(graphs):
+        gm = copy_graph_module(ir.gm)
+        result: PipelineResult = rewrite_graph(gm, ir.example_inputs, opts)
+        for p in result.passes:
+            report.passes[p.name] = report.passes.get(p.name, 0) + p.matches
+        nodes = {n.name: n for n in result.gm.graph.nodes}
+        for site in result.sites:
+            node = nodes.get(site.node)
+            qm = tensor_meta(node.args[0]) if node is not None else None
+            km = tensor_meta(node.args[1]) if node is not None else None
+            q = tuple(qm.shape) if qm else None
+            k = tuple(km.shape) if km else None
+            report.sites.append(SiteReport(gi, site.node, site.module_path, site.form, dict(site.details),
+                                           _implementation_of(site, q, k), q, k))
+    return report
+

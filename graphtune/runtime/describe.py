@@ -1,0 +1,28 @@
+"""Human-readable description of which implementation serves an attention site (for explain)."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from graphtune.runtime import FEATURES
+
+__all__ = ["implementation"]
+
+
+def implementation(site: Any, q_shape: tuple | None, k_shape: tuple | None) -> str:
+    """Ask each runtime feature (highest-level first) how it would serve this site.
+
+    A feature module may define ``describe(site, q_shape, k_shape) -> str | None``; the default
+    is graphtune's canonical attention op on its default path.
+    """
+    notes = []
+    for name in reversed(FEATURES):
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+        fn = getattr(mod, "describe", None)
+        note = fn(site, q_shape, k_shape) if callable(fn) else None
+        if note:
+            notes.append(note)
+    return "; ".join(notes) if notes else "graphtune.attention (cpu: ATen flash kernel; gpu: Triton)"
