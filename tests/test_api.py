@@ -1,0 +1,148 @@
+"""Entry points: optimize / explain / the torch.compile backend, options, odd models."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import graphtune
+from graphtune.errors import OptionError
+from graphtune.flags import Context, Options
+
+
+class EagerAttention(torch.nn.Module):
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.out = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)
+        q, k, v = (t.view(B, S, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+        w = torch.matmul(q, k.transpose(-2, -1)) / (D // self.heads) ** 0.5
+        w = torch.softmax(w, dim=-1)
+        return self.out(torch.matmul(w, v).transpose(1, 2).reshape(B, S, D))
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.a(x))
+
+
+class BreaksGraph(torch.nn.Module):
+    """Attention behind data-dependent Python control flow: fx fails, Dynamo breaks the graph."""
+
+    def forward(self, q, k, v):
+        if q.sum() > 0:
+            q = q * 2
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+
+
+def test_optimize_fx_path_rewrites_and_matches():
+    m = EagerAttention().eval()
+    x = torch.randn(2, 7, 32)
+    fast = graphtune.optimize(m, (x,))
+    assert isinstance(fast, torch.fx.GraphModule)
+    targets = [n.target for n in fast.graph.nodes]
+    assert torch.ops.graphtune.attention.default in targets
+    torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+    y = torch.randn(3, 11, 32)  # other shapes than the example inputs
+    torch.testing.assert_close(fast(y), m(y), atol=1e-5, rtol=1e-5)
+
+
+def test_optimize_without_example_inputs_captures_lazily_with_dynamo():
+    m = EagerAttention().eval()
+    fast = graphtune.optimize(m)
+    x = torch.randn(2, 7, 32)
+    torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+    assert sum(len(r.sites) for r in fast.forward.backend.results) == 1
+
+
+def test_model_without_attention_comes_back_unchanged_and_report_says_so():
+    m = MLP()
+    x = torch.randn(2, 8)
+    assert graphtune.optimize(m, (x,)) is m
+    rep = graphtune.explain(m, (x,))
+    assert rep.sites == [] and "no attention sites" in str(rep)
+
+
+def test_graph_breaks_fall_back_without_crashing():
+    q = torch.randn(1, 2, 5, 8)
+    rep = graphtune.explain(BreaksGraph(), (q, q, q))
+    assert rep.capture == "dynamo" and rep.graph_breaks >= 1
+    assert len(rep.sites) == 1
+    fast = graphtune.optimize(BreaksGraph(), (q, q, q))
+    torch.testing.assert_close(fast(q, q, q), BreaksGraph()(q, q, q), atol=1e-6, rtol=0)
+
+
+def test_explain_report_lists_sites_and_serializes():
+    m = EagerAttention().eval()
+    rep = graphtune.explain(m, (torch.randn(2, 7, 32),))
+    d = rep.to_dict()
+    json.dumps(d)  # JSON-serializable
+    (site,) = d["sites"]
+    assert site["form"].startswith("eager") and site["q_shape"] == (2, 4, 7, 8)
+    assert "graphtune.attention" in site["implementation"] or site["implementation"]
+    assert "attention sites: 1" in str(rep)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"no_such_option": 1}, "unknown graphtune option 'no_such_option'"),
+    ({"validate": "yes"}, "option validate must be bool"),
+    ({"capture": "magic"}, "capture='magic' must be one of"),
+    ({"rtol": -1.0}, "rtol and atol"),
+    ({"inductor": 1}, "option inductor must be bool"),
+])
+def test_bad_options_raise_value_error_naming_the_option(bad, match):
+    with pytest.raises(OptionError, match=match):
+        graphtune.optimize(MLP(), **bad)
+    with pytest.raises(ValueError):
+        Options.from_kwargs(**bad)
+
+
+def test_capture_fx_without_example_inputs_is_an_error():
+    with pytest.raises(OptionError, match="needs example_inputs"):
+        graphtune.optimize(MLP(), capture="fx")
+
+
+def test_optimize_rejects_non_modules():
+    with pytest.raises(OptionError, match="expects an nn.Module"):
+        graphtune.optimize(lambda x: x)
+
+
+def test_backend_rejects_unknown_option_at_first_call():
+    f = torch.compile(lambda q: F.scaled_dot_product_attention(q, q, q), backend="graphtune", options={"bogus": True})
+    with pytest.raises(Exception, match="unknown graphtune option 'bogus'"):
+        f(torch.randn(1, 2, 4, 8))
+
+
+def test_backend_registered_by_entry_point_runs_rewrite():
+    from torch._dynamo import list_backends
+
+    assert "graphtune" in list_backends(exclude_tags=())
+    f = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                      backend="graphtune", options={"inductor": False})
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    torch.testing.assert_close(f(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6, rtol=0)
+
+
+def test_flags_context_overrides_and_validates():
+    with Context(DEBUG=2):
+        assert graphtune.flags.get("DEBUG") == 2
+    assert graphtune.flags.get("SPEC") is True  # tests run with the verifier on
+    with pytest.raises(OptionError, match="unknown graphtune flag"):
+        Context(NOPE=1)
+    with pytest.raises(OptionError, match="must be int"):
+        Context(DEBUG="x")
