@@ -37,7 +37,7 @@ def test_every_attention_site_is_replaced_and_logits_match(family, impl):
     ids, mask = _inputs(model)
     report = graphtune.explain(model, {"input_ids": ids, "attention_mask": mask})
     assert len(report.sites) == model.config.num_hidden_layers, str(report)
-    assert report.passes["canonical_attention"] == model.config.num_hidden_layers
+    assert report.passes["canonicalize_attention"] == model.config.num_hidden_layers
     fast = graphtune.optimize(model)
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._pytree import tree_flatten, tree_map
@@ -59,8 +58,17 @@ def fake_mode_of(gm_or_vals: Any) -> FakeTensorMode | None:
         vals = [val_of(n) for n in gm_or_vals.graph.nodes]
     else:
         vals = list(gm_or_vals)
-    flat, _ = tree_flatten(vals)
-    return detect_fake_mode([v for v in flat if isinstance(v, torch.Tensor)])
+    return _mode_of_values(vals)
+
+
+def _mode_of_values(values: Any) -> FakeTensorMode | None:
+    # The mode of the metadata itself, not the ambient TracingContext's: under Dynamo the backend
+    # runs in a fresh fake mode while node metadata still lives in the tracing mode.
+    flat, _ = tree_flatten(values)
+    for v in flat:
+        if isinstance(v, FakeTensor):
+            return v.fake_mode
+    return None
 
 
 def fakeify(tensors: Any, mode: FakeTensorMode | None = None, dynamic: bool = False) -> tuple[Any, FakeTensorMode]:
@@ -92,8 +100,7 @@ def set_val(node: fx.Node, mode: FakeTensorMode | None = None) -> Any:
     args = fx.node.map_aggregate(node.args, arg_val)
     kwargs = fx.node.map_aggregate(node.kwargs, arg_val)
     if mode is None:
-        flat, _ = tree_flatten((args, kwargs))
-        mode = detect_fake_mode([v for v in flat if isinstance(v, torch.Tensor)])
+        mode = _mode_of_values((args, kwargs))
     if mode is None:
         raise RuntimeError(f"set_val({node.name}): inputs carry no fake values")
     with mode:

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from graphtune.errors import ShapeError
 from graphtune.ir.reference import attention_ref, merge_states_ref
@@ -52,21 +53,29 @@ def set_impl_selector(selector: ImplSelector | None) -> ImplSelector | None:
     return prev
 
 
+def _differ(a: object, b: object) -> bool:
+    # Real calls see ints. Under fake tensors with symbolic sizes only a provable difference counts:
+    # comparing SymInts would add guards from inside a backend (and k/v caches get distinct symbols).
+    if isinstance(a, int) and isinstance(b, int):
+        return a != b
+    return bool(statically_known_true(a != b))
+
+
 def check_attention_args(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, enable_gqa: bool) -> None:
     """Raise :class:`ShapeError` naming what is wrong with attention inputs."""
     if not (q.dim() == k.dim() == v.dim()) or q.dim() < 2:
         raise ShapeError(f"attention: q, k, v must have the same rank >= 2, got {q.dim()}, {k.dim()}, {v.dim()}")
-    if q.shape[-1] != k.shape[-1]:
+    if _differ(q.shape[-1], k.shape[-1]):
         raise ShapeError(f"attention: q head dim {q.shape[-1]} != k head dim {k.shape[-1]}")
-    if k.shape[-2] != v.shape[-2]:
+    if _differ(k.shape[-2], v.shape[-2]):
         raise ShapeError(f"attention: k has {k.shape[-2]} keys but v has {v.shape[-2]} values")
     if not (q.dtype == k.dtype == v.dtype):
         raise ShapeError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if q.dim() >= 3:
         hq, hkv = q.shape[-3], k.shape[-3]
-        if k.shape[-3] != v.shape[-3]:
+        if _differ(k.shape[-3], v.shape[-3]):
             raise ShapeError(f"attention: k has {hkv} heads but v has {v.shape[-3]}")
-        if hq != hkv and not (enable_gqa and hkv > 0 and hq % hkv == 0):
+        if _differ(hq, hkv) and not (enable_gqa and not _differ(hq % hkv, 0)):
             what = "is not a multiple of" if enable_gqa else "!= (pass enable_gqa=True for grouped-query attention)"
             raise ShapeError(f"attention: {hq} query heads {what} {hkv} key/value heads")
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:

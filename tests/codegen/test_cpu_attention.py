@@ -1,0 +1,141 @@
+"""CPU attention implementations vs the fp32 reference, over every config they offer."""
+import itertools
+
+import pytest
+import torch
+
+from graphtune.codegen import cpu_attention as C
+from graphtune.codegen.registry import KernelConfig, get_impl, impls_for
+from graphtune.ir.ops import attention_cpu
+from graphtune.ir.reference import attention_ref, merge_states_ref
+
+ATTN_IMPLS = ["cpu.flash", "cpu.split_kv", "cpu.gqa_fold", "cpu.math"]
+# (B, Hq, Hkv, L, S, D): odd lengths, decode (L=1), GQA groups 1/2/3/4, S long enough to split
+SHAPES = [(1, 4, 2, 1, 300, 16), (2, 6, 2, 17, 257, 32), (1, 2, 2, 3, 1000, 8), (2, 4, 1, 1, 129, 64),
+          (1, 3, 3, 129, 17, 16)]
+MASKS = [None, "bool", "additive_batch", "bool_per_head"]
+
+
+def _mask(kind, B, Hq, L, S):
+    if kind == "bool":
+        return torch.rand(L, S) > 0.3
+    if kind == "additive_batch":
+        return torch.randn(B, 1, L, S)
+    if kind == "bool_per_head":
+        return torch.rand(B, Hq, L, S) > 0.5
+    return None
+
+
+def _check(got, want, atol, rtol=0.0):
+    (o, l), (ro, rl) = got, want
+    assert o.shape == ro.shape and o.dtype == ro.dtype and l.shape == rl.shape and l.dtype == torch.float32
+    fin = torch.isfinite(rl)
+    assert torch.equal(torch.isfinite(l), fin), "-inf LSE rows differ from the reference"
+    torch.testing.assert_close(o.float(), ro.float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(l[fin], rl[fin], atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("name", ATTN_IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_every_config_matches_reference_fp32(name, shape):
+    B, Hq, Hkv, L, S, D = shape
+    impl = get_impl("attention_with_lse", name)
+    q, k, v = torch.randn(B, Hq, L, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    n_run = 0
+    for causal, mk in itertools.product((False, True), MASKS):
+        args = (q, k, v, _mask(mk, B, Hq, L, S), causal, None, Hq != Hkv)
+        if not impl.supports(args):
+            continue
+        want = attention_ref(*args)
+        for cfg in {impl.default, *impl.configs(args)}:
+            _check(impl.fn(*args, config=cfg), want, atol=1e-5)
+            n_run += 1
+    expect_supported = name not in ("cpu.split_kv", "cpu.gqa_fold") or (
+        (name == "cpu.split_kv" and S >= 256) or (name == "cpu.gqa_fold" and Hq != Hkv))
+    assert (n_run > 0) == expect_supported
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("name", ATTN_IMPLS)
+def test_low_precision_matches_reference(name, dtype, atol):
+    q, k, v = torch.randn(2, 4, 1, 32, dtype=dtype), torch.randn(2, 2, 513, 32, dtype=dtype), torch.randn(2, 2, 513, 32, dtype=dtype)
+    args = (q, k, v, None, False, 0.2, True)
+    impl = get_impl("attention_with_lse", name)
+    assert impl.supports(args)
+    for cfg in {impl.default, *impl.configs(args)}:
+        _check(impl.fn(*args, config=cfg), attention_ref(*args), atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("name", ATTN_IMPLS)
+def test_three_d_inputs_and_fully_masked_rows(name):
+    # q: [H, L, E] (no batch dim); row 2 of the mask attends to nothing -> out 0, lse -inf
+    q, k, v = torch.randn(4, 5, 16), torch.randn(2, 300, 16), torch.randn(2, 300, 16)
+    mask = torch.rand(5, 300) > 0.5
+    mask[2] = False
+    args = (q, k, v, mask, False, None, True)
+    impl = get_impl("attention_with_lse", name)
+    for cfg in {impl.default, *impl.configs(args)}:
+        out, lse = impl.fn(*args, config=cfg)
+        assert torch.isneginf(lse[:, 2]).all() and (out[:, 2] == 0).all()
+        _check((out, lse), attention_ref(*args), atol=1e-5)
+
+
+def test_causal_split_chunks_empty_rows_merge_correctly():
+    # top-left causal with S >> L: later chunks are empty for every row; their lse must be -inf
+    q, k = torch.randn(1, 2, 7, 16), torch.randn(1, 2, 1024, 16)
+    args = (q, k, k, None, True, None, False)
+    for cfg in C._split_configs(args):
+        _check(C.split_kv_attention(*args, config=cfg), attention_ref(*args), atol=1e-5)
+
+
+def test_math_takes_value_head_dim_different_from_query():
+    q, k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 33, 16), torch.randn(1, 2, 33, 24)
+    args = (q, k, v, None, True, None, False)
+    assert not get_impl("attention_with_lse", "cpu.flash").supports(args)
+    _check(C.math_attention(*args, config=KernelConfig.make(BLOCK_M=4)), attention_ref(*args), atol=1e-5)
+
+
+def test_default_config_is_the_untuned_aten_path():
+    impl = get_impl("attention_with_lse", "cpu.flash")
+    assert impl.default == KernelConfig.make(THREADS=0)
+    q, k = torch.randn(2, 8, 3, 32), torch.randn(2, 2, 77, 32)
+    args = (q, k, k, None, True, 0.3, True)
+    got, want = impl.fn(*args, config=impl.default), attention_cpu(*args)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_threads_knob_is_scoped_and_restored():
+    before = torch.get_num_threads()
+    q = torch.randn(1, 2, 4, 16)
+    for t in C.thread_choices():
+        C.flash_attention(q, q, q, config=KernelConfig.make(THREADS=t))
+        assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        C.flash_attention(q, q[..., :8], q, config=KernelConfig.make(THREADS=1))
+    assert torch.get_num_threads() == before
+
+
+def test_registered_cpu_impls_and_their_spaces():
+    names = [i.name for i in impls_for("attention_with_lse", "cpu")]
+    assert set(ATTN_IMPLS) <= set(names)
+    q, k = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 4096, 64)
+    args = (q, k, k, None, False, None, True)
+    split = get_impl("attention_with_lse", "cpu.split_kv").configs(args)
+    assert {c["SPLITS"] for c in split} == {2, 4, 8, 16, 32} and {c["FOLD"] for c in split} == {0, 1}
+    assert not get_impl("attention_with_lse", "cpu.split_kv").supports((q, k[:, :, :200], k[:, :, :200], None, False, None, True))
+    assert not get_impl("attention_with_lse", "cpu.gqa_fold").supports((q, q, q, None, False, None, False))
+
+
+@pytest.mark.parametrize("stacked", [0, 1])
+def test_merge_states_torch_matches_reference_with_empty_partials(stacked):
+    outs = [torch.randn(2, 3, 5, 8) for _ in range(4)]
+    lses = [torch.randn(2, 3, 5) for _ in range(4)]
+    lses[1][0, 0, 0] = float("-inf")
+    for l in lses:  # row (1, 2, 4) is empty in every partial
+        l[1, 2, 4] = float("-inf")
+    outs[1][0, 0, 0] = 0.0
+    impl = get_impl("merge_states", "cpu.torch")
+    got = impl.fn(outs, lses, config=KernelConfig.make(STACKED=stacked))
+    want = merge_states_ref(outs, lses)
+    assert torch.isneginf(got[1][1, 2, 4]) and (got[0][1, 2, 4] == 0).all()
+    _check(got, want, atol=1e-6)

@@ -1,0 +1,116 @@
+"""Lean decode CPU path vs unsplit attention: ragged batches, every tile/worker count of a grid,
+GQA, q_len 1 and 4 (bottom-right causal), length-1 sequences, 256K skew, both run modes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from graphtune.codegen.lean_cpu import build_cpu_program, lean_attention_cpu, merge_partials
+from graphtune.errors import PlanError, ShapeError
+from graphtune.ir.reference import attention_ref, merge_states_ref
+from graphtune.runtime.lean_plan import make_plan
+
+LENGTHS = [300, 7, 1, 64, 129, 1]  # ragged, with length-1 rows
+
+
+def _batch(lengths, hkv, group, lq, d, dtype=torch.float32, pad=5):
+    S = max(lengths) + pad
+    B = len(lengths)
+    q = torch.randn(B, hkv * group, lq, d, dtype=dtype)
+    k = torch.randn(B, hkv, S, d, dtype=dtype)
+    v = torch.randn(B, hkv, S, d, dtype=dtype)
+    starts = [S - n for n in lengths]  # left padding, as HF pads for generation
+    return q, k, v, starts
+
+
+def _reference(q, k, v, starts, lengths, causal):
+    outs, lses = [], []
+    for b, (s, n) in enumerate(zip(starts, lengths)):
+        o, l = attention_ref(q[b:b + 1], k[b:b + 1, :, s:s + n], v[b:b + 1, :, s:s + n],
+                             is_causal=causal, enable_gqa=True, bottom_right=True)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses)
+
+
+@pytest.mark.parametrize("lq, causal", [(1, False), (4, True), (4, False)])
+@pytest.mark.parametrize("group", [1, 3])
+def test_lean_cpu_matches_unsplit_attention_for_every_tile_and_worker_count(lq, causal, group):
+    q, k, v, starts = _batch(LENGTHS, hkv=2, group=group, lq=lq, d=16)
+    ref_o, ref_l = _reference(q, k, v, starts, LENGTHS, causal)
+    for tile in (1, 16, 64, 1000):
+        for workers in (1, 2, 3, 7, 50):
+            plan = make_plan(LENGTHS, 2, tile, workers)
+            for mode in ("threads", "serial"):
+                o, l = lean_attention_cpu(q, k, v, plan, starts, is_causal=causal, mode=mode)
+                where = f"tile={tile} workers={workers} mode={mode}"
+                torch.testing.assert_close(o, ref_o, atol=1e-5, rtol=1e-5, msg=where)
+                torch.testing.assert_close(l, ref_l, atol=1e-5, rtol=1e-5, msg=where)
+
+
+def test_lean_cpu_equals_masked_sdpa_on_the_padded_batch():
+    q, k, v, starts = _batch(LENGTHS, hkv=2, group=2, lq=1, d=32)
+    S = k.shape[2]
+    keep = torch.arange(S)[None, :] >= torch.tensor(starts)[:, None]  # [B, S]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], enable_gqa=True)
+    got, _ = lean_attention_cpu(q, k, v, make_plan(LENGTHS, 2, 32, 2), starts)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_lean_cpu_half_precision_within_dtype_tolerance(dtype, atol):
+    q, k, v, starts = _batch(LENGTHS, hkv=2, group=2, lq=4, d=64, dtype=dtype)
+    ref_o, ref_l = _reference(q, k, v, starts, LENGTHS, True)
+    o, l = lean_attention_cpu(q, k, v, make_plan(LENGTHS, 2, 16, 5), starts, is_causal=True)
+    assert o.dtype == dtype
+    torch.testing.assert_close(o.float(), ref_o.float(), atol=atol, rtol=0)
+    torch.testing.assert_close(l, ref_l, atol=1e-2, rtol=0)
+
+
+def test_lean_cpu_extreme_skew_256k_with_single_keys():
+    # one 256K sequence next to 1-key sequences; small heads keep the test cheap
+    lengths = [262144, 1, 1, 4096]
+    q, k, v, starts = _batch(lengths, hkv=1, group=2, lq=1, d=16, pad=0)
+    plan = make_plan(lengths, 1, 4096, 3)
+    assert plan.split_outputs == (0,)  # the long sequence is shared by all workers
+    o, l = lean_attention_cpu(q, k, v, plan, starts)
+    ref_o, ref_l = _reference(q, k, v, starts, lengths, False)
+    torch.testing.assert_close(o, ref_o, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(l, ref_l, atol=1e-4, rtol=1e-5)
+
+
+def test_program_folds_whole_outputs_of_a_sequence_into_one_call():
+    plan = make_plan([1000, 10, 10], num_kv_heads=4, tile=100, num_workers=2)
+    prog = build_cpu_program(plan)
+    # worker 1 ends seq 0 (heads 2..3 whole after a split head), then all heads of seqs 1 and 2
+    assert sum(len(c) for c in prog.calls) < len(plan.segments)
+    for calls in prog.calls:
+        for c in calls:
+            assert c.partial < 0 or c.h1 == c.h0 + 1
+    assert len(prog.merges) == len(plan.split_outputs)
+
+
+def test_merge_partials_matches_reference_with_empty_partials():
+    outs = [torch.randn(3, 4, 8) for _ in range(3)]
+    lses = [torch.randn(3, 4) for _ in range(3)]
+    lses[1][0] = float("-inf")  # partial with no keys for some rows
+    for x in lses:
+        x[2, 1] = float("-inf")  # a row with no keys anywhere
+    got_o, got_l = merge_partials(outs, lses)
+    want_o, want_l = merge_states_ref(outs, lses)
+    torch.testing.assert_close(got_o, want_o)
+    torch.testing.assert_close(got_l, want_l)
+    assert got_l[2, 1] == float("-inf") and torch.all(got_o[2, 1] == 0)
+
+
+def test_lean_cpu_rejects_inputs_that_do_not_fit_the_plan():
+    q, k, v, starts = _batch([5, 3], hkv=2, group=1, lq=1, d=8)
+    with pytest.raises(PlanError, match="kv heads"):
+        lean_attention_cpu(q, k, v, make_plan([5, 3], 1, 2, 2), starts)
+    with pytest.raises(PlanError, match="batch"):
+        lean_attention_cpu(q, k, v, make_plan([5], 2, 2, 2), starts[:1])
+    with pytest.raises(PlanError, match="exceed"):
+        lean_attention_cpu(q, k, v, make_plan([5, 3], 2, 2, 2), [9, 0])
+    with pytest.raises(PlanError, match="mode"):
+        lean_attention_cpu(q, k, v, make_plan([5, 3], 2, 2, 2), starts, mode="gpu")
+    with pytest.raises(ShapeError, match="dtypes differ"):
+        lean_attention_cpu(q, k.half(), v, make_plan([5, 3], 2, 2, 2), starts)

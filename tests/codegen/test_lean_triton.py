@@ -1,0 +1,108 @@
+"""Lean decode Triton kernels (stream-K partial attention + reduction) in the interpreter, and the
+default config cross-compiled for sm_80/sm_90 without spills.
+
+Tolerances (out atol, lse atol), as for graphtune's attention kernel: fp32 dots are IEEE
+(``input_precision="ieee"``), only summation order differs -> 2e-5; fp16 rounds P before P@V and
+the output to fp16 -> 2e-3; bf16 likewise with 8 mantissa bits -> 2e-2. LSE is fp32 throughout.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module imports triton.jit
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from graphtune.codegen.lean_triton import (  # noqa: E402
+    LEAN_CONFIG_SPACE,
+    LEAN_DEFAULT_CONFIG,
+    build_tables,
+    lean_attention_triton,
+    lean_compile_args,
+    prune_lean_configs,
+)
+from graphtune.codegen.registry import KernelConfig  # noqa: E402
+from graphtune.errors import PlanError, ShapeError  # noqa: E402
+from graphtune.ir.reference import attention_ref  # noqa: E402
+from graphtune.runtime.lean_plan import make_plan  # noqa: E402
+
+LENGTHS = [70, 1, 33, 5]  # ragged, one length-1 row
+SMALL = KernelConfig.make(BLOCK_N=16)  # keeps interpreter loops short
+
+
+def _case(lq, group, d, dtype, pad=3):
+    S = max(LENGTHS) + pad
+    q = torch.randn(len(LENGTHS), 2 * group, lq, d, dtype=dtype)
+    k = torch.randn(len(LENGTHS), 2, S, d, dtype=dtype)
+    v = torch.randn(len(LENGTHS), 2, S, d, dtype=dtype)
+    starts = [S - n for n in LENGTHS]
+    return q, k, v, starts
+
+
+def _reference(q, k, v, starts, causal):
+    outs, lses = zip(*(attention_ref(q[b:b + 1], k[b:b + 1, :, s:s + n], v[b:b + 1, :, s:s + n], is_causal=causal,
+                                     enable_gqa=True, bottom_right=True)
+                       for b, (s, n) in enumerate(zip(starts, LENGTHS))))
+    return torch.cat(outs), torch.cat(lses)
+
+
+@pytest.mark.parametrize("tile, workers", [(16, 1), (16, 3), (32, 5), (16, 40)])
+def test_lean_triton_fp32_matches_unsplit_attention_for_tiles_and_workers(tile, workers):
+    q, k, v, starts = _case(lq=1, group=3, d=24, dtype=torch.float32)  # odd head dim, GQA 3
+    plan = make_plan(LENGTHS, 2, tile, workers)
+    o, l = lean_attention_triton(q, k, v, plan, starts, config=SMALL)
+    ref_o, ref_l = _reference(q, k, v, starts, False)
+    torch.testing.assert_close(o, ref_o, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(l, ref_l, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 2e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_lean_triton_q_len_4_bottom_right_causal_gqa(dtype, atol):
+    q, k, v, starts = _case(lq=4, group=2, d=16, dtype=dtype)
+    plan = make_plan(LENGTHS, 2, 16, 4)
+    o, l = lean_attention_triton(q, k, v, plan, starts, is_causal=True, config=SMALL)
+    ref_o, ref_l = _reference(q, k, v, starts, True)
+    assert o.dtype == dtype
+    torch.testing.assert_close(o.float(), ref_o.float(), atol=atol, rtol=0)
+    torch.testing.assert_close(l, ref_l, atol=1e-4, rtol=0)
+    # the length-1 row: queries 0..2 see no key -> out 0, lse -inf (merge_states convention)
+    assert torch.all(l[1, :, :3] == float("-inf")) and torch.all(o[1, :, :3] == 0)
+
+
+def test_lean_triton_reuses_tables_across_layers():
+    q, k, v, starts = _case(lq=1, group=1, d=16, dtype=torch.float32)
+    plan = make_plan(LENGTHS, 2, 32, 3)
+    tables = build_tables(plan, starts, q.device)
+    assert tables.num_red == len(plan.split_outputs) > 0
+    for _ in range(2):  # two "layers", one plan
+        k, v = torch.randn_like(k), torch.randn_like(v)
+        o, _ = lean_attention_triton(q, k, v, plan, starts, tables=tables, config=SMALL)
+        torch.testing.assert_close(o, _reference(q, k, v, starts, False)[0], atol=2e-5, rtol=2e-5)
+
+
+def test_lean_triton_rejects_mismatched_plan_and_shapes():
+    q, k, v, starts = _case(lq=1, group=1, d=16, dtype=torch.float32)
+    with pytest.raises(PlanError, match="does not fit"):
+        lean_attention_triton(q, k, v, make_plan(LENGTHS, 1, 16, 2), starts)
+    with pytest.raises(PlanError, match="exceed"):
+        lean_attention_triton(q, k, v, make_plan(LENGTHS, 2, 16, 2), [100] * 4)
+    with pytest.raises(ShapeError, match="ranks"):
+        lean_attention_triton(q[0], k, v, make_plan(LENGTHS, 2, 16, 2), starts)
+
+
+def test_prune_keeps_block_n_dividing_the_tile_and_never_empties():
+    kept = prune_lean_configs(LEAN_CONFIG_SPACE, rows=4, head_dim=128, dtype=torch.float16, tile=128)
+    assert kept and all(128 % c["BLOCK_N"] == 0 for c in kept)
+    assert LEAN_DEFAULT_CONFIG in kept
+    assert prune_lean_configs(LEAN_CONFIG_SPACE, rows=4, head_dim=128, dtype=torch.float16, tile=7) == [LEAN_DEFAULT_CONFIG]
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_default_config_cross_compiles_without_spills(arch):
+    from graphtune.codegen.crosscompile import compile_for_target
+
+    # decode with GQA 4 at head dim 128 in fp16: the common serving case
+    for name, (fn, args, kwargs) in lean_compile_args(torch.float16, 4, 1, 128, LEAN_DEFAULT_CONFIG).items():
+        cfg = LEAN_DEFAULT_CONFIG if name == "partial" else KernelConfig.make(num_warps=4, num_stages=1)
+        res = compile_for_target(fn, args, kwargs, cfg, arch=arch, use_cache=False)
+        assert res.spill_bytes == 0, (name, res)
+        assert res.registers <= 255 and res.shared_mem_bytes < 160 * 1024, (name, res)

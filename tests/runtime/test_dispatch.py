@@ -1,0 +1,134 @@
+"""Tuned dispatch: the op runs the database's winner for its shape and falls back when it fails."""
+import warnings
+
+import pytest
+import torch
+
+from graphtune import flags
+from graphtune.autotune import AttentionShape, db as dbmod
+from graphtune.autotune import fingerprint
+from graphtune.autotune.db import Record, get_db
+from graphtune.codegen import registry
+from graphtune.codegen.cpu_attention import gqa_fold_attention
+from graphtune.codegen.registry import Impl, KernelConfig
+from graphtune.ir.reference import attention_ref
+from graphtune.runtime import context, dispatch
+
+SHAPE = AttentionShape(1, 8, 2, 1, 600, 32)
+
+
+@pytest.fixture
+def tuned_db(tmp_path):
+    path = str(tmp_path / "t.db")
+    with flags.Context(DB=path):
+        dispatch.install()
+        yield get_db()
+        dispatch.uninstall()
+    dbmod.forget_db(path)
+
+
+def put(db, impl_name, config, shape=SHAPE, source_hash=None):
+    impl = registry.get_impl("attention_with_lse", impl_name)
+    fp, key = fingerprint.current("cpu"), shape.key()
+    return db.put(Record("attention_with_lse", impl_name, source_hash or impl.source_hash, fp.device, fp.device_name,
+                         fp.versions, key.shape_key, key.q_bucket, key.kv_bucket, config.to_dict(), 10.0, 9.0, 11.0,
+                         5, 20.0, "measured", shape.to_dict()))
+
+
+def chosen(args, op="attention"):
+    fn = context._select(op, args)
+    return None if fn is None else (fn.impl_name, fn.config)
+
+
+def test_nothing_tuned_means_the_default_path(tuned_db):
+    args = SHAPE.make_args()
+    assert chosen(args) is None
+    torch.testing.assert_close(torch.ops.graphtune.attention(*args), attention_ref(*args)[0], atol=1e-5, rtol=0)
+
+
+def test_op_uses_the_database_winner_for_both_attention_ops(tuned_db):
+    cfg = KernelConfig.make(THREADS=1)
+    put(tuned_db, "cpu.gqa_fold", cfg)
+    args = AttentionShape(1, 8, 2, 1, 700, 32).make_args(seed=1)  # same buckets as SHAPE
+    assert chosen(args) == ("cpu.gqa_fold", cfg) == chosen(args, "attention_with_lse")
+    calls = []
+    orig = registry.get_impl("attention_with_lse", "cpu.gqa_fold")
+    spy = Impl(orig.op, orig.name, orig.device, lambda *a, config: calls.append(config) or gqa_fold_attention(*a, config=config),
+               orig.default, orig.configs, orig.source_hash, orig.supports)
+    registry.register_impl(spy)
+    try:
+        dispatch.clear_cache()
+        out = torch.ops.graphtune.attention(*args)
+        out2, lse = torch.ops.graphtune.attention_with_lse(*args)
+    finally:
+        registry.register_impl(orig)
+        dispatch.clear_cache()
+    assert calls == [cfg, cfg]
+    ref = attention_ref(*args)
+    torch.testing.assert_close(out, ref[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, ref[1], atol=1e-5, rtol=0)
+
+
+def test_nearest_bucket_is_used_and_default_winner_costs_nothing(tuned_db):
+    put(tuned_db, "cpu.gqa_fold", KernelConfig.make(THREADS=0))
+    far = AttentionShape(1, 8, 2, 1, 5000, 32).make_args()  # kv bucket 8192: nearest record is 1024
+    assert chosen(far)[0] == "cpu.gqa_fold"
+    other = AttentionShape(1, 8, 2, 1, 600, 64).make_args()  # head dim differs: exact part of the key
+    assert chosen(other) is None
+    flash = registry.get_impl("attention_with_lse", "cpu.flash")
+    put(tuned_db, "cpu.flash", flash.default, shape=AttentionShape(1, 4, 4, 1, 64, 16))
+    assert chosen(AttentionShape(1, 4, 4, 1, 64, 16).make_args()) is None  # the default path already is that
+
+
+def test_new_records_in_this_process_take_effect(tuned_db):
+    args = SHAPE.make_args()
+    assert chosen(args) is None
+    put(tuned_db, "cpu.split_kv", KernelConfig.make(SPLITS=2, BATCHED=1, FOLD=1))
+    assert chosen(args)[0] == "cpu.split_kv"
+
+
+def test_stale_record_is_ignored(tuned_db):
+    put(tuned_db, "cpu.gqa_fold", KernelConfig.make(THREADS=1), source_hash="0000stale0000")
+    assert chosen(SHAPE.make_args()) is None
+
+
+def test_unsupported_winner_is_not_used(tuned_db):
+    put(tuned_db, "cpu.split_kv", KernelConfig.make(SPLITS=2, BATCHED=1, FOLD=0), shape=AttentionShape(1, 8, 2, 1, 1024, 32))
+    short = AttentionShape(1, 8, 2, 1, 100, 32).make_args()  # nearest record, but too short to split
+    assert chosen(short) is None
+
+
+def test_failing_impl_falls_back_with_one_warning(tuned_db):
+    def broken(*a, config):
+        raise RuntimeError("tuned kernel broke")
+
+    impl = registry.register_impl(Impl("attention_with_lse", "cpu.test_broken", "cpu", broken,
+                                       KernelConfig.make(X=0), lambda a: [], "brokenhash"))
+    try:
+        put(tuned_db, "cpu.test_broken", KernelConfig.make(X=1))
+        args = SHAPE.make_args()
+        with pytest.warns(UserWarning, match="cpu.test_broken.*tuned kernel broke"):
+            out = torch.ops.graphtune.attention(*args)
+        torch.testing.assert_close(out, attention_ref(*args)[0], atol=1e-5, rtol=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out, lse = torch.ops.graphtune.attention_with_lse(*args)  # no second warning, default path
+        torch.testing.assert_close(lse, attention_ref(*args)[1], atol=1e-5, rtol=0)
+    finally:
+        registry._REGISTRY.pop((impl.op, impl.name), None)
+
+
+def test_cachelevel_zero_and_uninstall_disable_dispatch(tuned_db):
+    put(tuned_db, "cpu.gqa_fold", KernelConfig.make(THREADS=1))
+    args = SHAPE.make_args()
+    with flags.Context(CACHELEVEL=0):
+        assert chosen(args) is None
+    assert chosen(args)[0] == "cpu.gqa_fold" and dispatch.installed()
+    dispatch.uninstall()
+    assert not dispatch.installed() and chosen(args) is None
+    dispatch.install()
+    assert chosen(args)[0] == "cpu.gqa_fold"
+
+
+def test_other_ops_are_not_touched(tuned_db):
+    assert dispatch._selector("merge_states", ([torch.zeros(1, 2)], [torch.zeros(1)]), None) is None

@@ -1,0 +1,211 @@
+"""Shared-prefix plans, detection from prompt ids, and automatic use through the runtime selector."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from graphtune import flags
+from graphtune.errors import PlanError
+from graphtune.ir.reference import attention_ref
+from graphtune.runtime import shared_prefix as sp
+from graphtune.runtime.context import batch_context
+from graphtune.runtime.shared_prefix import SharedPrefixPlan, SharedSegment, detect_shared_prefixes, run_dense
+
+
+@pytest.fixture
+def installed():
+    """The runtime feature on, with thresholds low enough for small test shapes."""
+    sp.install()
+    with flags.Context(HYDRAGEN_MIN_PREFIX=16, HYDRAGEN_MIN_ROWS=2):
+        yield
+    sp.uninstall()
+
+
+def duplicated_cache(plan, Hkv, S, D, dtype=torch.float32):
+    """Per-row caches where rows of each segment hold identical K/V over its range (as HF's cache)."""
+    k, v = torch.randn(plan.batch_size, Hkv, S, D, dtype=dtype), torch.randn(plan.batch_size, Hkv, S, D, dtype=dtype)
+    for s in plan.segments:
+        r0 = s.rows[0]
+        for r in s.rows[1:]:
+            k[r, :, s.start : s.end] = k[r0, :, s.start : s.end]
+            v[r, :, s.start : s.end] = v[r0, :, s.start : s.end]
+    return k, v
+
+
+TREE = SharedPrefixPlan(6, (
+    SharedSegment((0, 1, 2, 3, 4, 5), 0, 40),  # system prompt
+    SharedSegment((1, 3, 5), 40, 57),  # few-shot block, non-contiguous rows
+    SharedSegment((0, 4), 40, 41),
+    SharedSegment((3, 5), 57, 70),  # third level
+))
+
+
+# -- plans ------------------------------------------------------------------------------
+
+def test_plan_records_where_each_rows_suffix_starts():
+    assert TREE.suffix_starts == (41, 57, 40, 70, 41, 70)
+    assert TREE.max_end == 70
+    assert "shared by 3 rows [1, 3, 5]" in TREE.describe()
+
+
+@pytest.mark.parametrize("segments,match", [
+    ((SharedSegment((0, 1), 0, 5), SharedSegment((1,), 6, 8)), "gap"),
+    ((SharedSegment((0, 1), 0, 5), SharedSegment((1,), 3, 8)), "overlaps"),
+    ((SharedSegment((0, 3), 0, 5),), "out of range"),
+    ((SharedSegment((1, 1), 0, 5),), "distinct"),
+    ((SharedSegment((0, 1), 4, 2),), "bad key range"),
+    ((SharedSegment((0, 1), 2, 5),), "gap"),
+])
+def test_inconsistent_plans_raise_plan_error(segments, match):
+    with pytest.raises(PlanError, match=match):
+        SharedPrefixPlan(3, segments)
+
+
+# -- detection --------------------------------------------------------------------------
+
+def test_identical_prompts_share_the_whole_prompt():
+    ids = torch.randint(0, 1000, (1, 300)).expand(32, -1)
+    plan = detect_shared_prefixes(ids)
+    assert plan.segments == (SharedSegment(tuple(range(32)), 0, 300),)
+
+
+def test_detection_finds_a_three_level_tree_over_non_contiguous_rows():
+    base = torch.randint(0, 1000, (100,))
+    ids = base.repeat(6, 1)
+    ids[[0, 2, 4], 70:] = torch.randint(0, 1000, (30,))  # rows 0,2,4 diverge at 70 together
+    ids[[1, 3, 5], 50] = 7  # rows 1,3,5 diverge at 50 ...
+    ids[5, 90] = 5  # ... row 5 again at 90
+    ids[2, 99], ids[4, 99] = 1, 2
+    plan = detect_shared_prefixes(ids, min_prefix=10, min_rows=2)
+    assert set(plan.segments) == {
+        SharedSegment(tuple(range(6)), 0, 50), SharedSegment((0, 2, 4), 50, 99), SharedSegment((1, 3, 5), 50, 90),
+        SharedSegment((1, 3), 90, 100)}
+
+
+def test_short_shared_ranges_are_pushed_down_to_the_level_below():
+    ids = torch.randint(0, 1000, (1, 64)).repeat(4, 1)
+    ids[:2, 5] = 1  # rows 0,1 vs 2,3 diverge at 5: the 5-token root is too short alone
+    ids[2:, 5] = 2
+    plan = detect_shared_prefixes(ids, min_prefix=20, min_rows=2)
+    assert set(plan.segments) == {SharedSegment((0, 1), 0, 64), SharedSegment((2, 3), 0, 64)}
+
+
+def test_detection_respects_flags_and_returns_none_without_sharing():
+    ids = torch.randint(0, 1000, (1, 100)).expand(4, -1)
+    with flags.Context(HYDRAGEN_MIN_ROWS=5):
+        assert detect_shared_prefixes(ids) is None
+    with flags.Context(HYDRAGEN_MIN_PREFIX=101):
+        assert detect_shared_prefixes(ids) is None
+    with flags.Context(HYDRAGEN_MIN_PREFIX=100, HYDRAGEN_MIN_ROWS=4):
+        assert detect_shared_prefixes(ids).segments[0].end == 100
+    assert detect_shared_prefixes(torch.arange(400).view(4, 100), min_prefix=1) is None
+
+
+def test_left_padding_shares_only_identically_padded_positions():
+    ids = torch.randint(1, 1000, (1, 50)).repeat(4, 1)
+    mask = torch.ones(4, 50, dtype=torch.long)
+    mask[2:, :3] = 0  # rows 2,3 left-padded by 3: same tokens, but shifted positions
+    plan = detect_shared_prefixes(ids, mask, min_prefix=1, min_rows=2)
+    assert set(plan.segments) == {SharedSegment((0, 1), 0, 50), SharedSegment((2, 3), 0, 50)}
+
+
+# -- running on a duplicated cache --------------------------------------------------------
+
+@pytest.mark.parametrize("Hkv,G,Lq", [(2, 1, 1), (2, 4, 1), (1, 8, 3), (4, 2, 2)])
+def test_run_dense_equals_sdpa_over_the_duplicated_cache(Hkv, G, Lq):
+    S, D = 85, 32
+    k, v = duplicated_cache(TREE, Hkv, S, D)
+    q = torch.randn(TREE.batch_size, Hkv * G, Lq, D)
+    out, lse = run_dense(TREE, q, k, v, enable_gqa=G > 1)
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=G > 1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_run_dense_honours_padding_masks_shared_by_the_group(kind):
+    plan = SharedPrefixPlan(4, (SharedSegment((0, 1, 2, 3), 0, 30),))
+    k, v = duplicated_cache(plan, 2, 40, 16)
+    valid = torch.ones(4, 1, 2, 40, dtype=torch.bool)
+    valid[:, :, :, :4] = False  # identical left padding in the shared prompt
+    valid[1, :, :, 33:35] = False  # row-specific masking in the suffix
+    mask = valid if kind == "bool" else torch.zeros(valid.shape).masked_fill(~valid, float("-inf"))
+    q = torch.randn(4, 2, 2, 16)
+    out, _ = run_dense(plan, q, k, v, mask)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5, rtol=1e-5)
+
+
+def test_run_dense_rejects_masks_that_differ_inside_a_shared_segment_and_overlapping_queries():
+    plan = SharedPrefixPlan(2, (SharedSegment((0, 1), 0, 10),))
+    k, v = duplicated_cache(plan, 1, 12, 8)
+    mask = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    mask[1, ..., 3] = False
+    with pytest.raises(PlanError, match="attn_mask differs"):
+        run_dense(plan, torch.randn(2, 1, 1, 8), k, v, mask)
+    with pytest.raises(PlanError, match="overlap the shared prefix"):
+        run_dense(plan, torch.randn(2, 1, 3, 8), k, v)
+
+
+# -- automatic use through batch_context ---------------------------------------------------
+
+def _prefill(state, ids):
+    with batch_context(input_ids=ids, attention_mask=torch.ones_like(ids), past_length=0, state=state):
+        pass
+
+
+def test_selector_decomposes_decode_attention_after_a_shared_prompt_prefill(installed, monkeypatch):
+    B, P, Hkv, G, D = 8, 200, 2, 2, 32
+    state: dict = {}
+    _prefill(state, torch.randint(0, 1000, (1, P)).expand(B, -1))
+    plan = state[sp.STATE_KEY]
+    calls = []
+    monkeypatch.setattr(sp, "run_dense", lambda *a, **kw: calls.append(1) or run_dense(*a, **kw))
+    k, v = duplicated_cache(plan, Hkv, P + 3, D)
+    q = torch.randn(B, Hkv * G, 1, D)
+    with batch_context(input_ids=torch.zeros(B, 1, dtype=torch.long), past_length=P + 2, state=state):
+        out = torch.ops.graphtune.attention(q, k, v, None, False, None, True)
+        out2, lse = torch.ops.graphtune.attention_with_lse(q, k, v, None, False, 0.3, True)
+    assert len(calls) == 2
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, enable_gqa=True), atol=1e-5, rtol=1e-5)
+    ref_out, ref_lse = attention_ref(q, k, v, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(out2, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_selector_declines_prefill_causal_calls_other_batches_and_unshared_masks(installed, monkeypatch):
+    B, P = 4, 100
+    state: dict = {}
+    _prefill(state, torch.randint(0, 1000, (1, P)).expand(B, -1))
+    plan = state[sp.STATE_KEY]
+    monkeypatch.setattr(sp, "run_dense", lambda *a, **kw: pytest.fail("decomposition used where it is not exact"))
+    k, v = duplicated_cache(plan, 2, P, 16)
+    bad = torch.ones(B, 1, 1, P, dtype=torch.bool)
+    bad[0, ..., 5] = False
+    with batch_context(input_ids=torch.zeros(B, P, dtype=torch.long), past_length=0, state=state) as ctx:
+        ctx.plans[sp.STATE_KEY] = plan  # even with a plan present, a prefill call overlaps the prefix
+        q = torch.randn(B, 2, P, 16)
+        torch.ops.graphtune.attention(q, k, v, None, True)
+    with batch_context(input_ids=torch.zeros(B, 1, dtype=torch.long), past_length=P - 1, state=state):
+        q1 = torch.randn(B, 2, 1, 16)
+        torch.ops.graphtune.attention(q1, k, v, None, True)  # SDPA's top-left causal
+        torch.ops.graphtune.attention(q1, k, v, bad)  # mask differs inside the shared prompt
+        torch.ops.graphtune.attention(q1[:2], k[:2], v[:2])  # other batch size
+
+
+def test_planner_forgets_the_plan_on_a_new_unshared_prefill(installed):
+    state: dict = {}
+    _prefill(state, torch.randint(0, 1000, (1, 100)).expand(8, -1))
+    assert sp.STATE_KEY in state
+    _prefill(state, torch.randint(0, 1000, (8, 100)))
+    assert sp.STATE_KEY not in state
+
+
+def test_default_thresholds_skip_small_batches_and_short_prompts():
+    assert sp.thresholds() == (sp.DEFAULT_MIN_PREFIX, sp.DEFAULT_MIN_ROWS)
+    assert detect_shared_prefixes(torch.randint(0, 1000, (1, sp.DEFAULT_MIN_PREFIX - 1)).expand(32, -1)) is None
+    assert detect_shared_prefixes(torch.randint(0, 1000, (1, 2000)).expand(sp.DEFAULT_MIN_ROWS - 1, -1)) is None
+
+
+def test_uninstalled_planner_makes_no_plan():
+    sp.uninstall()
+    state: dict = {}
+    _prefill(state, torch.randint(0, 1000, (1, 100)).expand(8, -1))
+    assert state == {}
