@@ -52,6 +52,7 @@ class _OptimizedForward:
     def __init__(self, forward: Any, options: Options) -> None:
         self.backend = GraphtuneBackend(Options(**{**dict(options.items()), "inductor": False}))
         self.compiled = torch.compile(forward, backend=self.backend, dynamic=options.dynamic)
+        self.options = options
         self.state: dict[str, Any] = {}  # per-model runtime state that survives decode steps
         functools.update_wrapper(self, forward)
 
@@ -62,6 +63,7 @@ class _OptimizedForward:
             attention_mask=kwargs.get("attention_mask"),
             past_length=_cache_length(kwargs.get("past_key_values")),
             state=self.state,
+            options=self.options,
         ):
             return self.compiled(*args, **kwargs)
 

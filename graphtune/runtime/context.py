@@ -46,6 +46,8 @@ class BatchContext:
         Plans by feature name, filled by planners; persist across decode steps through ``state``.
     state : dict
         Per-model state that lives across forwards (e.g. a prefix plan found at prefill).
+    options : graphtune.flags.Options or None
+        The optimized model's options; features honour their switch (``options.shared_prefix``...).
     """
 
     input_ids: Any = None
@@ -53,6 +55,11 @@ class BatchContext:
     past_length: int = 0
     plans: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    options: Any = None
+
+    def enabled(self, feature: str) -> bool:
+        """Whether ``feature`` (an Options field such as "shared_prefix") is on for this model."""
+        return self.options is None or bool(getattr(self.options, feature, True))
 
 
 Planner = Callable[[BatchContext], None]
@@ -102,9 +109,11 @@ def batch_context(
     attention_mask: Any = None,
     past_length: int = 0,
     state: dict[str, Any] | None = None,
+    options: Any = None,
 ) -> Iterator[BatchContext]:
     """Plan once for this batch, then run the forward inside the context."""
-    ctx = BatchContext(input_ids, attention_mask, past_length, state=state if state is not None else {})
+    ctx = BatchContext(input_ids, attention_mask, past_length, state=state if state is not None else {},
+                       options=options)
     for planner in list(_planners.values()):
         planner(ctx)
     token = _current.set(ctx)
