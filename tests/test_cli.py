@@ -25,14 +25,14 @@ def run(capsys, *argv):
 
 def test_tune_explicit_shapes_prints_summary_and_stores_winners(capsys, dbpath):
     rc, out, err = run(capsys, "--db", dbpath, "tune", "--shape", "1,4,2,1,300,16", "--shape", "1,2,2,9,9,8,causal",
-                       "--budget", "4s", "--strategy", "exhaustive")
+                       "--merge", "2,1,4,1,16", "--budget", "4s", "--strategy", "exhaustive")
     assert rc == 0, err
     lines = out.strip().splitlines()
-    assert lines[0].split()[:2] == ["shape", "winner"] and len(lines) == 4
-    assert "B=1 H=4/2 L=1 S=300 D=16" in out and "causal" in lines[3]
+    assert lines[0].split()[:2] == ["shape", "winner"] and len(lines) == 5
+    assert "B=1 H=4/2 L=1 S=300 D=16" in out and "causal" in lines[3] and "merge N=2" in lines[4]
     assert all(line.split()[-3].endswith("x") for line in lines[2:])  # a speedup per shape
-    assert "[1/2]" in err and "[2/2]" in err  # progress on stderr
-    assert TuningDB(dbpath).count() == 2
+    assert "[1/3]" in err and "[3/3]" in err  # progress on stderr
+    assert TuningDB(dbpath).count() == 3
 
 
 def test_tune_workload_expands_to_prefill_and_decode(capsys, dbpath):
@@ -57,6 +57,7 @@ def test_tune_with_model_config(capsys, dbpath, tmp_path):
 @pytest.mark.parametrize("argv,msg", [
     (["tune"], "nothing to tune"),
     (["tune", "--shape", "1,2,3"], "not B,H,KVH"),
+    (["tune", "--merge", "2,1,4"], "not N,B,H,L,D"),
     (["tune", "--batch", "1", "--seq", "8"], "--heads"),
     (["tune", "--shape", "1,2,2,1,8,8", "--budget", "fast"], "budget"),
     (["tune", "--shape", "1,2,2,1,8,8", "--strategy", "genetic"], "strategy"),

@@ -31,6 +31,10 @@ __all__ = [
     "merge_states",
     "check_attention_args",
     "attention_cpu",
+    "flash_cpu",
+    "additive_mask4",
+    "fix_empty_rows",
+    "as_4d",
     "set_impl_selector",
     "ATTENTION_OPS",
 ]
@@ -82,8 +86,44 @@ def check_attention_args(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | No
         raise ShapeError(f"attention: attn_mask dtype {attn_mask.dtype} must be bool or the query dtype {q.dtype}")
 
 
-def _as_4d(t: Tensor) -> Tensor:
+def as_4d(t: Tensor) -> Tensor:
+    """``[H, L, E]`` -> ``[1, H, L, E]``; 4-D tensors pass through."""
     return t.unsqueeze(0) if t.dim() == 3 else t
+
+
+def additive_mask4(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """SDPA's bool (True = attend) or float mask as an additive float mask of rank 4."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask
+
+
+def fix_empty_rows(out: Tensor, lse: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """ATen's flash kernel returns ``lse = 0`` for a fully masked row; graphtune's convention
+    (and ``merge_states``) needs ``lse = -inf`` and ``out = 0`` there."""
+    if mask is None:
+        return out, lse
+    empty = torch.isneginf(mask).all(dim=-1)  # broadcastable to lse: [.., L]
+    if bool(empty.any()):
+        lse = lse.masked_fill(empty, float("-inf"))
+        out = out.masked_fill(empty[..., None], 0.0)
+    return out, lse
+
+
+def flash_cpu(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float | None) -> tuple[Tensor, Tensor]:
+    """ATen's CPU flash kernel with graphtune's empty-row convention.
+
+    q: [B, Hq, L, E]  k, v: [B, Hkv, S, E] (GQA handled by the kernel: query head h reads kv head
+    h // (Hq / Hkv)); ``mask`` additive, broadcastable to [B, Hq, L, S].
+    """
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
+    )
+    return fix_empty_rows(out, lse, mask)
 
 
 def attention_cpu(
@@ -102,19 +142,8 @@ def attention_cpu(
     """
     if q.dim() not in (3, 4) or v.shape[-1] != q.shape[-1] or q.shape[-2] == 0 or k.shape[-2] == 0:
         return attention_ref(q, k, v, attn_mask, is_causal, scale, enable_gqa)
-    squeeze = q.dim() == 3
-    q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)  # [B, H, L, E]
-    mask = attn_mask
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-        while mask.dim() < 4:
-            mask = mask.unsqueeze(0)
-    # GQA needs no expansion: the flash kernel maps query head h to kv head h // group itself.
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q4, k4, v4, 0.0, is_causal, attn_mask=mask, scale=scale
-    )
-    if squeeze:
+    out, lse = flash_cpu(as_4d(q), as_4d(k), as_4d(v), additive_mask4(attn_mask, q.dtype), is_causal, scale)
+    if q.dim() == 3:
         out, lse = out.squeeze(0), lse.squeeze(0)
     return out, lse
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from graphtune import flags
-from graphtune.autotune import (AttentionShape, Budget, TuningDB, key_for_args, parse_budget, parse_shape,
+from graphtune.autotune import (AttentionShape, Budget, MergeShape, TuningDB, key_for_args, parse_budget, parse_shape,
                                 pow2_bucket, summary_table, tune_shape, tune_shapes, tune_static)
 from graphtune.autotune import search
 from graphtune.autotune.measure import Candidate, Measurement, run_with_timeout
@@ -93,6 +93,18 @@ def test_tune_shapes_splits_the_time_budget_and_reports_each_shape(db):
     assert time.monotonic() - t0 < 12.0
     assert [r.shape for r in res] == shapes and all(r.median_us for r in res)
     assert db.count() == 2
+
+
+def test_merge_states_tuning_checks_against_its_reference(db):
+    shape = MergeShape(4, 1, 8, 1, 64)
+    broken = fake("merge_wrong", lambda outs, lses, config: (outs[0], lses[0]))
+    res = tune_shape(shape, "exhaustive", Budget(reps=3), db=db,
+                     candidates=[default_candidate("merge_states", "cpu"), broken,
+                                 Candidate(get_impl("merge_states", "cpu.torch"), KernelConfig.make(STACKED=0))])
+    assert res.op == "merge_states" and res.impl == "cpu.torch" and res.n_tried == 3
+    assert len(res.failures) == 1 and "merge_wrong" in res.failures[0] and "wrong" in res.failures[0]
+    [r] = db.records()
+    assert r.op == "merge_states" and (r.q_bucket, r.kv_bucket) == (1, 4) and r.shape["n_partials"] == 4
 
 
 def _fake_measure(costs, log):

@@ -139,3 +139,29 @@ def test_merge_states_torch_matches_reference_with_empty_partials(stacked):
     want = merge_states_ref(outs, lses)
     assert torch.isneginf(got[1][1, 2, 4]) and (got[0][1, 2, 4] == 0).all()
     _check(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ATTN_IMPLS)
+def test_non_contiguous_inputs(name):
+    # HF layout: q/k/v made as [B, L, H, D] and transposed; K/V a slice of a longer static cache
+    q = torch.randn(2, 3, 8, 32).transpose(1, 2)
+    kv = torch.randn(2, 2, 700, 32)[:, :, :513]
+    v = torch.randn(2, 700, 2, 32).transpose(1, 2)[:, :, :513]
+    args = (q, kv, v, None, False, None, True)
+    impl = get_impl("attention_with_lse", name)
+    for cfg in {impl.default, *impl.configs(args)}:
+        _check(impl.fn(*args, config=cfg), attention_ref(*args), atol=1e-5)
+
+
+def test_memory_hungry_configs_are_pruned_for_long_prefill():
+    # causal 8x32 heads x 4096^2: folding/splitting would materialise a 2 GiB mask, math a 4 GiB score
+    # block (meta tensors: shapes only, so the checks below are the memory rules themselves)
+    q = torch.empty(8, 32, 4096, 64, device="meta")
+    k = torch.empty(8, 8, 4096, 64, device="meta")
+    prefill = (q, k, k, None, True, None, True)
+    assert not C._mask_fits(prefill)
+    assert C._mask_fits((q, k, k, None, False, None, True))  # nothing to materialise without mask/causal
+    assert C._mask_fits((q[:1, :, :16], k[:1], k[:1], None, True, None, True))
+    blocks = [c["BLOCK_M"] for c in C._math_configs(prefill)]
+    assert blocks == [64]  # 256 and 1024 rows would need 1 and 4 GiB of scores
+    assert [c["BLOCK_M"] for c in C._math_configs((q[:1, :4, :300], k[:1, :1], k[:1, :1], None, False, None, True))] == [64, 256, 300]

@@ -135,3 +135,14 @@ def test_ops_are_opaque_to_dynamo_with_fake_shapes():
     q = torch.randn(1, 2, 5, 8)
     torch.testing.assert_close(f(q, q, q), F.scaled_dot_product_attention(q, q, q, is_causal=True), atol=1e-6, rtol=0)
     assert torch.ops.graphtune.attention.default in seen or torch.ops.graphtune.attention in seen
+
+
+def test_fully_masked_rows_give_zero_output_and_neg_inf_lse():
+    q, k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)
+    mask[..., 1, :] = False  # query row 1 sees no key
+    out, lse = torch.ops.graphtune.attention_with_lse(q, k, v, mask)
+    ro, rl = attention_ref(q, k, v, mask)
+    assert torch.all(torch.isneginf(lse[..., 1])) and torch.all(out[..., 1, :] == 0)
+    torch.testing.assert_close(out, ro, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, rl, atol=1e-5, rtol=1e-5)

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from graphtune import flags
-from graphtune.autotune import AttentionShape, db as dbmod
+from graphtune.autotune import AttentionShape, MergeShape, db as dbmod
 from graphtune.autotune import fingerprint
 from graphtune.autotune.db import Record, get_db
 from graphtune.codegen import registry
 from graphtune.codegen.cpu_attention import gqa_fold_attention
 from graphtune.codegen.registry import Impl, KernelConfig
-from graphtune.ir.reference import attention_ref
+from graphtune.ir.reference import attention_ref, merge_states_ref
 from graphtune.runtime import context, dispatch
 
 SHAPE = AttentionShape(1, 8, 2, 1, 600, 32)
@@ -80,6 +80,14 @@ def test_nearest_bucket_is_used_and_default_winner_costs_nothing(tuned_db):
     assert chosen(AttentionShape(1, 4, 4, 1, 64, 16).make_args()) is None  # the default path already is that
 
 
+def test_masked_call_falls_back_to_the_unmasked_winner(tuned_db):
+    put(tuned_db, "cpu.gqa_fold", KernelConfig.make(THREADS=1))
+    masked = AttentionShape(1, 8, 2, 1, 600, 32, mask="additive")
+    assert chosen(masked.make_args())[0] == "cpu.gqa_fold"
+    put(tuned_db, "cpu.math", KernelConfig.make(BLOCK_M=1), shape=masked)
+    assert chosen(masked.make_args())[0] == "cpu.math"  # an exact masked record comes first
+
+
 def test_new_records_in_this_process_take_effect(tuned_db):
     args = SHAPE.make_args()
     assert chosen(args) is None
@@ -130,5 +138,36 @@ def test_cachelevel_zero_and_uninstall_disable_dispatch(tuned_db):
     assert chosen(args)[0] == "cpu.gqa_fold"
 
 
-def test_other_ops_are_not_touched(tuned_db):
-    assert dispatch._selector("merge_states", ([torch.zeros(1, 2)], [torch.zeros(1)]), None) is None
+def test_merge_states_uses_its_winner_and_other_ops_are_not_touched(tuned_db):
+    shape = MergeShape(3, 1, 4, 2, 16)
+    fp, key = fingerprint.current("cpu"), shape.key()
+    impl = registry.get_impl("merge_states", "cpu.torch")
+    tuned_db.put(Record("merge_states", "cpu.torch", impl.source_hash, fp.device, fp.device_name, fp.versions,
+                        key.shape_key, key.q_bucket, key.kv_bucket, KernelConfig.make(STACKED=0).to_dict(), 1.0, 1.0,
+                        1.0, 3, 2.0, "measured", shape.to_dict()))
+    outs, lses = MergeShape(3, 1, 4, 5, 16).make_args(seed=2)  # q bucket 8: the nearest record (2) serves
+    fn = context._select("merge_states", (outs, lses))
+    assert (fn.impl_name, fn.config) == ("cpu.torch", KernelConfig.make(STACKED=0))
+    out, lse = torch.ops.graphtune.merge_states(outs, lses)
+    ref = merge_states_ref(outs, lses)
+    torch.testing.assert_close(out, ref[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(lse, ref[1], atol=1e-6, rtol=0)
+    assert context._select("merge_states", MergeShape(3, 1, 4, 2, 32).make_args()) is None  # head dim differs
+    assert dispatch._selector("some_other_op", (), None) is None
+
+
+def test_unopenable_database_warns_once_and_uses_the_default_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    with flags.Context(DB=str(blocker / "sub" / "t.db")):
+        dispatch.install()
+        try:
+            args = SHAPE.make_args()
+            with pytest.warns(UserWarning, match="cannot open the tuning database"):
+                out = torch.ops.graphtune.attention(*args)
+            torch.testing.assert_close(out, attention_ref(*args)[0], atol=1e-5, rtol=0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                torch.ops.graphtune.attention(*args)
+        finally:
+            dispatch.uninstall()

@@ -1,0 +1,367 @@
+"""The ``graphtune`` command line: ``graphtune tune ...``, ``graphtune db list|show|export|import|prune|stats``.
+
+Adding a subcommand is one self-contained block::
+
+    def _explain_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model")
+
+    @subcommand("explain", "show what graphtune would do to a model", _explain_args)
+    def _explain(args: argparse.Namespace) -> int:
+        ...
+        return 0
+
+(in this module, or in another module listed in ``EXTENSIONS``). ``main(argv)``
+returns the exit status: 0 success, 1 the command failed, 2 bad usage or a graphtune error.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import importlib
+import json
+import sys
+from typing import Callable, Iterator
+
+from graphtune import flags
+from graphtune.errors import GraphtuneError, OptionError
+
+__all__ = ["main", "subcommand", "build_parser", "workload_shapes"]
+
+Run = Callable[[argparse.Namespace], int]
+Configure = Callable[[argparse.ArgumentParser], None]
+_COMMANDS: dict[str, tuple[str, Configure, Run]] = {}
+
+
+def subcommand(name: str, help: str, configure: Configure | None = None) -> Callable[[Run], Run]:
+    """Register ``run(args) -> int`` as subcommand ``name``; ``configure(parser)`` adds its arguments."""
+    def deco(run: Run) -> Run:
+        _COMMANDS[name] = (help, configure or (lambda p: None), run)
+        return run
+    return deco
+
+
+# Modules whose subcommands register themselves on import (a missing one is skipped).
+EXTENSIONS = ["graphtune.cli_explain"]
+
+
+def _load_extensions() -> None:
+    for mod in EXTENSIONS:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_extensions()
+    p = argparse.ArgumentParser(prog="graphtune", description="graph rewriting and kernel autotuning for LLM inference")
+    p.add_argument("--db", metavar="PATH", help="tuning database file (default: $GRAPHTUNE_DB or ~/.cache/graphtune/tuning.db)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_, configure, run) in _COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        configure(sp)
+        sp.set_defaults(_run=run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``graphtune`` console script; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return int(e.code or 0)
+    ctx = flags.Context(DB=args.db) if args.db else contextlib.nullcontext()
+    try:
+        with ctx:
+            return args._run(args)
+    except GraphtuneError as e:
+        print(f"graphtune: error: {e}", file=sys.stderr)
+        return 2
+
+
+# ======================================================================================
+# graphtune tune
+# ======================================================================================
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} needs positive integers")
+    return vals
+
+
+def workload_shapes(batch: list[int], seq: list[int], heads: int, kv_heads: int, head_dim: int,
+                    dtype: str = "float32") -> list:
+    """Prefill (causal, ``L = S = seq``) and decode (``L = 1``, ``S = seq``) shapes for every batch and length.
+
+    >>> [str(s) for s in workload_shapes([1], [128], 8, 2, 64)]
+    ['B=1 H=8/2 L=128 S=128 D=64 float32 causal', 'B=1 H=8/2 L=1 S=128 D=64 float32']
+    """
+    from graphtune.autotune.shapes import AttentionShape
+
+    out = []
+    for b in batch:
+        for s in seq:
+            for shape in (AttentionShape(b, heads, kv_heads, s, s, head_dim, dtype, causal=True),
+                          AttentionShape(b, heads, kv_heads, 1, s, head_dim, dtype)):
+                if shape not in out:
+                    out.append(shape)
+    return out
+
+
+def _model_dims(path: str) -> tuple[int, int, int]:
+    # heads, kv heads, head dim from a Hugging Face config.json
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+        heads = int(cfg["num_attention_heads"])
+        kv = int(cfg.get("num_key_value_heads") or heads)
+        dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise OptionError(f"--model-config {path}: cannot read heads/kv heads/head dim ({e})") from None
+    return heads, kv, dim
+
+
+def _tune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", action="append", default=[], metavar="B,H,KVH,L,S,D[,dtype][,causal]",
+                   help="an attention shape to tune (repeatable); extra fields: a dtype, 'causal', 'mask=bool|additive'")
+    p.add_argument("--merge", action="append", default=[], metavar="N,B,H,L,D[,dtype]",
+                   help="a merge_states shape to tune (repeatable): N partials of out [B, H, L, D]")
+    w = p.add_argument_group("workload description (expanded to prefill + decode shapes)")
+    w.add_argument("--batch", type=_ints, help="batch sizes, e.g. 1,8")
+    w.add_argument("--seq", type=_ints, help="sequence lengths, e.g. 128,1024")
+    w.add_argument("--heads", type=int)
+    w.add_argument("--kv-heads", type=int)
+    w.add_argument("--head-dim", type=int)
+    w.add_argument("--dtype", default="float32")
+    w.add_argument("--model-config", metavar="CONFIG_JSON",
+                   help="take heads/kv heads/head dim from a Hugging Face config.json")
+    p.add_argument("--strategy", default="successive_halving", help="exhaustive | random | successive_halving")
+    p.add_argument("--budget", default="60s",
+                   help="N or Ns: seconds for the whole run; Nc: at most N candidates per shape; both: 60s,20c")
+    p.add_argument("--target", help="static mode: rank Triton configs for a GPU you do not have, e.g. sm_90")
+    p.add_argument("--device", default="cpu", help="device to measure on (cpu, cuda)")
+    p.add_argument("--no-store", action="store_true", help="do not write results to the tuning database")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+class _Progress:
+    """One updating line on a terminal, plain lines otherwise (stderr)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.tty = quiet, sys.stderr.isatty()
+
+    def __call__(self, msg: str) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            print("\r\033[K" + msg[:150], end="", file=sys.stderr, flush=True)
+        else:
+            print(msg, file=sys.stderr)
+
+    def done(self) -> None:
+        if self.tty and not self.quiet:
+            print(file=sys.stderr)
+
+
+@subcommand("tune", "tune attention implementations/configs for shapes and store the winners", _tune_args)
+def _tune(args: argparse.Namespace) -> int:
+    from graphtune.autotune import parse_budget, parse_merge_shape, parse_shape, summary_table, tune_shapes, tune_static
+
+    shapes: list = [parse_shape(s) for s in args.shape] + [parse_merge_shape(s) for s in args.merge]
+    if args.batch or args.seq or args.model_config:
+        heads, kvh, dim = args.heads, args.kv_heads, args.head_dim
+        if args.model_config:
+            heads, kvh, dim = _model_dims(args.model_config)
+        missing = [n for n, v in (("--batch", args.batch), ("--seq", args.seq), ("--heads", heads),
+                                  ("--head-dim", dim)) if not v]
+        if missing:
+            raise OptionError(f"a workload description needs {', '.join(missing)}")
+        shapes += [s for s in workload_shapes(args.batch, args.seq, heads, kvh or heads, dim, args.dtype)
+                   if s not in shapes]
+    if not shapes:
+        raise OptionError("nothing to tune: give --shape B,H,KVH,L,S,D, --merge N,B,H,L,D or a workload "
+                          "(--batch, --seq, --heads, --head-dim)")
+    secs, cands = parse_budget(args.budget)
+    db = None if args.no_store else True
+    prog = _Progress(args.quiet)
+    if args.target:
+        results = tune_static(shapes, args.target, max_candidates=cands, budget_s=secs, db=db, progress=prog)
+    else:
+        results = tune_shapes(shapes, secs if secs is not None else 1e9, args.strategy, max_candidates=cands,
+                              device=args.device, db=db, progress=prog)
+    prog.done()
+    print(summary_table(results))
+    return 0
+
+
+# ======================================================================================
+# graphtune db
+# ======================================================================================
+
+def _db_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    ls = sub.add_parser("list", help="list records")
+    ls.add_argument("--op")
+    ls.add_argument("--impl")
+    ls.add_argument("--limit", type=int, default=200)
+    sh = sub.add_parser("show", help="print one record as JSON")
+    sh.add_argument("id", help="row id, record id or a unique prefix of one")
+    ex = sub.add_parser("export", help="write every record as JSON")
+    ex.add_argument("file", help="output file, '-' for stdout")
+    im = sub.add_parser("import", help="import records exported by 'db export' (skips ones already present)")
+    im.add_argument("file")
+    pr = sub.add_parser("prune", help="delete stale records (source changed) and superseded ones")
+    pr.add_argument("--dry-run", action="store_true")
+    pr.add_argument("--stale-only", action="store_true", help="keep superseded records")
+    sub.add_parser("stats", help="counts by op/mode/device, stale records, files moved aside")
+
+
+@contextlib.contextmanager
+def _open_db() -> Iterator:
+    from graphtune.autotune.db import TuningDB
+    from graphtune.autotune.tuner import load_impls
+
+    load_impls()  # validity of records needs every implementation's current source hash
+    db = TuningDB(flags.get("DB"))
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def _fmt_us(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+@subcommand("db", "inspect and maintain the tuning database", _db_args)
+def _db(args: argparse.Namespace) -> int:
+    from graphtune.autotune.tuner import is_valid
+
+    with _open_db() as db:
+        for msg in db.reports:
+            print(msg, file=sys.stderr)
+        cmd = args.db_command
+        if cmd == "list":
+            where, params = [], []
+            for col in ("op", "impl"):
+                if getattr(args, col):
+                    where.append(f"{col} = ?")
+                    params.append(getattr(args, col))
+            recs = db.records(" AND ".join(where) or None, params)[-args.limit:]
+            rows = [("id", "record", "op", "impl", "shape_key", "q", "kv", "mode", "us", "default", "valid", "device")]
+            for r in recs:
+                rows.append((str(_rowid(db, r)),
+                             r.record_id[:10], r.op, r.impl, r.shape_key, str(r.q_bucket), str(r.kv_bucket), r.mode,
+                             _fmt_us(r.median_us), _fmt_us(r.default_us), "yes" if is_valid(r) else "STALE",
+                             r.device[:40]))
+            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+            for row in rows:
+                print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+            print(f"{len(recs)} record(s)")
+            return 0
+        if cmd == "show":
+            rec = db.get(args.id)
+            if rec is None:
+                print(f"graphtune: no record {args.id!r}", file=sys.stderr)
+                return 1
+            print(json.dumps({**rec.to_json(), "valid": is_valid(rec)}, indent=2, sort_keys=True))
+            return 0
+        if cmd == "export":
+            text = json.dumps(db.export(), indent=1, sort_keys=True)
+            if args.file == "-":
+                print(text)
+            else:
+                with open(args.file, "w") as f:
+                    f.write(text + "\n")
+                print(f"exported {db.count()} record(s) to {args.file}", file=sys.stderr)
+            return 0
+        if cmd == "import":
+            try:
+                with open(args.file) as f:
+                    data = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise OptionError(f"cannot read records from {args.file}: {e}") from None
+            n = db.import_records(data)
+            print(f"imported {n} new record(s) of {len(data)} from {args.file}")
+            return 0
+        if cmd == "prune":
+            doomed = {r.record_id: ("stale", r) for r in db.stale(is_valid)}
+            if not args.stale_only:
+                for r in db.superseded():
+                    doomed.setdefault(r.record_id, ("superseded", r))
+            for why, r in doomed.values():
+                print(f"{'would delete' if args.dry_run else 'delete'} {r.record_id[:10]} {why}: {r.op} {r.impl} "
+                      f"{r.shape_key} q{r.q_bucket} kv{r.kv_bucket} {r.mode}")
+            if not args.dry_run:
+                db.delete(doomed)
+            print(f"{len(doomed)} record(s) {'to delete' if args.dry_run else 'deleted'}, "
+                  f"{db.count()} in the database")
+            return 0
+        if cmd == "stats":
+            return _stats(db)
+    raise OptionError(f"unknown db action {args.db_command!r}")
+
+
+def _rowid(db, rec) -> int:
+    row = db._conn.execute("SELECT id FROM records WHERE record_id = ?", (rec.record_id,)).fetchone()
+    return row[0] if row else -1
+
+
+def _stats(db) -> int:
+    from graphtune.autotune import fingerprint
+    from graphtune.autotune.tuner import is_valid
+
+    recs = db.records()
+    here = fingerprint.current("cpu")
+    by: dict[str, int] = {}
+    for r in recs:
+        k = f"{r.op} / {r.mode}"
+        by[k] = by.get(k, 0) + 1
+    stale = [r for r in recs if not is_valid(r)]
+    print(f"database: {db.path}")
+    print(f"records: {len(recs)}")
+    for k, n in sorted(by.items()):
+        print(f"  {k}: {n}")
+    print(f"this CPU ({here.device}, {here.versions}): "
+          f"{sum(1 for r in recs if r.device == here.device and r.versions == here.versions)}")
+    others = sorted({(r.device, r.versions) for r in recs} - {(here.device, here.versions)})
+    for dev, ver in others:
+        print(f"  other device/versions: {dev} {ver}: {sum(1 for r in recs if (r.device, r.versions) == (dev, ver))}")
+    print(f"stale (implementation gone or its source changed; ignored by lookups): {len(stale)}")
+    for r in stale:
+        print(f"  {r.record_id[:10]} {r.op} {r.impl} source {r.source_hash} {r.shape_key}")
+    print(f"superseded (never picked; removed by 'db prune'): {len(db.superseded())}")
+    aside = sorted(glob.glob(glob.escape(db.path) + ".corrupt-*") + glob.glob(glob.escape(db.path) + ".foreign-*"))
+    aside = [a for a in aside if not a.endswith(("-wal", "-shm"))]
+    print(f"files moved aside: {len(aside)}")
+    for a in aside:
+        print(f"  {a}")
+    return 0
+
+
+
+# ======================================================================================
+# graphtune lean-plan
+# ======================================================================================
+
+def _lean_plan_args(p: argparse.ArgumentParser) -> None:
+    from graphtune.runtime.lean_plan import add_lean_plan_args
+
+    add_lean_plan_args(p)
+
+
+@subcommand("lean-plan", "lean (stream-K) decode plan of a ragged batch; static H100/A100 view vs FlashDecoding",
+            _lean_plan_args)
+def _lean_plan(args: argparse.Namespace) -> int:
+    from graphtune.runtime.lean_plan import run_lean_plan
+
+    return run_lean_plan(args)
+
+if __name__ == "__main__":
+    sys.exit(main())

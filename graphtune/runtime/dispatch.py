@@ -1,0 +1,190 @@
+"""Tuned dispatch: run each attention / merge_states call with the implementation and config the
+tuning database chose for its shape on this device.
+
+:func:`install` adds the ``"tuned"`` selector to the runtime's selector chain. Per call it builds a
+cheap key from the argument shapes and dtypes and looks it up in an in-process dict; on a miss
+(first call of a shape) it asks the database (exact bucket, else nearest) and caches the answer,
+including "nothing tuned" (the op's default path then runs). The cache is dropped whenever this
+process writes to a tuning database; records written by other processes are seen after
+:func:`clear_cache` or a restart. A tuned implementation that raises at call time is dropped for
+that key with one warning, and the call is answered by the default path.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any, Callable
+
+from graphtune import flags
+from graphtune.autotune import db as _db
+from graphtune.autotune import fingerprint
+from graphtune.autotune.shapes import ATTENTION_OP, MERGE_OP, key_for_args, key_for_merge_args
+from graphtune.autotune.tuner import DEFAULT_IMPLS, is_valid, load_impls
+from graphtune.codegen.registry import Impl, KernelConfig, get_impl
+from graphtune.ir.ops import attention_cpu
+from graphtune.ir.reference import attention_ref, merge_states_ref
+from graphtune.runtime.context import register_selector, unregister_selector
+
+__all__ = ["install", "uninstall", "installed", "clear_cache", "resolve", "cache_info"]
+
+SELECTOR_NAME = "tuned"
+_OPS = ("attention", "attention_with_lse", MERGE_OP)
+
+_cache: dict[tuple, Callable[..., Any] | None] = {}
+_cache_gen = -1
+_warned: set[tuple] = set()
+_lock = threading.Lock()
+
+
+def _fast_key(op: str, args: tuple) -> tuple:
+    if op == MERGE_OP:
+        o = args[0][0]
+        return (MERGE_OP, len(args[0]), o.shape, o.dtype, o.device)
+    q, k, v, mask, causal = args[:5]
+    m = None if mask is None else (mask.dtype, mask.shape)
+    # both attention ops share a key: `attention` is attention_with_lse's out
+    return (q.shape, k.shape, v.shape[-1], q.dtype, q.device, m, causal, args[6])
+
+
+def _default_path(op: str, args: tuple) -> tuple:
+    if op == MERGE_OP:
+        return merge_states_ref(*args)
+    if args[0].device.type == "cpu":
+        return attention_cpu(*args)
+    return attention_ref(*args)
+
+
+def _make_call(op: str, impl: Impl, cfg: KernelConfig, key: tuple) -> Callable[..., Any]:
+    fn = impl.fn
+
+    def call(*args: Any) -> Any:
+        try:
+            return fn(*args, config=cfg)
+        except Exception as e:  # noqa: BLE001 - any kernel failure falls back
+            with _lock:
+                _cache[key] = None  # stop trying it for this key
+                first = key not in _warned
+                _warned.add(key)
+            if first:
+                warnings.warn(f"graphtune: tuned implementation {impl.name}[{cfg}] failed "
+                              f"({type(e).__name__}: {e}); using the default path for this shape", stacklevel=2)
+            return _default_path(op, args)
+
+    call.impl_name = impl.name  # type: ignore[attr-defined]
+    call.config = cfg  # type: ignore[attr-defined]
+    return call
+
+
+def resolve(op: str, args: tuple) -> tuple[Impl, KernelConfig] | None:
+    """The tuned (impl, config) for an attention or merge_states call, or None (nothing tuned, or
+    the winner is what the op runs untuned anyway).
+
+    Examples
+    --------
+    >>> import torch
+    >>> q = torch.randn(1, 2, 1, 16); k = torch.randn(1, 2, 300, 16)
+    >>> resolve("attention", (q, k, k, None, False, None, False)) is None  # nothing tuned yet
+    True
+    """
+    if op not in _OPS:
+        return None
+    store = _db.get_db()
+    if store is None:
+        return None
+    dev = args[0][0].device if op == MERGE_OP else args[0].device
+    load_impls(dev.type)
+    key = key_for_merge_args(args) if op == MERGE_OP else key_for_args(args, ATTENTION_OP)
+    fp = fingerprint.current(dev)
+
+    def usable(rec: _db.Record) -> bool:
+        if not is_valid(rec):
+            return False
+        impl = get_impl(rec.op, rec.impl)
+        return impl is not None and impl.device == dev.type and impl.supports(args)
+
+    rec = store.lookup(key.op, key.shape_key, key.q_bucket, key.kv_bucket, fp.device, fp.versions,
+                       usable, fp.device_name)
+    if rec is None and op != MERGE_OP and args[3] is not None:
+        # a masked call may use the unmasked shape's winner (masks cost every impl alike, and
+        # the mask a model passes is rarely what was tuned); supports() still has the last word
+        bare = key_for_args((*args[:3], None, *args[4:]), ATTENTION_OP)
+        rec = store.lookup(bare.op, bare.shape_key, bare.q_bucket, bare.kv_bucket, fp.device, fp.versions,
+                           usable, fp.device_name)
+    if rec is None:
+        return None
+    impl = get_impl(rec.op, rec.impl)
+    cfg = KernelConfig.from_dict(rec.config)
+    # on the CPU, cpu.flash's default config *is* the op's untuned path: no need to go through us
+    if impl is None or (op != MERGE_OP and dev.type == "cpu" and impl.name == DEFAULT_IMPLS[(ATTENTION_OP, "cpu")] and cfg == impl.default):
+        return None
+    return impl, cfg
+
+
+def _selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
+    global _cache_gen
+    if op not in _OPS:
+        return None
+    gen = _db._generation
+    if gen != _cache_gen:  # this process wrote to a tuning database: answers may have changed
+        with _lock:
+            _cache.clear()
+            _cache_gen = gen
+    if flags.get("CACHELEVEL") <= 0:  # database disabled: defaults only
+        return None
+    key = _fast_key(op, args)
+    try:
+        return _cache[key]
+    except KeyError:
+        pass
+    try:
+        found = resolve(op, args)
+    except Exception as e:  # noqa: BLE001 - an unreadable database must not break the op
+        found = None
+        if ("db", key) not in _warned:
+            _warned.add(("db", key))
+            warnings.warn(f"graphtune: tuning database lookup failed ({type(e).__name__}: {e}); "
+                          "using the default path", stacklevel=3)
+    fn = None if found is None else _make_call(op, found[0], found[1], key)
+    with _lock:
+        _cache[key] = fn
+    return fn
+
+
+def install(priority: int = 0) -> None:
+    """Add the tuned-dispatch selector to the runtime's chain (idempotent).
+
+    Examples
+    --------
+    >>> import torch, graphtune.runtime.dispatch as dispatch
+    >>> dispatch.install()
+    >>> q = torch.randn(1, 2, 4, 16)
+    >>> torch.ops.graphtune.attention(q, q, q).shape
+    torch.Size([1, 2, 4, 16])
+    >>> dispatch.uninstall()
+    """
+    load_impls("cpu")
+    register_selector(SELECTOR_NAME, _selector, priority=priority)
+
+
+def uninstall() -> None:
+    """Remove the selector and forget cached decisions."""
+    unregister_selector(SELECTOR_NAME)
+    clear_cache()
+
+
+def installed() -> bool:
+    from graphtune.runtime import context
+
+    return any(name == SELECTOR_NAME for _, name, _ in context._selectors)
+
+
+def clear_cache() -> None:
+    """Forget cached decisions (and warnings), e.g. after another process tuned."""
+    with _lock:
+        _cache.clear()
+        _warned.clear()
+
+
+def cache_info() -> dict[str, int]:
+    with _lock:
+        return {"entries": len(_cache), "tuned": sum(1 for f in _cache.values() if f is not None)}
