@@ -97,3 +97,15 @@ def test_torch_compile_backend_with_inductor_matches_and_hits_fx_graph_cache():
         torch.testing.assert_close(compiled(ids, attention_mask=mask).logits, ref, **FP32_TOL)
     # the rewritten graph is cacheable: the second compile is an Inductor FX-graph-cache hit
     assert counters["inductor"]["fxgraph_cache_hit"] >= 1, dict(counters["inductor"])
+
+
+@pytest.mark.parametrize("family", ["gpt2"])
+def test_inductor_accepts_transposed_queries(family):
+    # GPT-2/OPT feed q to attention as a transposed view; the op's output must still match the
+    # contiguous layout its fake implementation promises Inductor.
+    model = build_model(family, "eager")
+    ids, mask = _inputs(model)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        out = torch.compile(model, backend="graphtune")(ids, attention_mask=mask).logits
+    torch.testing.assert_close(out, ref, **FP32_TOL)

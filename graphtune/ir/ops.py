@@ -157,20 +157,27 @@ def _attention_impl(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
     check_attention_args(q, k, v, attn_mask, enable_gqa)
     impl = _select("attention", (q, k, v, attn_mask, is_causal, scale, enable_gqa))
     if impl is not None:
-        return impl(q, k, v, attn_mask, is_causal, scale, enable_gqa)[0]
-    if q.device.type == "cpu":
-        return attention_cpu(q, k, v, attn_mask, is_causal, scale, enable_gqa)[0]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        out = impl(q, k, v, attn_mask, is_causal, scale, enable_gqa)[0]
+    elif q.device.type == "cpu":
+        out = attention_cpu(q, k, v, attn_mask, is_causal, scale, enable_gqa)[0]
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                             enable_gqa=enable_gqa)
+    # The fake implementation promises a contiguous output (Inductor asserts strides); kernels lay
+    # the output out like q, which is a transposed view in GPT-2/OPT-style graphs.
+    return out.contiguous()
 
 
 def _attention_with_lse_impl(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
     check_attention_args(q, k, v, attn_mask, enable_gqa)
     impl = _select("attention_with_lse", (q, k, v, attn_mask, is_causal, scale, enable_gqa))
     if impl is not None:
-        return tuple(impl(q, k, v, attn_mask, is_causal, scale, enable_gqa))
-    if q.device.type == "cpu":
-        return attention_cpu(q, k, v, attn_mask, is_causal, scale, enable_gqa)
-    return attention_ref(q, k, v, attn_mask, is_causal, scale, enable_gqa)
+        out, lse = impl(q, k, v, attn_mask, is_causal, scale, enable_gqa)
+    elif q.device.type == "cpu":
+        out, lse = attention_cpu(q, k, v, attn_mask, is_causal, scale, enable_gqa)
+    else:
+        out, lse = attention_ref(q, k, v, attn_mask, is_causal, scale, enable_gqa)
+    return out.contiguous(), lse.contiguous()
 
 
 def _check_merge_args(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> None:

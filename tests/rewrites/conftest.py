@@ -51,6 +51,7 @@ def _capture(model: torch.nn.Module, inputs: tuple, how: str) -> tuple[fx.GraphM
 def _clone(gm: fx.GraphModule) -> fx.GraphModule:
     """An independent copy of the graph (node metadata shared), to compare against after rewriting."""
     g = fx.Graph()
+    g._codegen = gm.graph._codegen  # export graphs flatten/unflatten their pytree inputs/outputs
     out = g.graph_copy(gm.graph, {})
     g.output(out)
     return fx.GraphModule(gm, g)
