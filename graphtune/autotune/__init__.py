@@ -11,11 +11,10 @@ from graphtune.autotune.shapes import (AttentionShape, MergeShape, ShapeKey, key
                                       parse_shape, pow2_bucket)
 from graphtune.autotune.tuner import TuneResult, load_impls, summary_table, tune_shape, tune_shapes, tune_static
 
-format_summary = summary_table  # the name graphtune.demo uses
 
 __all__ = [
     "AttentionShape", "MergeShape", "ShapeKey", "key_for_args", "parse_shape", "parse_merge_shape", "pow2_bucket",
     "Budget", "CostModel", "ResourceModel", "STRATEGIES", "parse_budget",
     "Record", "TuningDB", "get_db",
-    "TuneResult", "tune_shape", "tune_shapes", "tune_static", "summary_table", "format_summary", "load_impls",
+    "TuneResult", "tune_shape", "tune_shapes", "tune_static", "summary_table", "load_impls",
 ]

@@ -13,11 +13,12 @@ __all__ = ["install", "FEATURES"]
 
 log = logging.getLogger("graphtune.runtime")
 
-# Runtime features in the order they are installed; each module exposes `install()`.
+# Runtime features, highest selector priority first; each module exposes `install()` (and
+# optionally `describe(site, q_shape, k_shape)` for explain).
 FEATURES = (
-    "graphtune.runtime.dispatch",
-    "graphtune.runtime.shared_prefix",
-    "graphtune.runtime.lean_decode",
+    "graphtune.runtime.shared_prefix",  # priority 10
+    "graphtune.runtime.lean_decode",  # priority 5
+    "graphtune.runtime.dispatch",  # priority 0: tuned implementation + config, else default
 )
 _installed = False
 

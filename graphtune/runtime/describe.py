@@ -10,13 +10,14 @@ __all__ = ["implementation"]
 
 
 def implementation(site: Any, q_shape: tuple | None, k_shape: tuple | None) -> str:
-    """Ask each runtime feature (highest-level first) how it would serve this site.
+    """Ask each runtime feature (highest priority first) how it would serve this site.
 
-    A feature module may define ``describe(site, q_shape, k_shape) -> str | None``; the default
-    is graphtune's canonical attention op on its default path.
+    A feature module may define ``describe(site, q_shape, k_shape) -> str | None``: the
+    specialized paths (shared prefix, lean decode) say when they take over, and the tuned
+    dispatch says which implementation serves the call otherwise.
     """
     notes = []
-    for name in reversed(FEATURES):
+    for name in FEATURES:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError:
@@ -25,4 +26,4 @@ def implementation(site: Any, q_shape: tuple | None, k_shape: tuple | None) -> s
         note = fn(site, q_shape, k_shape) if callable(fn) else None
         if note:
             notes.append(note)
-    return "; ".join(notes) if notes else "graphtune.attention (cpu: ATen flash kernel; gpu: Triton)"
+    return "; ".join(notes) if notes else "graphtune.attention default path"

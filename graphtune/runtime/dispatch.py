@@ -15,6 +15,8 @@ import threading
 import warnings
 from typing import Any, Callable
 
+import torch
+
 from graphtune import flags
 from graphtune.autotune import db as _db
 from graphtune.autotune import fingerprint
@@ -148,6 +150,20 @@ def _selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
     with _lock:
         _cache[key] = fn
     return fn
+
+
+def describe(site: Any, q_shape: tuple | None, k_shape: tuple | None, dtype: torch.dtype = torch.float32) -> str | None:
+    """The implementation and config serving a call of these shapes: tuned winner or default."""
+    if q_shape is None or k_shape is None or not all(isinstance(d, int) for d in (*q_shape, *k_shape)):
+        return "default: cpu.flash"
+    # zero-stride views: the lookup only reads shapes, dtype and device
+    q = torch.zeros((), dtype=dtype).expand(q_shape)
+    k = torch.zeros((), dtype=dtype).expand(k_shape)
+    mask = (site.details or {}).get("mask")
+    causal = mask == "causal"
+    gqa = q_shape[-3] != k_shape[-3] if len(q_shape) >= 3 else False
+    hit = resolve(ATTENTION_OP, (q, k, k, None, causal, None, gqa))
+    return f"tuned: {hit[0].name} [{hit[1]}]" if hit else "default: cpu.flash"
 
 
 def install(priority: int = 0) -> None:

@@ -48,6 +48,14 @@ ATTN_CASES = {
     "prefill_d256": _attn_args(512, 512, 256),
     "decode_gqa4_d128": _attn_args(1, 2048, 128, hq=32, hkv=8),
 }
+# the kernel's other compiled paths (masks, non-causal, bf16 MMA, fp32 FMA dots), one target each
+VARIANT_CASES = {
+    "bool_mask_noncausal_fp16_d128": ((_meta(2, 8, 512, 128),) * 3 + (_meta(2, 1, 512, 512, dtype=torch.bool),
+                                                                      False, None, False), 90),
+    "float_mask_bf16_d64": ((_meta(2, 8, 512, 64, dtype=torch.bfloat16),) * 3
+                            + (_meta(2, 1, 1, 512, dtype=torch.bfloat16), False, None, False), 80),
+    "fp32_d64": ((_meta(2, 8, 512, 64, dtype=torch.float32),) * 3 + (None, True, None, False), 80),
+}
 
 
 def _assert_launchable(res: KernelResources, arch: int) -> None:
@@ -77,8 +85,13 @@ def default_resources():
         jobs.append(CompileJob(spec.fn, spec.args, spec.kwargs, MERGE_DEFAULT_CONFIG.num_warps,
                                MERGE_DEFAULT_CONFIG.num_stages, arch))
         keys.append(("merge", arch))
+    for case, (args, arch) in VARIANT_CASES.items():
+        cfg = attention_default_config(args)
+        spec = attention_compile_spec(args, cfg)
+        jobs.append(CompileJob(spec.fn, spec.args, spec.kwargs, cfg.num_warps, cfg.num_stages, arch))
+        keys.append((case, arch))
     # the same merge job again: served from the disk cache the first one wrote
-    jobs.append(jobs[-1])
+    jobs.append(jobs[keys.index(("merge", 90))])
     keys.append(("merge_again", 90))
     # tl.arange needs a power of two: the compiler error must come back as a value
     spec = merge_compile_spec(_merge_args(), MERGE_DEFAULT_CONFIG)
@@ -95,6 +108,14 @@ def test_attention_default_configs_compile_without_spills(default_resources, cas
     _assert_launchable(res, arch)
     cfg = attention_default_config(ATTN_CASES[case])
     assert (res.num_warps, res.num_stages) == (cfg.num_warps, cfg.num_stages)
+
+
+@pytest.mark.parametrize("case", list(VARIANT_CASES))
+def test_attention_mask_dtype_variants_compile_without_spills(default_resources, case):
+    arch = VARIANT_CASES[case][1]
+    res = default_resources[(case, arch)]
+    assert isinstance(res, KernelResources), res
+    _assert_launchable(res, arch)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -140,7 +161,7 @@ def test_occupancy_matches_hand_computed_limits():
         occupancy(res(32, 0, 4), 75)
 
 
-def test_score_rejects_spills_and_unlaunchable_and_prefers_full_waves():
+def test_score_rejects_spills_and_unlaunchable_prefers_full_waves_and_busy_sms():
     spec = CompileSpec(fn=None, args=(), kwargs={}, programs=4 * 108)
     good = KernelResources("k", 80, 128, 0, 32 * 1024, 4, 2)
     assert _score(KernelResources("k", 80, 255, 64, 0, 4, 2), spec, 80) == float("-inf")
@@ -149,6 +170,11 @@ def test_score_rejects_spills_and_unlaunchable_and_prefers_full_waves():
     # one program more than a full wave leaves most of the second wave idle
     worse = CompileSpec(fn=None, args=(), kwargs={}, programs=4 * 108 + 1)
     assert 0 < _score(good, worse, 80) < 0.6
+    # a 54-program grid (decode, few heads) keeps half the SMs idle and one block per SM:
+    # 8 warps per block hide latency twice as well as 4
+    small = CompileSpec(fn=None, args=(), kwargs={}, programs=54)
+    assert _score(good, small, 80) == pytest.approx(0.5 * 0.25)
+    assert _score(KernelResources("k", 80, 128, 0, 32 * 1024, 8, 2), small, 80) == pytest.approx(0.5 * 0.5)
 
 
 def test_static_rank_orders_configs_and_reports_resources():

@@ -9,7 +9,7 @@ from graphtune.errors import PlanError, ShapeError
 from graphtune.ir.reference import attention_ref, merge_states_ref
 from graphtune.runtime.lean_plan import make_plan
 
-LENGTHS = [300, 7, 1, 64, 129, 1]  # ragged, with length-1 rows
+LENGTHS = [300, 7, 1, 64, 64, 129, 1, 1]  # ragged, length-1 rows, runs of equal rows (batched calls)
 
 
 def _batch(lengths, hkv, group, lq, d, dtype=torch.float32, pad=5):
@@ -87,6 +87,21 @@ def test_program_folds_whole_outputs_of_a_sequence_into_one_call():
         for c in calls:
             assert c.partial < 0 or c.h1 == c.h0 + 1
     assert len(prog.merges) == len(plan.split_outputs)
+
+
+def test_program_with_starts_folds_equal_sequences_into_one_batched_call():
+    lengths = [1000] + [10] * 6
+    starts = [0] + [990] * 6
+    plan = make_plan(lengths, num_kv_heads=2, tile=100, num_workers=2)
+    folded = build_cpu_program(plan, starts)
+    # worker 1: the tail of seq 0, then the six 10-key sequences in one call
+    assert [(c.seq, c.seq_hi, c.h0, c.h1) for c in folded.calls[1]][-1] == (1, 7, 0, 2)
+    q, k, v = torch.randn(7, 2, 1, 8), torch.randn(7, 2, 1000, 8), torch.randn(7, 2, 1000, 8)
+    got, _ = lean_attention_cpu(q, k, v, plan, starts, program=folded)
+    want, _ = _reference(q, k, v, starts, lengths, False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(PlanError, match="other sequence starts"):
+        lean_attention_cpu(q, k, v, plan, [0] + [989] * 6, program=folded)
 
 
 def test_merge_partials_matches_reference_with_empty_partials():

@@ -45,6 +45,22 @@ def _reference(q, k, v, starts, causal):
     return torch.cat(outs), torch.cat(lses)
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_default_config_cross_compiles_without_spills(arch):
+    # first in this module: the interpreter injects its globals into the kernel module when it
+    # runs a kernel, after which compiling that module's kernels in the same process can fail
+    from graphtune.codegen.crosscompile import compile_for_target
+
+    # decode with GQA 4 at head dim 128 in fp16: the common serving case
+    for name, (fn, args, kwargs) in lean_compile_args(torch.float16, 4, 1, 128, LEAN_DEFAULT_CONFIG).items():
+        if name == "reduce" and arch == 80:
+            continue  # the 56-register reduction is checked on sm_90 only, to save compile time
+        cfg = LEAN_DEFAULT_CONFIG if name == "partial" else KernelConfig.make(num_warps=4, num_stages=1)
+        res = compile_for_target(fn, args, kwargs, cfg, arch=arch, use_cache=False)
+        assert res.spill_bytes == 0, (name, res)
+        assert res.registers <= 255 and res.shared_mem_bytes < 160 * 1024, (name, res)
+
+
 @pytest.mark.parametrize("tile, workers", [(16, 1), (16, 3), (32, 5), (16, 40)])
 def test_lean_triton_fp32_matches_unsplit_attention_for_tiles_and_workers(tile, workers):
     q, k, v, starts = _case(lq=1, group=3, d=24, dtype=torch.float32)  # odd head dim, GQA 3
@@ -94,15 +110,3 @@ def test_prune_keeps_block_n_dividing_the_tile_and_never_empties():
     assert kept and all(128 % c["BLOCK_N"] == 0 for c in kept)
     assert LEAN_DEFAULT_CONFIG in kept
     assert prune_lean_configs(LEAN_CONFIG_SPACE, rows=4, head_dim=128, dtype=torch.float16, tile=7) == [LEAN_DEFAULT_CONFIG]
-
-
-@pytest.mark.parametrize("arch", [80, 90])
-def test_default_config_cross_compiles_without_spills(arch):
-    from graphtune.codegen.crosscompile import compile_for_target
-
-    # decode with GQA 4 at head dim 128 in fp16: the common serving case
-    for name, (fn, args, kwargs) in lean_compile_args(torch.float16, 4, 1, 128, LEAN_DEFAULT_CONFIG).items():
-        cfg = LEAN_DEFAULT_CONFIG if name == "partial" else KernelConfig.make(num_warps=4, num_stages=1)
-        res = compile_for_target(fn, args, kwargs, cfg, arch=arch, use_cache=False)
-        assert res.spill_bytes == 0, (name, res)
-        assert res.registers <= 255 and res.shared_mem_bytes < 160 * 1024, (name, res)

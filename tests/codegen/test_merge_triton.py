@@ -10,6 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module impor
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 from graphtune.codegen import registry  # noqa: E402
 from graphtune.codegen.attention_triton import attention_fwd  # noqa: E402
@@ -21,7 +22,8 @@ from graphtune.codegen.merge_triton import (  # noqa: E402
     merge_states_stacked,
     prune_merge_configs,
 )
-from graphtune.errors import ShapeError  # noqa: E402
+from graphtune.codegen.registry import KernelConfig  # noqa: E402
+from graphtune.errors import KernelError, ShapeError  # noqa: E402
 from graphtune.ir.reference import attention_ref, merge_states_ref  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
@@ -102,7 +104,7 @@ def test_every_config_of_the_space_runs_and_matches():
     kept_small = [c for c in merge_configs(small) if c not in kept and c not in kept_wide]
     covered = set(kept) | set(kept_wide) | set(kept_small)
     assert MERGE_DEFAULT_CONFIG in covered
-    assert len(covered) >= len(MERGE_CONFIG_SPACE) - 2  # only configs no shape would want are dropped
+    assert covered == set(MERGE_CONFIG_SPACE)  # no dead configs in the space
     for cfg in kept:
         _check(outs, lses, config=cfg)
     for cfg in kept_wide:
@@ -136,3 +138,18 @@ def test_bad_inputs_raise_errors_naming_the_problem():
         merge_states([outs[0], torch.randn(4, 16)], lses)
     with pytest.raises(ShapeError, match="dtype"):
         merge_states([o.double() for o in outs], lses)
+    with pytest.raises(ShapeError, match="N >= 1"):
+        merge_states_stacked(torch.randn(0, 3, 16), torch.randn(0, 3))
+    with pytest.raises(KernelError, match="power-of-two"):
+        merge_states(outs, lses, config=KernelConfig.make(BLOCK_R=3))
+
+
+def test_kernel_failure_warns_and_falls_back_to_reference_unless_told_not_to(monkeypatch):
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)  # no CUDA, no interpreter
+    outs, lses = _partials(2, (3, 16))
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        out, lse = merge_states(outs, lses)
+    ref_out, ref_lse = merge_states_ref(outs, lses)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    with pytest.raises(KernelError, match="CUDA"):
+        merge_states(outs, lses, fallback=False)

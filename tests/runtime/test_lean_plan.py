@@ -129,3 +129,11 @@ def test_lean_plan_command_prints_static_view(capsys):
     assert "H100" in text and "A100" in text and "lean (stream-K)" in text and "FlashDecoding splits=1" in text
     assert "LeanPlan(B=32" in text
     assert lean_plan_main(["--gpus", "V100"]) == 2
+
+
+def test_graphtune_cli_lean_plan_subcommand(capsys):
+    from graphtune.cli import main
+
+    assert main(["lean-plan", "--lengths", "131072,1024x31", "--head-dim", "64", "--splits", "0,16"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("lean (stream-K)") == 2 and "FlashDecoding splits=16" in text

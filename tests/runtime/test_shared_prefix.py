@@ -179,15 +179,13 @@ def test_selector_declines_prefill_causal_calls_other_batches_and_unshared_masks
     k, v = duplicated_cache(plan, 2, P, 16)
     bad = torch.ones(B, 1, 1, P, dtype=torch.bool)
     bad[0, ..., 5] = False
-    with batch_context(input_ids=torch.zeros(B, P, dtype=torch.long), past_length=0, state=state) as ctx:
-        ctx.plans[sp.STATE_KEY] = plan  # even with a plan present, a prefill call overlaps the prefix
-        q = torch.randn(B, 2, P, 16)
-        torch.ops.graphtune.attention(q, k, v, None, True)
     with batch_context(input_ids=torch.zeros(B, 1, dtype=torch.long), past_length=P - 1, state=state):
         q1 = torch.randn(B, 2, 1, 16)
         torch.ops.graphtune.attention(q1, k, v, None, True)  # SDPA's top-left causal
         torch.ops.graphtune.attention(q1, k, v, bad)  # mask differs inside the shared prompt
         torch.ops.graphtune.attention(q1[:2], k[:2], v[:2])  # other batch size
+    with batch_context(input_ids=torch.zeros(B, 1, dtype=torch.long), past_length=P + 5, state=state):
+        torch.ops.graphtune.attention(q1, k, v)  # keys are not this model's cache (e.g. cross-attention)
 
 
 def test_planner_forgets_the_plan_on_a_new_unshared_prefill(installed):
@@ -209,3 +207,56 @@ def test_uninstalled_planner_makes_no_plan():
     state: dict = {}
     _prefill(state, torch.randint(0, 1000, (1, 100)).expand(8, -1))
     assert state == {}
+
+
+def test_describe_says_when_a_site_uses_the_decomposition(installed):
+    from types import SimpleNamespace
+
+    decode = sp.describe(SimpleNamespace(details={"mask": "bool"}), (8, 4, 1, 16), (8, 2, 300, 16))
+    assert decode.startswith("shared-prefix decomposition on decode") and "not for this" not in decode
+    prefill = sp.describe(SimpleNamespace(details={"mask": "additive"}), (8, 4, 300, 16), (8, 2, 300, 16))
+    assert "not for this prefill shape" in prefill
+    assert "never" in sp.describe(SimpleNamespace(details={"mask": "causal"}), None, None)
+
+
+def test_prefill_of_identical_rows_attends_once_per_distinct_row(installed, monkeypatch):
+    P, D = 64, 16
+    ids = torch.randint(0, 1000, (1, P)).repeat(6, 1)
+    ids[[1, 4], 40:] = 7  # rows {0,2,3,5} identical, rows {1,4} identical: 2 distinct rows
+    state: dict = {}
+    seen = []
+    real = sp.partial_attention
+    monkeypatch.setattr(sp, "partial_attention", lambda q, *a: seen.append(q.shape[0]) or real(q, *a))
+    base = torch.randn(2, 3, P, D)  # q = k = v per distinct row
+    x = base[torch.tensor([0, 1, 0, 0, 1, 0])]
+    mask = torch.ones(6, 1, P, P, dtype=torch.bool).tril()
+    with batch_context(input_ids=ids, attention_mask=torch.ones_like(ids), past_length=0, state=state):
+        causal = torch.ops.graphtune.attention(x, x, x, None, True)
+        masked, lse = torch.ops.graphtune.attention_with_lse(x, x, x, mask)
+        mask[3, ..., 0] = False  # a row-specific mask: rows differ, no deduplication
+        other = torch.ops.graphtune.attention(x, x, x, mask)
+    assert seen == [2, 2]
+    ref = F.scaled_dot_product_attention(x, x, x, is_causal=True)
+    torch.testing.assert_close(causal, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, attention_ref(x, x, x, is_causal=True)[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(other, F.scaled_dot_product_attention(x, x, x, attn_mask=mask), atol=1e-5, rtol=1e-5)
+
+
+def test_run_dedup_without_identical_rows_raises_plan_error():
+    x = torch.randn(2, 1, 5, 8)
+    with pytest.raises(PlanError, match="identical"):
+        sp.run_dedup(SharedPrefixPlan(2, (SharedSegment((0, 1), 0, 3),)), x, x, x)
+
+
+def test_a_models_options_can_turn_the_feature_off(installed):
+    from graphtune.flags import Options
+
+    ids = torch.randint(0, 1000, (1, 300)).expand(8, -1)
+    state: dict = {}
+    with batch_context(input_ids=ids, attention_mask=torch.ones_like(ids), state=state,
+                       options=Options(shared_prefix=False)):
+        pass
+    assert sp.STATE_KEY not in state
+    _prefill(state, ids)  # same batch with the feature on: planned
+    assert sp.STATE_KEY in state

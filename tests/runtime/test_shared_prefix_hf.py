@@ -1,5 +1,7 @@
 """HF generate on an optimized model: shared prompts are detected and decoded with the
 decomposition, producing exactly the tokens of the plain model."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -21,9 +23,10 @@ def models():
 
 @pytest.fixture
 def spy(monkeypatch):
-    calls = []
-    real = sp.run_dense
-    monkeypatch.setattr(sp, "run_dense", lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
+    calls = SimpleNamespace(decode=[], prefill=[])
+    real, real_dedup = sp.run_dense, sp.run_dedup
+    monkeypatch.setattr(sp, "run_dense", lambda *a, **kw: calls.decode.append(a[1].shape) or real(*a, **kw))
+    monkeypatch.setattr(sp, "run_dedup", lambda *a, **kw: calls.prefill.append(a[1].shape) or real_dedup(*a, **kw))
     # thresholds low enough for this small model; the default is measured for real sizes
     with flags.Context(HYDRAGEN_MIN_PREFIX=16, HYDRAGEN_MIN_ROWS=2):
         yield calls
@@ -38,8 +41,9 @@ def test_greedy_generate_of_a_repeated_prompt_gives_identical_tokens(models, spy
     assert torch.equal(got, want)
     layers = plain.config.num_hidden_layers
     # every decode step of every layer was decomposed (translation validation may run one step twice)
-    assert len(spy) >= (NEW - 1) * layers
-    assert spy[0] == (ROWS, plain.config.num_attention_heads, 1, plain.config.head_dim)
+    assert len(spy.decode) >= (NEW - 1) * layers
+    assert spy.decode[0] == (ROWS, plain.config.num_attention_heads, 1, plain.config.head_dim)
+    assert len(spy.prefill) >= layers  # the prompt's attention was computed once, not 32 times
 
 
 def test_sampling_with_num_return_sequences_gives_identical_tokens(models, spy):
@@ -52,5 +56,5 @@ def test_sampling_with_num_return_sequences_gives_identical_tokens(models, spy):
     torch.manual_seed(123)
     got = fast.generate(ids, **kw)
     assert torch.equal(got, want)
-    assert len(spy) > 0
+    assert len(spy.decode) > 0 and len(spy.prefill) > 0
     assert (want[:, PROMPT:] != want[:1, PROMPT:]).any()  # the samples differ: not a degenerate check

@@ -1,0 +1,352 @@
+"""Triton fused suffix attention + merge for shared-prefix (Hydragen) decode and append.
+
+The prefix part of the decomposition is an ordinary (folded-query) attention-with-LSE; what
+remains per row is its own short suffix *and* the merge with the prefix result. This kernel does
+both in one pass: each program starts its online softmax from the merged prefix state
+``(o_p, lse_p)`` — one virtual key block of log-weight ``lse_p``, i.e. ``m = lse_p``, ``l = 1``,
+``acc = o_p`` — then streams the row's suffix keys (ragged lengths, bottom-right causal for
+``Lq > 1``). No separate suffix output, no separate merge launch.
+
+A program covers one (row, kv head) and ``BLOCK_M`` of its ``G * Lq`` query rows: the GQA group
+is folded into M, so decode (``Lq = 1``) with group 4 still fills a 16-row tile 25%, not 6%.
+
+Layout: kernel -> config space + prune -> launcher -> public op -> registry -> compile spec.
+On CPU the kernel runs only in the interpreter (``TRITON_INTERPRET=1`` before triton's import).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime import JITFunction
+
+from graphtune.codegen.crosscompile import CompileSpec, register_compile_spec
+from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
+from graphtune.errors import KernelError, ShapeError
+
+__all__ = [
+    "suffix_merge",
+    "suffix_merge_configs",
+    "prune_suffix_merge_configs",
+    "SUFFIX_MERGE_CONFIG_SPACE",
+    "SUFFIX_MERGE_DEFAULT_CONFIG",
+    "SUFFIX_MERGE_IMPL",
+    "suffix_merge_compile_spec",
+]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+# ======================================================================================
+# Kernel
+# ======================================================================================
+
+
+@triton.jit
+def _suffix_merge_kernel(
+    Q, K, V, LENS, PO, PLSE, O, LSE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pb, stride_ph, stride_pm, stride_pd,
+    stride_plb, stride_plh, stride_plm,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    Hkv, Lq, Ls, D, qk_scale,
+    G: tl.constexpr,
+    HAS_LENS: tl.constexpr,
+    HAS_PRIOR: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    F32_DOT: tl.constexpr,  # fp32 inputs, or the interpreter (its bf16/fp16 tl.dot is wrong): exact fp32 dots
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Q, PO, O: [B, Hq, Lq, D]; K, V: [B, Hkv, Ls, D]; PLSE, LSE: [B, Hq, Lq] fp32; LENS: [B] int32
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+
+    # -- rows of this program: r = g * Lq + i (GQA group folded into M) ---------------------
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = r // Lq
+    i = r % Lq
+    row_ok = r < G * Lq
+    hq = hk * G + g
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(Q + b * stride_qb + hq[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    if HAS_LENS:
+        n_len = tl.load(LENS + b)
+    else:
+        n_len = Ls
+
+    # -- start from the prefix state: one virtual block with m = lse_p (log2), l = 1, acc = o_p
+    if HAS_PRIOR:
+        pl = tl.load(PLSE + b * stride_plb + hq * stride_plh + i * stride_plm, mask=row_ok, other=float("-inf"))
+        m_i = pl.to(tl.float32) * 1.4426950408889634
+        l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
+        po_ptrs = PO + b * stride_pb + hq[:, None] * stride_ph + i[:, None] * stride_pm + offs_d[None, :] * stride_pd
+        po = tl.load(po_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.where(l_i[:, None] > 0, po.to(tl.float32), 0.0)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # -- stream the row's suffix keys with online softmax (log2 domain) --------------------
+    for start_n in range(0, n_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_len
+        k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        if F32_DOT:
+            s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * qk_scale  # [BLOCK_M, BLOCK_N]
+        valid = n_ok[None, :] & row_ok[:, None]
+        if CAUSAL:  # bottom-right: query i is token n_len - Lq + i of the suffix
+            valid = valid & (offs_n[None, :] <= (n_len - Lq + i)[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: avoid -inf - -inf
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        if F32_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # -- epilogue: normalize; rows with no key at all -> out 0, lse -inf ----------------------
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(O + b * stride_ob + hq[:, None] * stride_oh + i[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + b * stride_lb + hq * stride_lh + i * stride_lm, lse, mask=row_ok)
+
+
+# ======================================================================================
+# Config space and pruning
+# ======================================================================================
+
+
+def _cfg(bm: int, bn: int, w: int, s: int) -> KernelConfig:
+    return KernelConfig.make(num_warps=w, num_stages=s, BLOCK_M=bm, BLOCK_N=bn)
+
+
+SUFFIX_MERGE_CONFIG_SPACE: tuple[KernelConfig, ...] = tuple(
+    _cfg(bm, bn, w, s) for bm in (16, 32, 64) for bn in (32, 64, 128) for w in (2, 4, 8) for s in (1, 2, 3))
+SUFFIX_MERGE_DEFAULT_CONFIG = _cfg(16, 64, 4, 2)
+
+
+def prune_suffix_merge_configs(configs: Sequence[KernelConfig], rows: int, keys: int, head_dim: int
+                               ) -> list[KernelConfig]:
+    """Drop configs too big for ``rows = G * Lq`` query rows, ``keys`` suffix keys, ``head_dim``.
+
+    Rules: ``BLOCK_M <= max(16, next_pow2(rows))``; ``BLOCK_N <= max(32, next_pow2(keys))``;
+    score + accumulator tiles at most 128 fp32 values per thread; stages > 1 only with more
+    than one key block to pipeline. Never empty.
+    """
+    bd = max(16, triton.next_power_of_2(max(1, head_dim)))
+    mcap = max(16, triton.next_power_of_2(max(1, rows)))
+    ncap = max(32, triton.next_power_of_2(max(1, keys)))
+    keep = []
+    for c in configs:
+        bm, bn = c["BLOCK_M"], c["BLOCK_N"]
+        if bm > mcap or bn > ncap:
+            continue
+        if (bm * bn + bm * bd) > 128 * 32 * c.num_warps:
+            continue
+        if c.num_stages > 1 and keys <= bn:
+            continue
+        keep.append(c)
+    return keep or [SUFFIX_MERGE_DEFAULT_CONFIG]
+
+
+def _dims(op_args: tuple) -> tuple[int, int, int]:
+    q, k = op_args[0], op_args[1]
+    G = q.shape[1] // k.shape[1]
+    return G * q.shape[2], k.shape[2], q.shape[3]
+
+
+def suffix_merge_configs(op_args: tuple) -> list[KernelConfig]:
+    """Pruned config space for ``(q, k, v, lens, prior_out, prior_lse, causal, scale)``; has the default."""
+    keep = prune_suffix_merge_configs(SUFFIX_MERGE_CONFIG_SPACE, *_dims(op_args))
+    return keep if SUFFIX_MERGE_DEFAULT_CONFIG in keep else [SUFFIX_MERGE_DEFAULT_CONFIG, *keep]
+
+
+# ======================================================================================
+# Launcher and public op
+# ======================================================================================
+
+
+def _kernel_for(device: torch.device) -> Any:
+    if device.type == "cuda":
+        return _suffix_merge_kernel
+    if not triton.knobs.runtime.interpret:
+        raise KernelError(f"Triton suffix_merge needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
+    if isinstance(_suffix_merge_kernel, JITFunction):
+        raise KernelError("TRITON_INTERPRET=1 must be set before triton is first imported")
+    return _suffix_merge_kernel
+
+
+def _torch_suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa):
+    from graphtune.codegen.shared_prefix import Partial, merge_partials, suffix_attention
+
+    parts = [suffix_attention(q, k, v, lens, None, causal, scale, enable_gqa)]
+    if prior is not None:
+        parts.insert(0, Partial(None, prior[0], prior[1]))
+    return merge_partials(q.shape[0], parts)
+
+
+def suffix_merge(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lens: Tensor | None = None,
+    prior: tuple[Tensor, Tensor] | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    config: KernelConfig | None = None,
+    fallback: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Each row's attention over its own suffix, merged with a prior (prefix) state, in one kernel.
+
+    Parameters
+    ----------
+    q : ``[B, Hq, Lq, D]``
+    k, v : ``[B, Hkv, Ls, D]`` (views into a larger cache are fine: any strides)
+    lens : ``[B]`` valid suffix keys per row, or None for all ``Ls``.
+    prior : ``(out [B, Hq, Lq, D], lse [B, Hq, Lq] fp32)`` of the keys before the suffix
+        (``lse = -inf`` where a row has none), or None.
+    causal : bottom-right causal inside the suffix (rows need ``lens >= Lq``).
+    config : ``BLOCK_M``, ``BLOCK_N``, warps, stages; default :data:`SUFFIX_MERGE_DEFAULT_CONFIG`.
+    fallback : on kernel failure warn and compute with torch; ``False`` raises :class:`KernelError`.
+
+    Returns
+    -------
+    ``(out [B, Hq, Lq, D] in q.dtype, lse [B, Hq, Lq] fp32)`` over prior keys + suffix.
+
+    Examples
+    --------
+    >>> import os; os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: run in the interpreter
+    '1'
+    >>> import torch
+    >>> q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 5, 16)
+    >>> out, lse = suffix_merge(q, k, k, lens=torch.tensor([5, 3]), enable_gqa=True)
+    >>> out.shape, lse.shape
+    (torch.Size([2, 4, 1, 16]), torch.Size([2, 4, 1]))
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
+        raise ShapeError(f"suffix_merge: q [B, Hq, Lq, D] and k = v [B, Hkv, Ls, D] expected, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, Hq, Lq, D = q.shape
+    Hkv, Ls = k.shape[1], k.shape[2]
+    if Hq % Hkv or (Hq != Hkv and not enable_gqa):
+        raise ShapeError(f"suffix_merge: {Hq} query heads vs {Hkv} kv heads needs enable_gqa=True and a multiple")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ShapeError(f"suffix_merge: dtypes {q.dtype}/{k.dtype}/{v.dtype}; need one of {_DTYPES}")
+    if prior is not None and (prior[0].shape != q.shape or prior[1].shape != q.shape[:-1]):
+        raise ShapeError(f"suffix_merge: prior must be out {tuple(q.shape)} and lse {tuple(q.shape[:-1])}")
+    if lens is not None and lens.shape != (B,):
+        raise ShapeError(f"suffix_merge: lens must be [B={B}], got {tuple(lens.shape)}")
+    cfg = config if config is not None else SUFFIX_MERGE_DEFAULT_CONFIG
+    G = Hq // Hkv
+    out = torch.empty_like(q)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    lens32 = lens.to(device=q.device, dtype=torch.int32) if lens is not None else out  # dummy pointer if unused
+    po, pl = prior if prior is not None else (out, lse)
+    pl = pl.float()
+    s = scale if scale is not None else 1.0 / math.sqrt(D)
+    grid = (B * Hkv, triton.cdiv(G * Lq, cfg["BLOCK_M"]))
+    if B == 0 or Lq == 0:
+        return out, lse
+    try:
+        _kernel_for(q.device)[grid](
+            q, k, v, lens32, po, pl, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *po.stride(), *pl.stride(), *out.stride(), *lse.stride(),
+            Hkv, Lq, Ls, D, s * _LOG2E,
+            G=G, HAS_LENS=lens is not None, HAS_PRIOR=prior is not None, CAUSAL=bool(causal and Lq > 1),
+            F32_DOT=q.dtype == torch.float32 or q.device.type == "cpu",
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, triton.next_power_of_2(D)),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    except Exception as e:  # compile error, OutOfResources, no device/interpreter...
+        err = e if isinstance(e, KernelError) else KernelError(f"suffix_merge[{cfg}] failed: {type(e).__name__}: {e}")
+        if not fallback:
+            raise err from e
+        warnings.warn(f"{err}; falling back to the torch path", RuntimeWarning, stacklevel=2)
+        return _torch_suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa)
+    return out, lse
+
+
+# ======================================================================================
+# Registry and cross-compilation spec
+# ======================================================================================
+
+
+def _op_fn(q, k, v, lens=None, prior_out=None, prior_lse=None, causal=False, scale=None, *, config=None):
+    prior = None if prior_out is None else (prior_out, prior_lse)
+    return suffix_merge(q, k, v, lens, prior, causal, scale, q.shape[1] != k.shape[1], config=config, fallback=False)
+
+
+def _supports(args: tuple) -> bool:
+    q = args[0]
+    dev_ok = q.device.type == "cuda" or (q.device.type == "cpu" and bool(triton.knobs.runtime.interpret))
+    return dev_ok and q.dtype in _DTYPES and q.dim() == 4
+
+
+SUFFIX_MERGE_IMPL = register_impl(Impl(
+    op="shared_prefix_suffix_merge",
+    name="triton.shared_prefix_suffix_merge",
+    device="cuda",
+    fn=_op_fn,
+    default=SUFFIX_MERGE_DEFAULT_CONFIG,
+    configs=suffix_merge_configs,
+    source_hash=source_hash(_suffix_merge_kernel),
+    supports=_supports,
+))
+
+
+def suffix_merge_compile_spec(op_args: tuple, config: KernelConfig) -> CompileSpec:
+    """Launch arguments for ``op_args = (q, k, v, lens, prior_out, prior_lse, causal)`` (meta tensors fine)."""
+    q, k = op_args[0], op_args[1]
+    lens, prior_out = (op_args[3] if len(op_args) > 3 else None), (op_args[4] if len(op_args) > 4 else None)
+    causal = bool(op_args[6]) if len(op_args) > 6 else False
+    B, Hq, Lq, D = (int(x) for x in q.shape)
+    Hkv, Ls = int(k.shape[1]), int(k.shape[2])
+    G = Hq // Hkv
+    bd = max(16, triton.next_power_of_2(D))
+    qs = (Hq * Lq * D, Lq * D, D, 1)  # contiguous [B, Hq, Lq, D]
+    ks = (Hkv * Ls * D, Ls * D, D, 1)
+    ls = (Hq * Lq, Lq, 1)
+    dt = q.dtype
+    args = (dt, dt, dt, torch.int32, dt, torch.float32, dt, torch.float32,
+            *qs, *ks, *ks, *qs, *ls, *qs, *ls,
+            Hkv, Lq, Ls, D, 0.18)
+    kwargs = dict(G=G, HAS_LENS=lens is not None, HAS_PRIOR=prior_out is not None, CAUSAL=causal and Lq > 1,
+                  F32_DOT=dt == torch.float32, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_D=bd)
+    rows = G * Lq
+    programs = B * Hkv * triton.cdiv(rows, config["BLOCK_M"])
+    eff = (rows / (triton.cdiv(rows, config["BLOCK_M"]) * config["BLOCK_M"])) * (D / bd)
+    return CompileSpec(_suffix_merge_kernel, args, kwargs, programs=programs, tile_efficiency=eff)
+
+
+register_compile_spec(SUFFIX_MERGE_IMPL.name, suffix_merge_compile_spec)

@@ -1,0 +1,276 @@
+"""Lean decode in the plan/run runtime: plan once per batch, pick the lean path per attention call.
+
+The planner (run once per optimized forward by :func:`graphtune.runtime.context.batch_context`)
+reads the HF ``[B, S]`` padding mask, finds each row's real key range and stores a
+:class:`LeanBatch`. The selector (priority 5) sees every ``graphtune.attention`` /
+``attention_with_lse`` call; on a decode-shaped call (``q_len <= 16``) of that batch whose
+mask is exactly "padding (+ bottom-right causal for q_len > 1)" and where lean pays, it returns
+the lean implementation, which attends over the real (unpadded) keys only — the same result as
+the masked attention, since masked keys contribute nothing. CPU tensors run
+:func:`graphtune.codegen.lean_cpu.lean_attention_cpu` on worker threads; CUDA tensors run the
+Triton kernels of :mod:`graphtune.codegen.lean_triton` (tables uploaded once per batch).
+
+When it pays (measured on this CPU, ``benchmarks/bench_lean_decode.py``, ``docs/lean-decode.md``):
+lean skips padding, so its gain is the padded/real work ratio ``S * B / sum(lengths)``; it costs
+one kernel call per (worker, sequence) piece. ``GRAPHTUNE_LEAN_MIN_SKEW=-1`` (default) uses the
+measured rule :func:`lean_pays`; a value >= 0 replaces it by "use lean iff padded/real >= value".
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from graphtune import flags
+from graphtune.codegen.lean_cpu import CpuProgram, build_cpu_program, lean_attention_cpu
+from graphtune.errors import PlanError
+from graphtune.ir.reference import attention_ref
+from graphtune.runtime import context
+from graphtune.runtime.lean_plan import LeanPlan, make_plan, ranges_from_padding_mask
+
+__all__ = ["LeanBatch", "plan_batch", "lean_pays", "cpu_config", "lean_selector", "install", "uninstall", "lean_for_lengths",
+           "MAX_DECODE_QUERIES", "PLAN_NAME"]
+
+PLAN_NAME = "lean_decode"
+MAX_DECODE_QUERIES = 16  # decode and speculative verification widths
+# Measured on this 2-core CPU (fp32, d=64; see docs/lean-decode.md): one flash call costs ~30 µs
+# of fixed overhead; the padded SDPA pays its whole padded length. Lean needs the padded work to
+# exceed the real work by this factor, and enough real work to amortise its extra calls.
+MEASURED_MIN_SKEW = 1.3
+CALL_OVERHEAD_KEYS = 4096  # one extra flash call ~ the time of this many key-heads of work
+CPU_TILE = 256
+TRITON_ON_CPU = False  # tests: route CPU tensors through the Triton path (needs TRITON_INTERPRET=1)
+
+
+@dataclass
+class LeanBatch:
+    """The per-batch lean state: real key ranges, and plans/programs built on first use."""
+
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+    total_keys: int  # padded S (cache + new tokens)
+    programs: dict[tuple, Any] = field(default_factory=dict)  # CpuProgram, or Triton LeanTables
+    masks: list[tuple[Any, int, str | None]] = field(default_factory=list)  # (mask, q_len, kind) checked
+    calls: int = 0  # attention calls run by the lean path (for explain / tests)
+    decisions: dict[tuple, str] = field(default_factory=dict)
+
+    @property
+    def skew(self) -> float:
+        """Padded over real work: ``S * B / sum(lengths)`` (>= max/mean of the lengths)."""
+        return self.total_keys * len(self.lengths) / sum(self.lengths)
+
+    def program(self, num_kv_heads: int, tile: int, workers: int) -> CpuProgram:
+        key = (num_kv_heads, tile, workers)
+        p = self.programs.get(key)
+        if p is None:
+            p = self.programs[key] = build_cpu_program(make_plan(self.lengths, num_kv_heads, tile, workers), self.starts)
+        return p
+
+    def plan(self, num_kv_heads: int, tile: int, workers: int) -> LeanPlan:
+        return self.program(num_kv_heads, tile, workers).plan
+
+    def describe(self) -> str:
+        lines = [f"lean decode: B={len(self.lengths)} S={self.total_keys} lengths {min(self.lengths)}..{max(self.lengths)} "
+                 f"padded/real={self.skew:.2f}, lean calls={self.calls}"]
+        lines += [f"  {k}: {v}" for k, v in self.decisions.items()]
+        return "\n".join(lines)
+
+
+def plan_batch(attention_mask: Tensor) -> LeanBatch:
+    """Real key ranges of an HF ``[B, S]`` padding mask (raises :class:`PlanError` if not contiguous).
+
+    >>> import torch
+    >>> plan_batch(torch.tensor([[0, 1, 1], [1, 1, 1]])).lengths
+    (2, 3)
+    """
+    starts, lengths = ranges_from_padding_mask(attention_mask)
+    return LeanBatch(starts, lengths, int(attention_mask.shape[1]))
+
+
+def cpu_config() -> tuple[int, int, str]:
+    """``(tile, workers, mode)`` of the CPU lean path: ``GRAPHTUNE_NUM_THREADS`` or torch's threads."""
+    workers = flags.get("NUM_THREADS") or torch.get_num_threads()
+    return CPU_TILE, max(1, workers), "threads"
+
+
+def lean_pays(batch: LeanBatch, num_kv_heads: int, gpu: bool = False) -> bool:
+    """Whether the lean path beats masked attention on the padded batch for this batch.
+
+    ``LEAN_MIN_SKEW >= 0``: iff padded/real work >= it. Default (-1), the measured rule: padded/real
+    >= ``MEASURED_MIN_SKEW`` and the padding saved outweighs the extra per-call overhead (CPU;
+    on a GPU, where there is one launch per step, only the skew rule — not measured on a GPU).
+    """
+    thr = flags.get("LEAN_MIN_SKEW")
+    if thr >= 0:
+        return batch.skew >= thr
+    if batch.skew < MEASURED_MIN_SKEW:
+        return False
+    if gpu:
+        return True
+    saved = (batch.total_keys * len(batch.lengths) - sum(batch.lengths)) * num_kv_heads
+    _, workers, _ = cpu_config()
+    extra_calls = len(batch.lengths) + 2 * workers
+    return saved > extra_calls * CALL_OVERHEAD_KEYS
+
+
+def _allowed_from_mask(mask: Tensor, B: int, lq: int, S: int) -> Tensor | None:
+    """``[B, Lq, S]`` bool "may attend" of an SDPA mask, or None if it is not a pure 0/-big mask."""
+    m = mask
+    if m.dim() == 4:
+        if m.shape[1] != 1:
+            return None  # per-head masks: not a padding mask
+        m = m[:, 0]
+    while m.dim() < 3:
+        m = m.unsqueeze(0)
+    if m.dim() != 3:
+        return None
+    if m.dtype == torch.bool:
+        allowed = m
+    else:
+        # HF additive masks use 0 and finfo.min (or -inf); anything else is a bias lean can't drop
+        big = m <= torch.finfo(m.dtype).min / 2
+        if not bool(((m == 0) | big).all()):
+            return None
+        allowed = ~big
+    try:
+        return allowed.expand(B, lq, S)
+    except RuntimeError:
+        return None
+
+
+def _mask_kind(batch: LeanBatch, mask: Tensor | None, B: int, lq: int) -> str | None:
+    """How the call's mask relates to the batch: ``"plain"`` (padding only), ``"causal"`` (padding +
+    bottom-right causal), or None (anything else: lean would change the result)."""
+    for t, lq_seen, kind in batch.masks:
+        if t is mask and lq_seen == lq:
+            return kind
+    S = batch.total_keys
+    kind: str | None = None
+    if mask is None:
+        kind = "plain" if all(n == S for n in batch.lengths) else None
+    else:
+        allowed = _allowed_from_mask(mask, B, lq, S)
+        if allowed is not None:
+            allowed = allowed.cpu()
+            pad = torch.arange(S)[None, None, :] >= torch.tensor(batch.starts)[:, None, None]  # [B, 1, S]
+            causal = pad & (torch.arange(S)[None, None, :] <= S - lq + torch.arange(lq)[None, :, None])
+            if torch.equal(allowed, pad.expand(B, lq, S)):
+                kind = "plain"
+            elif torch.equal(allowed, causal) and min(batch.lengths) >= lq:
+                # rows seeing no key (a row shorter than q_len) are ill-defined under additive masks
+                # (SDPA averages all values, lean gives 0): leave those batches to masked attention
+                kind = "causal"
+    if len(batch.masks) < 8:
+        batch.masks.append((mask, lq, kind))  # HF builds one mask per forward; layers share it
+    return kind
+
+
+def lean_selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
+    """Selector for :func:`graphtune.runtime.context.register_selector`: the lean impl or None."""
+    if op not in ("attention", "attention_with_lse") or ctx is None:
+        return None
+    batch = ctx.plans.get(PLAN_NAME)
+    if not isinstance(batch, LeanBatch):
+        return None
+    q, k, v, attn_mask, is_causal, scale, enable_gqa = args
+    if is_causal or q.dim() != 4 or k.dim() != 4 or q.device.type not in ("cpu", "cuda"):
+        return None
+    triton_path = (q.device.type == "cuda" or TRITON_ON_CPU) and not flags.get("DISABLE_TRITON")
+    if q.device.type == "cuda" and not triton_path:
+        return None
+    B, hq, lq, d = q.shape
+    if (lq > MAX_DECODE_QUERIES or B != len(batch.lengths) or k.shape[2] != batch.total_keys
+            or v.shape[-1] != d or hq % k.shape[1] or (hq != k.shape[1] and not enable_gqa)):
+        return None
+    key = (tuple(q.shape), tuple(k.shape), str(q.dtype))
+    if key not in batch.decisions:
+        pays = lean_pays(batch, k.shape[1], gpu=triton_path)
+        batch.decisions[key] = "lean" if pays else "masked attention (lean does not pay)"
+    if batch.decisions[key] != "lean":
+        return None
+    kind = _mask_kind(batch, attn_mask, B, lq)
+    if kind is None:
+        return None
+    if triton_path:
+        return _triton_impl(batch, q, k, kind)
+    tile, workers, mode = cpu_config()
+    program = batch.program(k.shape[1], tile, workers)
+
+    def impl(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+        batch.calls += 1
+        return lean_attention_cpu(q, k, v, program.plan, batch.starts, is_causal=kind == "causal", scale=scale,
+                                  program=program, mode=mode)
+
+    return impl
+
+
+def _triton_impl(batch: LeanBatch, q: Tensor, k: Tensor, kind: str) -> Callable[..., Any]:
+    """The Triton lean path: plan with ORT's tile and CTA rules, tables uploaded once per batch."""
+    from graphtune.codegen import lean_triton as lt  # lazy: CPU-only runs never import triton kernels
+    from graphtune.runtime.lean_plan import default_tile, gpu_num_workers
+
+    key = ("triton", k.shape[1], q.shape[-1], str(q.device))
+    tables = batch.programs.get(key)
+    if tables is None:
+        tile = default_tile(q.shape[-1])
+        tiles = [-(-n // tile) for n in batch.lengths]
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 4
+        plan = make_plan(batch.lengths, k.shape[1], tile, gpu_num_workers(sum(tiles) * k.shape[1], sms, max(tiles)))
+        tables = batch.programs[key] = lt.build_tables(plan, batch.starts, q.device)
+
+    def impl(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+        batch.calls += 1
+        try:
+            return lt.lean_attention_triton(q, k, v, tables.plan, batch.starts, is_causal=kind == "causal",
+                                            scale=scale, tables=tables)
+        except Exception as e:  # compile/launch failure: the reference path, with the original mask
+            warnings.warn(f"graphtune lean decode: Triton kernel failed ({type(e).__name__}: {e}); "
+                          f"using the reference attention", RuntimeWarning, stacklevel=2)
+            return attention_ref(q, k, v, attn_mask, False, scale, enable_gqa)
+
+    return impl
+
+
+def _planner(ctx: Any) -> None:
+    mask = ctx.attention_mask
+    if mask is None or not isinstance(mask, Tensor) or mask.dim() != 2 or ctx.state.get("lean_decode") is False:
+        return
+    enabled = getattr(ctx, "enabled", None)
+    if enabled is not None and not enabled("lean_decode"):  # graphtune.optimize(model, lean_decode=False)
+        return
+    try:
+        ctx.plans[PLAN_NAME] = plan_batch(mask)
+    except PlanError:
+        return  # holes in the mask or empty rows: leave those batches to masked attention
+
+
+def describe(site: Any, q_shape: tuple | None, k_shape: tuple | None) -> str | None:
+    """How lean decode serves an attention site (for ``graphtune.explain``)."""
+    if (site.details or {}).get("mask") == "causal":
+        return None  # top-left causal (SDPA is_causal) is not a decode mask
+    thr = flags.get("LEAN_MIN_SKEW")
+    rule = f"padded/real KV >= {thr if thr >= 0 else MEASURED_MIN_SKEW}"
+    return f"lean decode on ragged steps with q_len <= {MAX_DECODE_QUERIES} when {rule}"
+
+
+def install(priority: int = 5) -> None:
+    """Register the lean planner and selector with the runtime (idempotent).
+
+    >>> install(); uninstall()
+    """
+    context.register_planner(PLAN_NAME, _planner)
+    context.register_selector(PLAN_NAME, lean_selector, priority)
+
+
+def uninstall() -> None:
+    context._planners.pop(PLAN_NAME, None)
+    context.unregister_selector(PLAN_NAME)
+
+
+def lean_for_lengths(lengths: Sequence[int], total_keys: int, starts: Sequence[int] | None = None) -> LeanBatch:
+    """A :class:`LeanBatch` from explicit lengths (no HF mask), e.g. for benchmarks and tools."""
+    starts = tuple(starts) if starts is not None else tuple(total_keys - n for n in lengths)
+    return LeanBatch(starts, tuple(lengths), total_keys)

@@ -1,0 +1,529 @@
+"""Shared-prefix plans and their automatic use in batched generation (plan once, run per layer).
+
+A :class:`SharedPrefixPlan` says which batch rows share which key ranges of their KV cache:
+a tree of :class:`SharedSegment` (system prompt shared by all rows, few-shot blocks shared by
+subsets, ...). Each row's segments tile ``[0, suffix_start(row))``; everything after is the
+row's own suffix.
+
+In an optimized model the planner (:func:`plan_batch`) looks at the prompt ids and padding mask
+at prefill, finds rows whose prompts share a leading prefix (identical tokens + identical padding
+at identical positions give identical K/V, e.g. ``generate(num_return_sequences=32)``), and keeps
+the plan in the model's state. On every later step the selector (:func:`select`) answers each
+``graphtune.attention`` call on HF's duplicated cache with :func:`run_dense`: every shared segment
+is read once from one representative row, with all sharing rows' queries batched, each row's
+suffix separately, merged by log-sum-exp. It declines (so the default path runs) whenever the
+decomposition would not be exact or would not pay.
+
+>>> import torch
+>>> from graphtune.runtime.context import batch_context
+>>> from graphtune.runtime import shared_prefix as sp
+>>> sp.install()
+>>> ids = torch.randint(0, 100, (1, 300)).expand(16, 300)          # one prompt, 16 samples
+>>> state = {}
+>>> with batch_context(input_ids=ids, state=state): pass           # prefill: plan found
+>>> state["shared_prefix"].segments[0].end
+300
+>>> q, k, v = torch.randn(16, 8, 1, 64), torch.randn(1, 8, 301, 64).expand(16, -1, -1, -1), None
+>>> v = k.clone()
+>>> with batch_context(input_ids=ids[:, :1], past_length=300, state=state):
+...     out = torch.ops.graphtune.attention(q, k, v)                # decomposed, exact
+>>> out.shape
+torch.Size([16, 8, 1, 64])
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from graphtune import flags
+from graphtune.codegen.shared_prefix import Partial, Segment, inside_shared_prefix, merge_partials
+from graphtune.codegen.shared_prefix import fused_available, partial_attention, prefix_attention, suffix_attention
+from graphtune.errors import PlanError
+from graphtune.runtime.context import BatchContext, register_planner, register_selector, unregister_selector
+
+__all__ = [
+    "SharedSegment",
+    "SharedPrefixPlan",
+    "DEFAULT_MIN_PREFIX",
+    "DEFAULT_MIN_ROWS",
+    "thresholds",
+    "detect_shared_prefixes",
+    "run_dense",
+    "run_dedup",
+    "plan_batch",
+    "select",
+    "install",
+    "uninstall",
+    "describe",
+    "STATE_KEY",
+]
+
+# Measured on this CPU (benchmarks/bench_shared_prefix.py::test_threshold_sweep; decode, 8 heads,
+# d=64, suffix 32, fp32, 1 thread, SDPA over the duplicated cache / decomposition):
+#   B=4: P=256 0.71x, P=512 1.14x;  B=6: P=256 0.99x, P=384 1.28x;  B=8: P=128 0.79x, P=256 3.2x;
+#   B=16: P=128 ~1x (noisy), P=256 4.0x;  B=32: P=256 1.9-6x.
+# The gain jumps once the duplicated cache no longer stays in cache; below that the extra calls
+# and the merge cost more than they save. 256 tokens and 8 rows is the smallest rule of that
+# form at which every measured point pays (it happens to be vLLM's GPU rule too).
+DEFAULT_MIN_PREFIX = 256
+DEFAULT_MIN_ROWS = 8
+
+STATE_KEY = "shared_prefix"  # ctx.state / ctx.plans key
+
+
+@dataclass(frozen=True)
+class SharedSegment:
+    """Key range ``[start, end)`` whose K/V is identical in every row of ``rows``."""
+
+    rows: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class SharedPrefixPlan:
+    """Which rows share which key ranges; validated on construction.
+
+    Parameters
+    ----------
+    batch_size : int
+    segments : tuple of :class:`SharedSegment`
+        A row's segments must tile ``[0, e)`` without gap or overlap (tree levels along its path);
+        ``e`` is where the row's own suffix starts.
+    reason : str
+        Why the plan was made (shown by :meth:`describe`).
+
+    Examples
+    --------
+    >>> plan = SharedPrefixPlan(4, (SharedSegment((0, 1, 2, 3), 0, 100), SharedSegment((0, 2), 100, 130)))
+    >>> plan.suffix_starts
+    (130, 100, 130, 100)
+    """
+
+    batch_size: int
+    segments: tuple[SharedSegment, ...]
+    reason: str = ""
+    suffix_starts: tuple[int, ...] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        B = self.batch_size
+        if B < 1:
+            raise PlanError(f"shared-prefix plan: batch_size must be >= 1, got {B}")
+        per_row: list[list[tuple[int, int, int]]] = [[] for _ in range(B)]
+        for i, s in enumerate(self.segments):
+            if s.start < 0 or s.end < s.start:
+                raise PlanError(f"segment {i}: bad key range [{s.start}, {s.end})")
+            if len(set(s.rows)) != len(s.rows) or not s.rows:
+                raise PlanError(f"segment {i}: rows {s.rows} must be non-empty and distinct")
+            for r in s.rows:
+                if not 0 <= r < B:
+                    raise PlanError(f"segment {i}: row {r} out of range for batch size {B}")
+                per_row[r].append((s.start, s.end, i))
+        starts = []
+        for r, segs in enumerate(per_row):
+            pos = 0
+            for a, b, i in sorted(segs):
+                if a != pos:
+                    what = "overlaps" if a < pos else "leaves a gap before"
+                    raise PlanError(f"row {r}: segment {i} [{a}, {b}) {what} key {pos}; a row's segments must "
+                                    "tile its prefix contiguously from key 0")
+                pos = b
+            starts.append(pos)
+        object.__setattr__(self, "suffix_starts", tuple(starts))
+
+    @property
+    def max_end(self) -> int:
+        return max(self.suffix_starts)
+
+    def shared_tokens_saved(self) -> int:
+        """Token positions of KV not read (or stored) again thanks to sharing."""
+        return sum(s.length * (len(s.rows) - 1) for s in self.segments)
+
+    def describe(self) -> str:
+        """One line per segment: rows, key range, and the reason for the plan."""
+        lines = [f"shared-prefix plan: batch {self.batch_size}, {len(self.segments)} shared segment(s)"
+                 + (f" ({self.reason})" if self.reason else "")]
+        for s in self.segments:
+            rows = f"rows {s.rows[0]}..{s.rows[-1]}" if list(s.rows) == list(range(s.rows[0], s.rows[-1] + 1)) \
+                else f"rows {list(s.rows)}"
+            lines.append(f"  keys [{s.start}, {s.end}) shared by {len(s.rows)} {rows}")
+        return "\n".join(lines)
+
+
+def thresholds() -> tuple[int, int]:
+    """(min shared tokens, min sharing rows) from the flags, -1 meaning the measured default."""
+    p, r = flags.get("HYDRAGEN_MIN_PREFIX"), flags.get("HYDRAGEN_MIN_ROWS")
+    return (DEFAULT_MIN_PREFIX if p < 0 else p), (DEFAULT_MIN_ROWS if r < 0 else r)
+
+
+def detect_shared_prefixes(
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    min_prefix: int | None = None,
+    min_rows: int | None = None,
+) -> SharedPrefixPlan | None:
+    """Find the sharing tree of a prompt batch, or None if no sharing pays.
+
+    Rows share key range ``[a, b)`` when their token ids *and* padding mask agree on every
+    position ``< b`` (so their K/V there is identical). Ranges shorter than ``min_prefix`` tokens
+    or shared by fewer than ``min_rows`` rows are merged into the level below.
+
+    Parameters
+    ----------
+    input_ids : LongTensor ``[B, L]``
+    attention_mask : ``[B, L]`` 0/1, optional (left padding)
+    min_prefix, min_rows : int, optional
+        Defaults: :func:`thresholds`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 6, 7]])
+    >>> detect_shared_prefixes(ids, min_prefix=1, min_rows=2).segments
+    (SharedSegment(rows=(0, 1, 2), start=0, end=2), SharedSegment(rows=(0, 1), start=2, end=3))
+    """
+    mp, mr = thresholds()
+    min_prefix = mp if min_prefix is None else min_prefix
+    min_rows = max(2, mr if min_rows is None else min_rows)
+    if input_ids.dim() != 2:
+        raise PlanError(f"detect_shared_prefixes: input_ids must be [B, L], got {tuple(input_ids.shape)}")
+    B, L = input_ids.shape
+    ids = input_ids
+    if attention_mask is not None:
+        if attention_mask.shape[0] != B or attention_mask.shape[1] < L:
+            raise PlanError(f"detect_shared_prefixes: attention_mask {tuple(attention_mask.shape)} does not cover "
+                            f"input_ids {tuple(input_ids.shape)}")
+        # a padded position compares equal only to a padded position: encode the mask in the key
+        m = attention_mask[:, -L:].to(torch.bool)
+        ids = torch.where(m, input_ids.long(), -1 - input_ids.long())
+    segments: list[SharedSegment] = []
+
+    # Walk the trie: rows share [start, end); ranges too short to pay are pushed down (kept_start).
+    def visit(rows: list[int], start: int, kept_start: int) -> None:
+        if len(rows) < min_rows or start >= L:
+            return
+        block = ids[rows, start:]
+        diff = (block != block[:1]).any(0).nonzero()
+        end = start + (int(diff[0]) if diff.numel() else L - start)
+        if end - kept_start >= min_prefix:
+            segments.append(SharedSegment(tuple(rows), kept_start, end))
+            kept_start = end
+        if end >= L:
+            return
+        parts: dict[int, list[int]] = {}
+        for r, tok in zip(rows, ids[rows, end].tolist()):
+            parts.setdefault(tok, []).append(r)
+        for sub in parts.values():
+            visit(sub, end, kept_start)
+
+    visit(list(range(B)), 0, 0)
+    if not segments:
+        return None
+    return SharedPrefixPlan(B, tuple(segments), reason=f">= {min_prefix} shared tokens and >= {min_rows} rows")
+
+
+# --------------------------------------------------------------------------------------
+# Running a plan on a duplicated (per-row) cache
+# --------------------------------------------------------------------------------------
+
+def _as_4d(mask: Tensor) -> Tensor:
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
+
+
+def _segment_key_mask(mask4: Tensor, seg: SharedSegment) -> tuple[bool, Tensor | None]:
+    """(exact, key mask): the mask over the segment must be one key vector for all its rows and queries."""
+    dev = mask4.device
+    rows = torch.tensor(seg.rows, device=dev) if mask4.shape[0] > 1 else torch.zeros(1, dtype=torch.long, device=dev)
+    m = mask4.index_select(0, rows)[..., seg.start : seg.end]  # [R, 1|H, Lq, n]
+    ref = m[:1, :1, :1]
+    if not bool((m == ref).all()):
+        return False, None
+    km = ref.reshape(-1)
+    trivial = bool(km.all()) if km.dtype == torch.bool else bool((km == 0).all())
+    return True, None if trivial else km
+
+
+def _mask_plan(plan: SharedPrefixPlan, mask: Tensor | None, cache: dict | None) -> list[Tensor | None] | None:
+    """Per-segment key masks, or None if the mask makes the decomposition inexact. Cached per mask tensor."""
+    if mask is None:
+        return [None] * len(plan.segments)
+    key = (id(mask), mask._version, mask.data_ptr(), tuple(mask.shape))
+    if cache is not None and key in cache:
+        return cache[key]
+    mask4 = _as_4d(mask)
+    res: list[Tensor | None] | None = []
+    for seg in plan.segments:
+        ok, km = _segment_key_mask(mask4, seg)
+        if not ok:
+            res = None
+            break
+        res.append(km)  # type: ignore[union-attr]
+    if cache is not None:
+        cache[key] = res
+    return res
+
+
+def run_dense(
+    plan: SharedPrefixPlan,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    key_masks: Sequence[Tensor | None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Decomposed attention over a per-row (duplicated) cache, exactly equal to SDPA over it.
+
+    Parameters
+    ----------
+    plan : SharedPrefixPlan
+    q : ``[B, Hq, Lq, D]``; its ``Lq`` queries come after every shared segment.
+    k, v : ``[B, Hkv, S, D]``, each row's full cache (shared ranges are read from the first
+        row of each segment only).
+    attn_mask : bool/additive mask broadcastable to ``[B, Hq, Lq, S]``, optional. Over a shared
+        segment it must not vary by row or query (else :class:`PlanError`).
+    key_masks : per-segment key masks already derived from ``attn_mask`` (selector's cache).
+
+    Returns
+    -------
+    (out ``[B, Hq, Lq, Dv]``, lse ``[B, Hq, Lq]`` fp32)
+
+    Examples
+    --------
+    >>> import torch
+    >>> plan = SharedPrefixPlan(2, (SharedSegment((0, 1), 0, 6),))
+    >>> k = torch.randn(1, 2, 8, 16).repeat(2, 1, 1, 1); v = torch.randn(2, 2, 8, 16)
+    >>> v[1, :, :6] = v[0, :, :6]
+    >>> q = torch.randn(2, 2, 1, 16)
+    >>> out, lse = run_dense(plan, q, k, v)
+    >>> torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5)
+    True
+    """
+    B, S, Lq = q.shape[0], k.shape[-2], q.shape[-2]
+    if q.dim() != 4 or k.dim() != 4 or k.shape[0] != B or plan.batch_size != B:
+        raise PlanError(f"run_dense: plan for batch {plan.batch_size} but q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if S - Lq < plan.max_end:
+        raise PlanError(f"run_dense: the {Lq} queries overlap the shared prefix (cache {S} keys, prefix ends at "
+                        f"{plan.max_end}); shared ranges are attended non-causally")
+    if key_masks is None:
+        key_masks = _mask_plan(plan, attn_mask, None)
+        if key_masks is None:
+            raise PlanError("run_dense: attn_mask differs between rows or queries over a shared segment")
+    seg_rows, suffix_groups = _layout(plan, q.device)
+    partials: list[Partial] = []
+    for seg, rows, km in zip(plan.segments, seg_rows, key_masks):
+        if seg.length == 0:
+            continue
+        r0 = seg.rows[0]  # identical K/V in every sharing row: read the segment from one of them
+        s = Segment(rows, k[r0, :, seg.start : seg.end], v[r0, :, seg.start : seg.end], km)
+        partials.append(prefix_attention(q, s, scale, enable_gqa))
+    mask4 = None if attn_mask is None else _as_4d(attn_mask)
+    if len(suffix_groups) == 1 and suffix_groups[0][1] is None and fused_available(q, attn_mask):
+        # GPU: the row suffixes and the merge with the prefix state in one Triton kernel
+        e = suffix_groups[0][0]
+        prior = merge_partials(B, partials) if partials else None
+        return _suffix_merge(q, k[:, :, e:], v[:, :, e:], None, prior, False, scale, enable_gqa)
+    for e, rows in suffix_groups:
+        # rows whose suffix starts at key e: one batched call over k[rows, :, e:]
+        if rows is None:
+            qs, ks, vs = q, k[:, :, e:], v[:, :, e:]
+            ms = None if mask4 is None else mask4[..., e:]
+        else:
+            qs, ks, vs = q.index_select(0, rows), k.index_select(0, rows)[:, :, e:], v.index_select(0, rows)[:, :, e:]
+            ms = None if mask4 is None else (mask4.index_select(0, rows) if mask4.shape[0] > 1 else mask4)[..., e:]
+        p = suffix_attention(qs, ks, vs, None, ms, False, scale, enable_gqa)
+        partials.append(Partial(rows, p.out, p.lse))
+    return merge_partials(B, partials)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(plan: SharedPrefixPlan, device: torch.device) -> tuple[list, list]:
+    """Row index tensors of a plan, built once per (plan, device): None where a set is every row in order."""
+    B = plan.batch_size
+
+    def idx(rows: Sequence[int]) -> Tensor | None:
+        return None if list(rows) == list(range(B)) else torch.tensor(list(rows), dtype=torch.long, device=device)
+
+    seg_rows = [idx(s.rows) for s in plan.segments]
+    starts = plan.suffix_starts
+    groups = [(e, idx([r for r in range(B) if starts[r] == e])) for e in sorted(set(starts))]
+    return seg_rows, groups
+
+
+@functools.lru_cache(maxsize=64)
+def _dedup_layout(plan: SharedPrefixPlan, S: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """(representative rows, row -> position of its representative) for rows identical on all S keys."""
+    rep_of = list(range(plan.batch_size))
+    for seg in plan.segments:
+        if seg.end == S:  # rows of a segment ending at the last key share every key: identical rows
+            for r in seg.rows:
+                rep_of[r] = seg.rows[0]
+    reps = sorted(set(rep_of))
+    if len(reps) == plan.batch_size:
+        return None
+    pos = {r: i for i, r in enumerate(reps)}
+    return (torch.tensor(reps, dtype=torch.long, device=device),
+            torch.tensor([pos[rep_of[r]] for r in range(plan.batch_size)], dtype=torch.long, device=device))
+
+
+def _rows_agree(mask4: Tensor, plan: SharedPrefixPlan, S: int) -> bool:
+    """Whether a per-row mask is identical across each group of identical rows."""
+    if mask4.shape[0] == 1:
+        return True
+    return all(bool((mask4[list(s.rows)] == mask4[s.rows[0]]).all()) for s in plan.segments if s.end == S)
+
+
+def run_dedup(
+    plan: SharedPrefixPlan,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Prefill over rows that are identical on every key: attend once per distinct row, then copy.
+
+    Rows whose tokens and padding agree on all ``S`` positions (``num_return_sequences``) have
+    identical q/k/v, hence identical outputs; this computes each distinct row once.
+
+    Examples
+    --------
+    >>> import torch
+    >>> plan = SharedPrefixPlan(3, (SharedSegment((0, 2), 0, 5),))
+    >>> q = torch.randn(3, 2, 5, 8); q[2] = q[0]
+    >>> out, _ = run_dedup(plan, q, q, q, is_causal=True)
+    >>> torch.equal(out[2], out[0])
+    True
+    """
+    S = k.shape[-2]
+    lay = _dedup_layout(plan, S, q.device)
+    if lay is None or q.shape[0] != plan.batch_size:
+        raise PlanError(f"run_dedup: no rows of the plan are identical on all {S} keys")
+    reps, inv = lay
+    mask = attn_mask
+    if mask is not None:
+        mask = _as_4d(mask)
+        if mask.shape[0] > 1:
+            mask = mask.index_select(0, reps)
+    out, lse = partial_attention(q.index_select(0, reps), k.index_select(0, reps), v.index_select(0, reps), mask,
+                                 scale, enable_gqa, is_causal)
+    return out.index_select(0, inv), lse.index_select(0, inv)
+
+
+def _suffix_merge(*args: Any) -> tuple[Tensor, Tensor]:
+    from graphtune.codegen.shared_prefix_triton import suffix_merge as kernel  # triton only when used
+
+    return kernel(*args)
+
+
+# --------------------------------------------------------------------------------------
+# Planner and selector (graphtune.runtime.context)
+# --------------------------------------------------------------------------------------
+
+_enabled = False
+
+
+def plan_batch(ctx: BatchContext) -> None:
+    """Planner: detect sharing at prefill (kept in ``ctx.state``), expose it in ``ctx.plans`` later."""
+    if not _enabled or ctx.input_ids is None or ctx.input_ids.dim() != 2:
+        return
+    if not ctx.enabled("shared_prefix"):  # this model was optimized with shared_prefix=False
+        ctx.state.pop(STATE_KEY, None)
+        return
+    B = ctx.input_ids.shape[0]
+    if ctx.past_length == 0:
+        mask = ctx.attention_mask
+        plan = detect_shared_prefixes(ctx.input_ids, mask if mask is not None and mask.dim() == 2 else None)
+        if plan is None:
+            ctx.state.pop(STATE_KEY, None)
+        else:
+            ctx.state[STATE_KEY] = plan
+    plan = ctx.state.get(STATE_KEY)
+    if plan is not None and plan.batch_size != B:
+        ctx.state.pop(STATE_KEY, None)  # batch changed under us (new request set): sharing unknown
+        plan = None
+    if plan is not None:
+        ctx.plans[STATE_KEY] = plan
+        ctx.plans[STATE_KEY + ".masks"] = {}
+
+
+def select(op: str, args: tuple, ctx: BatchContext | None) -> Callable[..., Any] | None:
+    """Selector: the decomposition for attention calls it computes exactly, else None."""
+    if ctx is None or op not in ("attention", "attention_with_lse") or inside_shared_prefix():
+        return None
+    plan = ctx.plans.get(STATE_KEY)
+    if plan is None:
+        return None
+    q, k, v, attn_mask, is_causal, scale, enable_gqa = args
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != plan.batch_size or k.shape[0] != plan.batch_size:
+        return None
+    if ctx.past_length == 0 and q.shape[-2] == k.shape[-2]:
+        return _select_dedup(plan, q, k, attn_mask, ctx)  # prefill of the prompt itself
+    if is_causal:
+        return None  # SDPA's top-left causal: the queries do not all come after the prefix
+    if k.shape[-2] - q.shape[-2] < plan.max_end:
+        return None  # queries overlapping the shared prefix
+    if ctx.past_length and k.shape[-2] != ctx.past_length + q.shape[-2]:
+        return None  # not self-attention over the growing cache (cross-attention, static/sliding caches)
+    key_masks = _mask_plan(plan, attn_mask, ctx.plans.get(STATE_KEY + ".masks"))
+    if key_masks is None:
+        return None
+    return functools.partial(_impl, plan, key_masks)
+
+
+def _select_dedup(plan: SharedPrefixPlan, q: Tensor, k: Tensor, attn_mask: Tensor | None,
+                  ctx: BatchContext) -> Callable[..., Any] | None:
+    """Prefill: attend once per group of identical rows, if any, and the mask agrees within groups."""
+    S = k.shape[-2]
+    if _dedup_layout(plan, S, q.device) is None:
+        return None
+    if attn_mask is not None:
+        cache = ctx.plans.setdefault(STATE_KEY + ".masks", {})
+        key = ("dedup", id(attn_mask), attn_mask._version, attn_mask.data_ptr(), tuple(attn_mask.shape))
+        if key not in cache:
+            cache[key] = _rows_agree(_as_4d(attn_mask), plan, S)
+        if not cache[key]:
+            return None
+    return functools.partial(_dedup_impl, plan)
+
+
+def _dedup_impl(plan, q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    return run_dedup(plan, q, k, v, attn_mask, is_causal, scale, enable_gqa)
+
+
+def _impl(plan, key_masks, q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    return run_dense(plan, q, k, v, attn_mask, scale, enable_gqa, key_masks)
+
+
+def describe(site: Any, q_shape: tuple | None, k_shape: tuple | None) -> str | None:
+    """How this feature serves an attention site (for ``graphtune.explain``), or None if never."""
+    if not _enabled or (getattr(site, "details", None) or {}).get("mask") == "causal":
+        return None  # SDPA is_causal: queries may overlap a shared prefix
+    mp, mr = thresholds()
+    return f"shared-prefix on decode/append when >= {mr} rows share >= {mp} prompt tokens (+ prefill dedup)"
+
+
+def install() -> None:
+    """Register the planner and the selector (priority 10) with the runtime. Idempotent."""
+    global _enabled
+    _enabled = True
+    register_planner(STATE_KEY, plan_batch)
+    register_selector(STATE_KEY, select, priority=10)
+
+
+def uninstall() -> None:
+    """Stop using the decomposition (the planner stays registered but does nothing)."""
+    global _enabled
+    _enabled = False
+    unregister_selector(STATE_KEY)
