@@ -132,6 +132,9 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
                    help="an attention shape to tune (repeatable); extra fields: a dtype, 'causal', 'mask=bool|additive'")
     p.add_argument("--merge", action="append", default=[], metavar="N,B,H,L,D[,dtype]",
                    help="a merge_states shape to tune (repeatable): N partials of out [B, H, L, D]")
+    p.add_argument("--lean", action="append", default=[], metavar="LENGTHS,H,KVH,D[,L][,dtype]",
+                   help="a ragged lean-decode batch to tune the CPU path's tile/workers for (repeatable); LENGTHS "
+                        "is '+'-separated N or NxCOUNT, e.g. 32768+1024x31,8,8,64 (1 row of 32K + 31 of 1K keys)")
     w = p.add_argument_group("workload description (expanded to prefill + decode shapes)")
     w.add_argument("--batch", type=_ints, help="batch sizes, e.g. 1,8")
     w.add_argument("--seq", type=_ints, help="sequence lengths, e.g. 128,1024")
@@ -173,7 +176,10 @@ class _Progress:
 def _tune(args: argparse.Namespace) -> int:
     from graphtune.autotune import parse_budget, parse_merge_shape, parse_shape, summary_table, tune_shapes, tune_static
 
+    from graphtune.autotune.shapes import parse_lean_shape
+
     shapes: list = [parse_shape(s) for s in args.shape] + [parse_merge_shape(s) for s in args.merge]
+    shapes += [parse_lean_shape(s) for s in args.lean]
     if args.batch or args.seq or args.model_config:
         heads, kvh, dim = args.heads, args.kv_heads, args.head_dim
         if args.model_config:
@@ -185,7 +191,7 @@ def _tune(args: argparse.Namespace) -> int:
         shapes += [s for s in workload_shapes(args.batch, args.seq, heads, kvh or heads, dim, args.dtype)
                    if s not in shapes]
     if not shapes:
-        raise OptionError("nothing to tune: give --shape B,H,KVH,L,S,D, --merge N,B,H,L,D or a workload "
+        raise OptionError("nothing to tune: give --shape B,H,KVH,L,S,D, --merge N,B,H,L,D, --lean LENGTHS,H,KVH,D or a workload "
                           "(--batch, --seq, --heads, --head-dim)")
     secs, cands = parse_budget(args.budget)
     db = None if args.no_store else True

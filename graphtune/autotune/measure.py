@@ -34,10 +34,6 @@ class Candidate:
     impl: Impl
     config: KernelConfig
 
-    @property
-    def is_default(self) -> bool:
-        return self.config == self.impl.default
-
     def __str__(self) -> str:
         return f"{self.impl.name}[{self.config}]"
 

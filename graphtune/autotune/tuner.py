@@ -27,6 +27,7 @@ DEFAULT_IMPLS = {
     (MERGE_OP, "cpu"): "cpu.torch",
     (ATTENTION_OP, "cuda"): "triton.attention_fwd",
     (MERGE_OP, "cuda"): "triton.merge_states",
+    ("lean_decode", "cpu"): "cpu.lean",  # LeanShape: the lean CPU path's tile/workers (codegen/lean_cpu.py)
 }
 Shape = AttentionShape | MergeShape
 # A challenger must beat the default's median by this factor to displace it, so that re-tuning
@@ -36,7 +37,7 @@ MIN_GAIN = 0.95
 # Every module that registers an Impl must be listed here: records of implementations that are not
 # loaded look stale to `db stats` and are skipped by lookups.
 _IMPL_MODULES = ("graphtune.codegen.cpu_attention", "graphtune.codegen.attention_triton",
-                 "graphtune.codegen.merge_triton")
+                 "graphtune.codegen.merge_triton", "graphtune.codegen.lean_cpu")
 
 
 def load_impls(device_type: str | None = None) -> None:
@@ -62,7 +63,7 @@ def default_candidate(op: str, device_type: str, args: tuple | None = None) -> C
     impl = get_impl(op, name) if name else None
     if impl is None:
         raise KernelError(f"no default implementation registered for {op} on {device_type}")
-    return Candidate(impl, impl.default)
+    return Candidate(impl, impl.default_config(args))
 
 
 @dataclass
@@ -93,7 +94,7 @@ def _candidates(op: str, device_type: str, args: tuple, default: Candidate) -> l
     for impl in impls_for(op, device_type):
         if not impl.supports(args):
             continue
-        for cfg in [impl.default, *impl.configs(args)]:
+        for cfg in [impl.default_config(args), *impl.configs(args)]:
             if (impl.name, cfg) not in seen:
                 seen.add((impl.name, cfg))
                 out.append(Candidate(impl, cfg))
@@ -134,7 +135,7 @@ def tune_shape(
     load_impls(dev.type)
     op = shape.op
     args = _to(shape.make_args(seed), dev)
-    default = default_candidate(op, dev.type)
+    default = default_candidate(op, dev.type, args)
     cands = list(candidates) if candidates is not None else _candidates(op, dev.type, args, default)
     rest = [c for c in cands if c != default]
     if cost_model is not None and rest:
@@ -247,7 +248,8 @@ def tune_static(
         best: tuple | None = None
         n_tried = 0
         for impl in impls:
-            cfgs = [impl.default, *[c for c in impl.configs(meta) if c != impl.default]]
+            dflt = impl.default_config(meta)
+            cfgs = [dflt, *[c for c in impl.configs(meta) if c != dflt]]
             cfgs = cfgs[:max_candidates] if max_candidates else cfgs
             for j, cfg in enumerate(cfgs):
                 if j > 0 and deadline is not None and time.monotonic() >= deadline:

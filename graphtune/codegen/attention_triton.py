@@ -526,6 +526,7 @@ ATTENTION_IMPL = register_impl(Impl(
     configs=attention_configs,
     source_hash=source_hash(_attn_fwd_kernel.fn),  # the python source: same hash compiled or interpreted
     supports=_supports,
+    default_for=attention_default_config,  # per problem: never a spilling tile (fp32, head dim 256)
 ))
 
 

@@ -15,10 +15,17 @@ Modes (measured in ``benchmarks/bench_lean_decode.py``, see ``docs/lean-decode.m
 ``"threads"`` runs each worker on a pool thread with ``torch.set_num_threads(1)`` (per-thread
 OpenMP setting; the caller's thread count is untouched); ``"serial"`` runs the workers' calls
 one after another on the calling thread, leaving parallelism to ATen's intra-op threads.
+
+Registered with the autotuner as op ``lean_decode``, implementation ``cpu.lean``
+(:func:`lean_decode_cpu`): knobs ``TILE`` (keys per tile), ``WORKERS`` (0 = ``GRAPHTUNE_NUM_THREADS``
+or torch's threads) and ``SERIAL`` (1 = mode ``"serial"``). The default, ``TILE=256, WORKERS=0,
+SERIAL=0``, is the runtime's untuned choice.
 """
 from __future__ import annotations
 
+import os
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -26,14 +33,20 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor
 
+from graphtune import flags
+from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
 from graphtune.errors import PlanError, ShapeError
 
 if TYPE_CHECKING:  # the plan format only; no runtime import upward (ir -> codegen -> runtime)
     from graphtune.runtime.lean_plan import LeanPlan
 
-__all__ = ["CpuCall", "CpuProgram", "build_cpu_program", "lean_attention_cpu", "merge_partials", "MODES"]
+__all__ = ["CpuCall", "CpuProgram", "build_cpu_program", "lean_attention_cpu", "merge_partials", "MODES",
+           "lean_decode_cpu", "resolve_config", "DEFAULT_TILE", "DEFAULT_CONFIG", "LEAN_OP", "IMPL_NAME"]
 
 MODES = ("threads", "serial")
+LEAN_OP, IMPL_NAME = "lean_decode", "cpu.lean"
+DEFAULT_TILE = 256
+DEFAULT_CONFIG = KernelConfig.make(TILE=DEFAULT_TILE, WORKERS=0, SERIAL=0)
 _flash = torch._scaled_dot_product_flash_attention_for_cpu
 
 
@@ -256,3 +269,143 @@ def lean_attention_cpu(
         out[b, h * G:(h + 1) * G].copy_(o)
         lse[b, h * G:(h + 1) * G].copy_(l)
     return out, lse
+
+
+# ----------------------------------------------------------------------------------------
+# the lean CPU path as a tunable implementation of op "lean_decode"
+# ----------------------------------------------------------------------------------------
+
+def resolve_config(config: KernelConfig) -> tuple[int, int, str]:
+    """``(tile, workers, mode)`` of a ``cpu.lean`` config (``WORKERS=0``: ``GRAPHTUNE_NUM_THREADS`` or torch's)."""
+    workers = config.get("WORKERS", 0) or flags.get("NUM_THREADS") or torch.get_num_threads()
+    return max(1, config.get("TILE", DEFAULT_TILE)), max(1, workers), "serial" if config.get("SERIAL", 0) else "threads"
+
+
+# Plan once per batch, run per layer: the tuner times the per-layer run, so both the mask's row
+# ranges (keyed by the mask object, kept alive so its id is not reused) and the programs are cached.
+_ranges: "OrderedDict[tuple, tuple[Tensor, tuple[int, ...], tuple[int, ...], bool]]" = OrderedDict()
+_programs: "OrderedDict[tuple, CpuProgram]" = OrderedDict()
+_CACHE_SIZE = 16
+
+
+def _lru_put(cache: OrderedDict, key: tuple, value: object) -> None:
+    cache[key] = value
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+
+
+def _padding_of(mask: Tensor | None, B: int, lq: int, S: int) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    """``(starts, lengths, causal)`` of a padding (+ bottom-right causal) mask; ShapeError for any other mask."""
+    if mask is None:
+        return (0,) * B, (S,) * B, False
+    key = (id(mask), mask._version, B, lq, S)
+    hit = _ranges.get(key)
+    if hit is not None and hit[0] is mask:
+        return hit[1], hit[2], hit[3]
+    m = mask
+    if m.dim() == 4 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.dim() != 3:
+        raise ShapeError(f"lean_decode: mask must be [B, 1, q_len, S], got {tuple(mask.shape)}")
+    if m.dtype == torch.bool:
+        allowed = m
+    else:  # additive: only 0 and "minus infinity" (HF uses finfo.min) are padding
+        big = m <= torch.finfo(m.dtype).min / 2
+        if not bool(((m == 0) | big).all()):
+            raise ShapeError("lean_decode: the additive mask is a bias, not a padding mask")
+        allowed = ~big
+    allowed = allowed.expand(B, lq, S)
+    last = allowed[:, -1]  # [B, S]: the last query sees every real key of its row
+    lengths = last.sum(dim=1)
+    starts = last.int().argmax(dim=1)
+    j = torch.arange(S)[None, :]
+    pad = (j >= starts[:, None]) & (j < (starts + lengths)[:, None])  # [B, S]
+    if bool((lengths == 0).any()) or not torch.equal(pad, last):
+        raise ShapeError("lean_decode: every mask row must allow one non-empty contiguous key range")
+    causal = False
+    if not torch.equal(allowed, pad[:, None].expand(B, lq, S)):
+        # query i sees real keys j - start <= len - lq + i
+        tri = (j[None] - starts[:, None, None]) <= (lengths[:, None, None] - lq + torch.arange(lq)[None, :, None])
+        if not (torch.equal(allowed, pad[:, None] & tri) and int(lengths.min()) >= lq):
+            raise ShapeError("lean_decode: the mask is neither padding nor padding + bottom-right causal")
+        causal = True
+    out = (tuple(int(x) for x in starts), tuple(int(x) for x in lengths), causal)
+    _lru_put(_ranges, key, (mask, *out))
+    return out
+
+
+def _program_for(lengths: tuple[int, ...], starts: tuple[int, ...], hkv: int, tile: int, workers: int) -> CpuProgram:
+    key = (lengths, starts, hkv, tile, workers)
+    p = _programs.get(key)
+    if p is None:
+        # the planner is pure host code in runtime.lean_plan; imported at call time so that this
+        # module's import graph stays ir -> codegen (the plan format is all codegen depends on)
+        from graphtune.runtime.lean_plan import make_plan
+
+        p = build_cpu_program(make_plan(lengths, hkv, tile, workers), starts)
+        _lru_put(_programs, key, p)
+    return p
+
+
+def lean_decode_cpu(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
+                    config: KernelConfig = DEFAULT_CONFIG):
+    """The lean CPU path on attention's arguments, as implementation ``cpu.lean`` of op ``lean_decode``.
+
+    ``attn_mask`` (bool or 0/-inf additive, ``[B, 1, q_len, S]``) must allow one contiguous range of
+    real keys per row, optionally bottom-right causal among them; the result equals
+    ``attention_ref(q, k, v, attn_mask, ...)`` (masked keys weigh 0) but skips the padding.
+    ``config``: ``TILE``, ``WORKERS``, ``SERIAL`` (see :func:`resolve_config`). Returns ``(out, lse)``.
+
+    Examples
+    --------
+    >>> from graphtune.ir.reference import attention_ref
+    >>> q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 300, 16)
+    >>> mask = (torch.arange(300) >= torch.tensor([0, 293])[:, None])[:, None, None]  # rows of 300 and 7 keys
+    >>> out, lse = lean_decode_cpu(q, k, k, mask, enable_gqa=True, config=KernelConfig.make(TILE=64, WORKERS=2, SERIAL=0))
+    >>> torch.allclose(out, attention_ref(q, k, k, mask, enable_gqa=True)[0], atol=1e-5)
+    True
+    """
+    if is_causal:
+        raise ShapeError("lean_decode: top-left is_causal is not a decode mask; pass the padding mask")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ShapeError(f"lean_decode: q and k must be [B, H, L, D], got ranks {q.dim()}, {k.dim()}")
+    if q.shape[1] != k.shape[1] and not enable_gqa:
+        raise ShapeError(f"lean_decode: {q.shape[1]} query heads over {k.shape[1]} kv heads need enable_gqa=True")
+    starts, lengths, causal = _padding_of(attn_mask, q.shape[0], q.shape[2], k.shape[2])
+    tile, workers, mode = resolve_config(config)
+    program = _program_for(lengths, starts, k.shape[1], tile, workers)
+    return lean_attention_cpu(q, k, v, program.plan, starts, is_causal=causal, scale=scale, program=program, mode=mode)
+
+
+def _lean_supports(args: tuple) -> bool:
+    q, k, v, mask, is_causal, _, gqa = args[:7]
+    return (q.device.type == "cpu" and q.dim() == 4 and k.dim() == 4 and not is_causal and 1 <= q.shape[2] <= 16
+            and k.shape[2] >= 1 and v.shape[-1] == q.shape[-1] and q.shape[1] % k.shape[1] == 0
+            and (gqa or q.shape[1] == k.shape[1])
+            and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[-1] == k.shape[2])))
+
+
+def _lean_configs(args: tuple) -> list[KernelConfig]:
+    # TILE: powers of two 64..2048, no larger than the padded length (beyond it every tile count is 1
+    # per output, the same plan); WORKERS: 1..2x cores, no more than there are tiles; SERIAL only
+    # means something with several workers.
+    q, k = args[0], args[1]
+    B, hkv, S = k.shape[0], k.shape[1], k.shape[2]
+    cores = os.cpu_count() or 1
+    out = []
+    tile = 64
+    while tile <= 2048 and (tile == 64 or tile // 2 < S):
+        n_tiles = B * hkv * -(-S // tile)
+        for w in range(1, 2 * cores + 1):
+            if w > n_tiles:
+                break
+            for serial in ((0, 1) if w > 1 else (0,)):
+                out.append(KernelConfig.make(TILE=tile, WORKERS=w, SERIAL=serial))
+        tile *= 2
+    return out
+
+
+register_impl(Impl(LEAN_OP, IMPL_NAME, "cpu", lean_decode_cpu, DEFAULT_CONFIG, _lean_configs,
+                   source_hash(lean_decode_cpu, resolve_config, _padding_of, _program_for, build_cpu_program,
+                               _fold_sequences, lean_attention_cpu, merge_partials),
+                   _lean_supports))

@@ -77,6 +77,8 @@ class Impl:
 
     ``fn(*op_args, config=KernelConfig)`` computes the op. ``configs(op_args)`` lists the config
     space for these arguments (pruned); ``supports(op_args)`` says whether it can run them at all.
+    ``default`` is the fallback config; ``default_for(op_args)``, when given, picks a better
+    per-problem default (e.g. a Triton tile that does not spill at this head dim and dtype).
     """
 
     op: str
@@ -87,6 +89,13 @@ class Impl:
     configs: Callable[[tuple], list[KernelConfig]]
     source_hash: str
     supports: Callable[[tuple], bool] = field(default=lambda args: True)
+    default_for: Callable[[tuple], KernelConfig] | None = None
+
+    def default_config(self, op_args: tuple | None) -> KernelConfig:
+        """The default config for these arguments (``default_for``) or the fixed ``default``."""
+        if self.default_for is not None and op_args is not None:
+            return self.default_for(op_args)
+        return self.default
 
 
 _REGISTRY: dict[tuple[str, str], Impl] = {}  # (op, name) -> Impl

@@ -2,7 +2,7 @@
 
 :func:`install` activates every runtime feature (tuned dispatch, shared-prefix attention, lean
 decode) by registering its planner/selector in :mod:`graphtune.runtime.context`. Entry points
-call it; it is idempotent.
+call it; it is idempotent, and re-activates a feature someone uninstalled.
 """
 from __future__ import annotations
 
@@ -20,14 +20,10 @@ FEATURES = (
     "graphtune.runtime.lean_decode",  # priority 5
     "graphtune.runtime.dispatch",  # priority 0: tuned implementation + config, else default
 )
-_installed = False
 
 
 def install() -> None:
-    """Register all runtime features' planners and selectors (once per process)."""
-    global _installed
-    if _installed:
-        return
+    """Register all runtime features' planners and selectors (each feature's install is idempotent)."""
     for name in FEATURES:
         try:
             mod = importlib.import_module(name)
@@ -37,4 +33,3 @@ def install() -> None:
             log.debug("runtime feature %s not available", name)
             continue
         mod.install()
-    _installed = True

@@ -14,6 +14,11 @@ When it pays (measured on this CPU, ``benchmarks/bench_lean_decode.py``, ``docs/
 lean skips padding, so its gain is the padded/real work ratio ``S * B / sum(lengths)``; it costs
 one kernel call per (worker, sequence) piece. ``GRAPHTUNE_LEAN_MIN_SKEW=-1`` (default) uses the
 measured rule :func:`lean_pays`; a value >= 0 replaces it by "use lean iff padded/real >= value".
+
+Tile and worker counts of the CPU path come from the tuning database (op ``lean_decode``, impl
+``cpu.lean``, tuned with ``graphtune tune --lean ...``; key :func:`graphtune.autotune.shapes.lean_key`):
+:func:`cpu_config` looks them up once per batch (an in-process cache answers repeated buckets),
+else the default ``TILE=256``, workers = ``GRAPHTUNE_NUM_THREADS`` or torch's threads, mode threads.
 """
 from __future__ import annotations
 
@@ -25,13 +30,19 @@ import torch
 from torch import Tensor
 
 from graphtune import flags
-from graphtune.codegen.lean_cpu import CpuProgram, build_cpu_program, lean_attention_cpu
+from graphtune.autotune import db as _db
+from graphtune.autotune import fingerprint
+from graphtune.autotune.shapes import lean_key
+from graphtune.autotune.tuner import is_valid
+from graphtune.codegen.lean_cpu import (DEFAULT_CONFIG, DEFAULT_TILE, CpuProgram, build_cpu_program,
+                                        lean_attention_cpu, resolve_config)
+from graphtune.codegen.registry import KernelConfig, get_impl
 from graphtune.errors import PlanError
 from graphtune.ir.reference import attention_ref
 from graphtune.runtime import context
 from graphtune.runtime.lean_plan import LeanPlan, make_plan, ranges_from_padding_mask
 
-__all__ = ["LeanBatch", "plan_batch", "lean_pays", "cpu_config", "lean_selector", "install", "uninstall", "lean_for_lengths",
+__all__ = ["LeanBatch", "plan_batch", "lean_pays", "cpu_config", "tuned_config", "clear_tuned_cache", "lean_selector", "install", "uninstall", "lean_for_lengths",
            "MAX_DECODE_QUERIES", "PLAN_NAME"]
 
 PLAN_NAME = "lean_decode"
@@ -41,7 +52,7 @@ MAX_DECODE_QUERIES = 16  # decode and speculative verification widths
 # exceed the real work by this factor, and enough real work to amortise its extra calls.
 MEASURED_MIN_SKEW = 1.3
 CALL_OVERHEAD_KEYS = 4096  # one extra flash call ~ the time of this many key-heads of work
-CPU_TILE = 256
+CPU_TILE = DEFAULT_TILE  # the untuned tile (codegen.lean_cpu.DEFAULT_CONFIG)
 TRITON_ON_CPU = False  # tests: route CPU tensors through the Triton path (needs TRITON_INTERPRET=1)
 
 
@@ -56,6 +67,7 @@ class LeanBatch:
     masks: list[tuple[Any, int, str | None]] = field(default_factory=list)  # (mask, q_len, kind) checked
     calls: int = 0  # attention calls run by the lean path (for explain / tests)
     decisions: dict[tuple, str] = field(default_factory=dict)
+    configs: dict[tuple, tuple[int, int, str]] = field(default_factory=dict)  # (Hq, Hkv, Lq, D, dtype) -> cpu_config
 
     @property
     def skew(self) -> float:
@@ -90,18 +102,93 @@ def plan_batch(attention_mask: Tensor) -> LeanBatch:
     return LeanBatch(starts, lengths, int(attention_mask.shape[1]))
 
 
-def cpu_config() -> tuple[int, int, str]:
-    """``(tile, workers, mode)`` of the CPU lean path: ``GRAPHTUNE_NUM_THREADS`` or torch's threads."""
-    workers = flags.get("NUM_THREADS") or torch.get_num_threads()
-    return CPU_TILE, max(1, workers), "threads"
+_tuned: dict[tuple, tuple[KernelConfig, str | None]] = {}
+_tuned_gen = -1
+_warned: set[tuple] = set()
 
 
-def lean_pays(batch: LeanBatch, num_kv_heads: int, gpu: bool = False) -> bool:
+def clear_tuned_cache() -> None:
+    """Forget cached lookups (e.g. after another process tuned lean shapes)."""
+    _tuned.clear()
+
+
+def tuned_config(lengths: Sequence[int], heads: int, kv_heads: int, head_dim: int, q_len: int = 1,
+                 dtype: torch.dtype | str = torch.float32) -> tuple[KernelConfig, str | None]:
+    """The ``cpu.lean`` config the tuning database holds for this batch, and its record id.
+
+    Lookup by :func:`graphtune.autotune.shapes.lean_key` (exact part, then the nearest
+    ``(max length, total length)`` buckets) on this CPU's fingerprint; ``(DEFAULT_CONFIG, None)``
+    when nothing valid is tuned or the database is disabled (``GRAPHTUNE_CACHELEVEL=0``). Answers are
+    cached in-process and dropped whenever this process writes a tuning record.
+
+    >>> cfg, rec = tuned_config([300, 7], 4, 2, 16)  # nothing tuned in a fresh database
+    >>> resolve_config(cfg)[0], rec
+    (256, None)
+    """
+    global _tuned_gen
+    if flags.get("CACHELEVEL") <= 0:
+        return DEFAULT_CONFIG, None
+    key = lean_key(lengths, heads, kv_heads, head_dim, q_len, dtype)
+    gen = _db.generation()
+    if gen != _tuned_gen:  # this process wrote a record: cached answers may be stale
+        _tuned.clear()
+        _tuned_gen = gen
+    ck = (key, flags.get("DB"))
+    hit = _tuned.get(ck)
+    if hit is not None:
+        return hit
+    found: tuple[KernelConfig, str | None] = (DEFAULT_CONFIG, None)
+    try:
+        store = _db.get_db()
+        fp = fingerprint.current("cpu")
+
+        def usable(rec: _db.Record) -> bool:
+            impl = get_impl(rec.op, rec.impl)
+            return impl is not None and impl.device == "cpu" and is_valid(rec)
+
+        rec = None if store is None else store.lookup(key.op, key.shape_key, key.q_bucket, key.kv_bucket, fp.device,
+                                                      fp.versions, usable, fp.device_name)
+        if rec is not None:
+            found = (KernelConfig.from_dict(rec.config), rec.record_id)
+    except Exception as e:  # noqa: BLE001 - an unreadable database must not break decoding
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"graphtune lean decode: tuning database lookup failed ({type(e).__name__}: {e}); "
+                          "using the default tile/workers", RuntimeWarning, stacklevel=2)
+    _tuned[ck] = found
+    return found
+
+
+def cpu_config(batch: LeanBatch | None = None, q: Tensor | None = None, k: Tensor | None = None) -> tuple[int, int, str]:
+    """``(tile, workers, mode)`` of the CPU lean path for this batch's attention calls.
+
+    With ``batch`` and the call's ``q [B, Hq, Lq, D]``, ``k [B, Hkv, S, D]``: the tuned config
+    (:func:`tuned_config`), looked up once per batch and call shape and kept in ``batch.configs``.
+    Otherwise, and when nothing is tuned, the default: tile 256, ``GRAPHTUNE_NUM_THREADS`` or torch's
+    threads, ``"threads"``.
+
+    >>> cpu_config()[0]
+    256
+    """
+    if batch is None or q is None or k is None:
+        return resolve_config(DEFAULT_CONFIG)
+    ck = (q.shape[1], k.shape[1], q.shape[2], q.shape[3], q.dtype)
+    got = batch.configs.get(ck)
+    if got is None:
+        cfg, rec = tuned_config(batch.lengths, q.shape[1], k.shape[1], q.shape[3], q.shape[2], q.dtype)
+        got = batch.configs[ck] = resolve_config(cfg)
+        batch.decisions[("cpu config",) + ck] = (f"tile={got[0]} workers={got[1]} mode={got[2]} "
+                                                 f"({'tuned record ' + rec[:10] if rec else 'default: nothing tuned'})")
+    return got
+
+
+def lean_pays(batch: LeanBatch, num_kv_heads: int, gpu: bool = False, workers: int | None = None) -> bool:
     """Whether the lean path beats masked attention on the padded batch for this batch.
 
     ``LEAN_MIN_SKEW >= 0``: iff padded/real work >= it. Default (-1), the measured rule: padded/real
     >= ``MEASURED_MIN_SKEW`` and the padding saved outweighs the extra per-call overhead (CPU;
     on a GPU, where there is one launch per step, only the skew rule — not measured on a GPU).
+    ``workers``: the CPU path's worker count (default: :func:`cpu_config`'s default).
     """
     thr = flags.get("LEAN_MIN_SKEW")
     if thr >= 0:
@@ -111,7 +198,8 @@ def lean_pays(batch: LeanBatch, num_kv_heads: int, gpu: bool = False) -> bool:
     if gpu:
         return True
     saved = (batch.total_keys * len(batch.lengths) - sum(batch.lengths)) * num_kv_heads
-    _, workers, _ = cpu_config()
+    if workers is None:
+        workers = cpu_config()[1]
     extra_calls = len(batch.lengths) + 2 * workers
     return saved > extra_calls * CALL_OVERHEAD_KEYS
 
@@ -187,7 +275,7 @@ def lean_selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
         return None
     key = (tuple(q.shape), tuple(k.shape), str(q.dtype))
     if key not in batch.decisions:
-        pays = lean_pays(batch, k.shape[1], gpu=triton_path)
+        pays = lean_pays(batch, k.shape[1], gpu=triton_path, workers=None if triton_path else cpu_config(batch, q, k)[1])
         batch.decisions[key] = "lean" if pays else "masked attention (lean does not pay)"
     if batch.decisions[key] != "lean":
         return None
@@ -196,7 +284,7 @@ def lean_selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
         return None
     if triton_path:
         return _triton_impl(batch, q, k, kind)
-    tile, workers, mode = cpu_config()
+    tile, workers, mode = cpu_config(batch, q, k)
     program = batch.program(k.shape[1], tile, workers)
 
     def impl(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
@@ -253,7 +341,8 @@ def describe(site: Any, q_shape: tuple | None, k_shape: tuple | None) -> str | N
         return None  # top-left causal (SDPA is_causal) is not a decode mask
     thr = flags.get("LEAN_MIN_SKEW")
     rule = f"padded/real KV >= {thr if thr >= 0 else MEASURED_MIN_SKEW}"
-    return f"lean decode on ragged steps with q_len <= {MAX_DECODE_QUERIES} when {rule}"
+    return (f"lean decode on ragged steps with q_len <= {MAX_DECODE_QUERIES} when {rule}; CPU tile/workers "
+            f"tuned per batch bucket (graphtune tune --lean), else tile {CPU_TILE} x torch threads")
 
 
 def install(priority: int = 5) -> None:
