@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from graphtune.codegen.lean_cpu import build_cpu_program, lean_attention_cpu
-from graphtune.runtime.lean_plan import make_plan
+from graphtune.codegen.lean_plan import make_plan
 
 H, D = 8, 64
 THREADS = torch.get_num_threads()

@@ -191,8 +191,8 @@ def _tune(args: argparse.Namespace) -> int:
         shapes += [s for s in workload_shapes(args.batch, args.seq, heads, kvh or heads, dim, args.dtype)
                    if s not in shapes]
     if not shapes:
-        raise OptionError("nothing to tune: give --shape B,H,KVH,L,S,D, --merge N,B,H,L,D, --lean LENGTHS,H,KVH,D or a workload "
-                          "(--batch, --seq, --heads, --head-dim)")
+        raise OptionError("nothing to tune: give --shape B,H,KVH,L,S,D, --merge N,B,H,L,D, --lean LENGTHS,H,KVH,D "
+                          "or a workload (--batch, --seq, --heads, --head-dim)")
     secs, cands = parse_budget(args.budget)
     db = None if args.no_store else True
     prog = _Progress(args.quiet)
@@ -357,7 +357,7 @@ def _stats(db) -> int:
 # ======================================================================================
 
 def _lean_plan_args(p: argparse.ArgumentParser) -> None:
-    from graphtune.runtime.lean_plan import add_lean_plan_args
+    from graphtune.codegen.lean_plan import add_lean_plan_args
 
     add_lean_plan_args(p)
 
@@ -365,7 +365,7 @@ def _lean_plan_args(p: argparse.ArgumentParser) -> None:
 @subcommand("lean-plan", "lean (stream-K) decode plan of a ragged batch; static H100/A100 view vs FlashDecoding",
             _lean_plan_args)
 def _lean_plan(args: argparse.Namespace) -> int:
-    from graphtune.runtime.lean_plan import run_lean_plan
+    from graphtune.codegen.lean_plan import run_lean_plan
 
     return run_lean_plan(args)
 

@@ -286,7 +286,8 @@ def lean_key(lengths: Sequence[int], heads: int, kv_heads: int, head_dim: int, q
     ShapeKey(op='lean_decode', shape_key='b32_h8_kvh8_d64_q1_float32', q_bucket=32768, kv_bucket=65536)
     """
     dt = str(dtype).removeprefix("torch.")
-    return ShapeKey(LEAN_OP, f"b{pow2_bucket(len(lengths))}_h{heads}_kvh{kv_heads}_d{head_dim}_q{pow2_bucket(q_len)}_{dt}",
+    exact = f"b{pow2_bucket(len(lengths))}_h{heads}_kvh{kv_heads}_d{head_dim}_q{pow2_bucket(q_len)}_{dt}"
+    return ShapeKey(LEAN_OP, exact,
                     pow2_bucket(max(lengths)), pow2_bucket(sum(lengths)))
 
 

@@ -1,6 +1,6 @@
 """Lean-attention decode on the CPU: plan ranges run by real worker threads, then an exact merge.
 
-A :class:`~graphtune.runtime.lean_plan.LeanPlan` gives each worker a contiguous range of KV
+A :class:`~graphtune.codegen.lean_plan.LeanPlan` gives each worker a contiguous range of KV
 tiles that may cross head and sequence boundaries. Here a worker's range becomes a short list
 of calls to ATen's CPU flash kernel (which returns the LSE and releases the GIL), on *views*
 of the unpadded keys — no gather, no padding work:
@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -37,8 +37,7 @@ from graphtune import flags
 from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
 from graphtune.errors import PlanError, ShapeError
 
-if TYPE_CHECKING:  # the plan format only; no runtime import upward (ir -> codegen -> runtime)
-    from graphtune.runtime.lean_plan import LeanPlan
+from graphtune.codegen.lean_plan import LeanPlan, make_plan
 
 __all__ = ["CpuCall", "CpuProgram", "build_cpu_program", "lean_attention_cpu", "merge_partials", "MODES",
            "lean_decode_cpu", "resolve_config", "DEFAULT_TILE", "DEFAULT_CONFIG", "LEAN_OP", "IMPL_NAME"]
@@ -188,7 +187,7 @@ def lean_attention_cpu(
         ``[B, Hkv, S, D]`` key/value cache, possibly padded; sequence ``b``'s real keys are
         ``[starts[b], starts[b] + plan.lengths[b])``. ``Hq`` must be a multiple of ``Hkv`` (GQA).
     plan : LeanPlan
-        From :func:`graphtune.runtime.lean_plan.make_plan` (``plan.num_workers`` threads).
+        From :func:`graphtune.codegen.lean_plan.make_plan` (``plan.num_workers`` threads).
     starts : sequence of int, optional
         First real key of each row (left padding); default 0.
     is_causal : bool
@@ -207,7 +206,7 @@ def lean_attention_cpu(
     Examples
     --------
     >>> import torch
-    >>> from graphtune.runtime.lean_plan import make_plan
+    >>> from graphtune.codegen.lean_plan import make_plan
     >>> q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 300, 16)
     >>> plan = make_plan([300, 7], num_kv_heads=2, tile=64, num_workers=2)
     >>> out, lse = lean_attention_cpu(q, k, k, plan, starts=[0, 293])
@@ -338,10 +337,6 @@ def _program_for(lengths: tuple[int, ...], starts: tuple[int, ...], hkv: int, ti
     key = (lengths, starts, hkv, tile, workers)
     p = _programs.get(key)
     if p is None:
-        # the planner is pure host code in runtime.lean_plan; imported at call time so that this
-        # module's import graph stays ir -> codegen (the plan format is all codegen depends on)
-        from graphtune.runtime.lean_plan import make_plan
-
         p = build_cpu_program(make_plan(lengths, hkv, tile, workers), starts)
         _lru_put(_programs, key, p)
     return p
@@ -361,7 +356,8 @@ def lean_decode_cpu(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
     >>> from graphtune.ir.reference import attention_ref
     >>> q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 300, 16)
     >>> mask = (torch.arange(300) >= torch.tensor([0, 293])[:, None])[:, None, None]  # rows of 300 and 7 keys
-    >>> out, lse = lean_decode_cpu(q, k, k, mask, enable_gqa=True, config=KernelConfig.make(TILE=64, WORKERS=2, SERIAL=0))
+    >>> cfg = KernelConfig.make(TILE=64, WORKERS=2, SERIAL=0)
+    >>> out, lse = lean_decode_cpu(q, k, k, mask, enable_gqa=True, config=cfg)
     >>> torch.allclose(out, attention_ref(q, k, k, mask, enable_gqa=True)[0], atol=1e-5)
     True
     """

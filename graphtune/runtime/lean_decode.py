@@ -40,9 +40,10 @@ from graphtune.codegen.registry import KernelConfig, get_impl
 from graphtune.errors import PlanError
 from graphtune.ir.reference import attention_ref
 from graphtune.runtime import context
-from graphtune.runtime.lean_plan import LeanPlan, make_plan, ranges_from_padding_mask
+from graphtune.codegen.lean_plan import LeanPlan, make_plan, ranges_from_padding_mask
 
-__all__ = ["LeanBatch", "plan_batch", "lean_pays", "cpu_config", "tuned_config", "clear_tuned_cache", "lean_selector", "install", "uninstall", "lean_for_lengths",
+__all__ = ["LeanBatch", "plan_batch", "lean_pays", "cpu_config", "tuned_config", "clear_tuned_cache", "lean_selector",
+           "install", "uninstall", "lean_for_lengths",
            "MAX_DECODE_QUERIES", "PLAN_NAME"]
 
 PLAN_NAME = "lean_decode"
@@ -159,7 +160,8 @@ def tuned_config(lengths: Sequence[int], heads: int, kv_heads: int, head_dim: in
     return found
 
 
-def cpu_config(batch: LeanBatch | None = None, q: Tensor | None = None, k: Tensor | None = None) -> tuple[int, int, str]:
+def cpu_config(batch: LeanBatch | None = None, q: Tensor | None = None,
+               k: Tensor | None = None) -> tuple[int, int, str]:
     """``(tile, workers, mode)`` of the CPU lean path for this batch's attention calls.
 
     With ``batch`` and the call's ``q [B, Hq, Lq, D]``, ``k [B, Hkv, S, D]``: the tuned config
@@ -275,7 +277,8 @@ def lean_selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
         return None
     key = (tuple(q.shape), tuple(k.shape), str(q.dtype))
     if key not in batch.decisions:
-        pays = lean_pays(batch, k.shape[1], gpu=triton_path, workers=None if triton_path else cpu_config(batch, q, k)[1])
+        workers = None if triton_path else cpu_config(batch, q, k)[1]
+        pays = lean_pays(batch, k.shape[1], gpu=triton_path, workers=workers)
         batch.decisions[key] = "lean" if pays else "masked attention (lean does not pay)"
     if batch.decisions[key] != "lean":
         return None
@@ -298,7 +301,7 @@ def lean_selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
 def _triton_impl(batch: LeanBatch, q: Tensor, k: Tensor, kind: str) -> Callable[..., Any]:
     """The Triton lean path: plan with ORT's tile and CTA rules, tables uploaded once per batch."""
     from graphtune.codegen import lean_triton as lt  # lazy: CPU-only runs never import triton kernels
-    from graphtune.runtime.lean_plan import default_tile, gpu_num_workers
+    from graphtune.codegen.lean_plan import default_tile, gpu_num_workers
 
     key = ("triton", k.shape[1], q.shape[-1], str(q.device))
     tables = batch.programs.get(key)

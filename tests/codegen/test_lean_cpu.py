@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from graphtune.codegen.lean_cpu import build_cpu_program, lean_attention_cpu, merge_partials
 from graphtune.errors import PlanError, ShapeError
 from graphtune.ir.reference import attention_ref, merge_states_ref
-from graphtune.runtime.lean_plan import make_plan
+from graphtune.codegen.lean_plan import make_plan
 
 LENGTHS = [300, 7, 1, 64, 64, 129, 1, 1]  # ragged, length-1 rows, runs of equal rows (batched calls)
 

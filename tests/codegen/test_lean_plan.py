@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graphtune.errors import PlanError
-from graphtune.runtime.lean_plan import (
+from graphtune.codegen.lean_plan import (
     flashdecoding_splits,
     lean_plan_main,
     make_plan,
