@@ -84,6 +84,21 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, opti
     return result
 
 
+def eager_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` for eager execution whose graphtune op calls go straight to their Python
+    implementations, skipping the dispatcher round trip (the IR in ``gm`` keeps the ops)."""
+    from graphtune.ir.ops import EAGER_IMPLS
+
+    if not any(n.op == "call_function" and n.target in EAGER_IMPLS for n in gm.graph.nodes):
+        return gm
+    run = copy_graph_module(gm)
+    for n in run.graph.nodes:
+        if n.op == "call_function" and n.target in EAGER_IMPLS:
+            n.target = EAGER_IMPLS[n.target]
+    run.recompile()
+    return run
+
+
 class GraphtunePostGradPass(CustomGraphPass):
     """Inductor post-grad pass: counts graphtune ops that reached Inductor's graph.
 
@@ -135,7 +150,7 @@ class GraphtuneBackend:
         result = rewrite_graph(gm, example_inputs, self.options)
         self.results.append(result)
         if not self.options.inductor:
-            return result.gm.forward
+            return eager_module(result.gm).forward
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 

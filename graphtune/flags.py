@@ -50,7 +50,7 @@ class Flag:
 
     @property
     def env(self) -> str:
-        return f"GRAPHTUNE_{self.name}"
+        return _ENV_NAMES.get(self.name) or f"GRAPHTUNE_{self.name}"
 
     def from_env(self) -> Any:
         raw = os.environ.get(self.env)
@@ -81,19 +81,35 @@ FLAGS: dict[str, Flag] = {
     ]
 }
 
+_ENV_NAMES = {name: f"GRAPHTUNE_{name}" for name in FLAGS}
+
 # One ContextVar holding the overrides so a `Context` is visible to the whole task/thread.
 _overrides: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("graphtune_flags", default={})
 
 
+_parsed: dict[str, tuple[str | None, Any]] = {}  # name -> (raw env text, parsed value)
+
+
 def get(name: str) -> Any:
-    """Current value of flag ``name``: a :class:`Context` override, else the environment, else the default."""
+    """Current value of flag ``name``: a :class:`Context` override, else the environment, else the default.
+
+    Read on hot paths (every attention call), so the parsed environment value is cached per raw
+    text: changing the variable still takes effect at the next read.
+    """
     ov = _overrides.get()
-    if name in ov:
+    if ov and name in ov:
         return ov[name]
     try:
-        return FLAGS[name].from_env()
+        flag = FLAGS[name]
     except KeyError:
         raise OptionError(f"unknown graphtune flag {name!r}; known: {sorted(FLAGS)}") from None
+    raw = os.environ.get(flag.env)
+    hit = _parsed.get(name)
+    if hit is not None and hit[0] == raw and (raw is not None or flag.default_fn is None):
+        return hit[1]  # (a computed default, e.g. the DB path under $HOME, is recomputed)
+    value = flag.from_env()
+    _parsed[name] = (raw, value)
+    return value
 
 
 class Context:

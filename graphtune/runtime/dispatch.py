@@ -34,6 +34,7 @@ _OPS = ("attention", "attention_with_lse", MERGE_OP)
 
 _cache: dict[tuple, Callable[..., Any] | None] = {}
 _cache_gen = -1
+_has_records: bool | None = None  # None: not looked at since the last write / clear_cache()
 _warned: set[tuple] = set()
 _lock = threading.Lock()
 
@@ -123,7 +124,7 @@ def resolve(op: str, args: tuple) -> tuple[Impl, KernelConfig] | None:
 
 
 def _selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
-    global _cache_gen
+    global _cache_gen, _has_records
     if op not in _OPS:
         return None
     gen = _db._generation
@@ -131,7 +132,16 @@ def _selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
         with _lock:
             _cache.clear()
             _cache_gen = gen
+            _has_records = None
     if flags.get("CACHELEVEL") <= 0:  # database disabled: defaults only
+        return None
+    if _has_records is None:
+        try:
+            store = _db.get_db()
+            _has_records = bool(store is not None and store.count() > 0)
+        except Exception:  # noqa: BLE001 - an unreadable database is reported by resolve() below
+            _has_records = True
+    if not _has_records:  # nothing tuned at all: the common untuned case costs one check per call
         return None
     key = _fast_key(op, args)
     try:
@@ -155,7 +165,7 @@ def _selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
 def describe(site: Any, q_shape: tuple | None, k_shape: tuple | None, dtype: torch.dtype = torch.float32) -> str | None:
     """The implementation and config serving a call of these shapes: tuned winner or default."""
     if q_shape is None or k_shape is None or not all(isinstance(d, int) for d in (*q_shape, *k_shape)):
-        return "default: cpu.flash"
+        return "default: SDPA / ATen flash kernel"
     # zero-stride views: the lookup only reads shapes, dtype and device
     q = torch.zeros((), dtype=dtype).expand(q_shape)
     k = torch.zeros((), dtype=dtype).expand(k_shape)
@@ -163,7 +173,7 @@ def describe(site: Any, q_shape: tuple | None, k_shape: tuple | None, dtype: tor
     causal = mask == "causal"
     gqa = q_shape[-3] != k_shape[-3] if len(q_shape) >= 3 else False
     hit = resolve(ATTENTION_OP, (q, k, k, None, causal, None, gqa))
-    return f"tuned: {hit[0].name} [{hit[1]}]" if hit else "default: cpu.flash"
+    return f"tuned: {hit[0].name} [{hit[1]}]" if hit else "default: SDPA / ATen flash kernel"
 
 
 def install(priority: int = 0) -> None:
@@ -196,9 +206,11 @@ def installed() -> bool:
 
 def clear_cache() -> None:
     """Forget cached decisions (and warnings), e.g. after another process tuned."""
+    global _has_records
     with _lock:
         _cache.clear()
         _warned.clear()
+        _has_records = None
 
 
 def cache_info() -> dict[str, int]:
