@@ -20,16 +20,15 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime import JITFunction
 from torch import Tensor
 
 from graphtune.codegen.crosscompile import CompileSpec, register_compile_spec
 from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
+from graphtune.codegen.triton_util import interpreting, kernel_for
 from graphtune.errors import KernelError, ShapeError
 from graphtune.ir.ops import check_attention_args
 from graphtune.ir.reference import attention_ref
@@ -327,26 +326,6 @@ def attention_configs(op_args: tuple) -> list[KernelConfig]:
 # ======================================================================================
 
 
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
-
-
-def _kernel_for(device: torch.device) -> Any:
-    """The kernel for tensors on ``device``: compiled on CUDA, interpreted on CPU.
-
-    ``@triton.jit`` (ours and Triton's own ``tl.max``/``tl.sum``) picks compiled vs interpreted
-    when the module is imported, so CPU runs need ``TRITON_INTERPRET=1`` before triton's import.
-    """
-    if device.type == "cuda":
-        return _attn_fwd_kernel
-    if not triton.knobs.runtime.interpret:
-        raise KernelError(f"Triton attention needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
-    if isinstance(_attn_fwd_kernel, JITFunction) or isinstance(tl.standard.max, JITFunction):
-        raise KernelError("TRITON_INTERPRET=1 must be set before triton is first imported "
-                          "(e.g. at the top of tests/conftest.py)")
-    return _attn_fwd_kernel
-
-
 def _to_4d(t: Tensor) -> Tensor:
     # [..., H, L, D] -> [B, H, L, D]; a view whenever the leading dims allow it
     if t.dim() == 2:
@@ -382,7 +361,7 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: boo
         mask_kind, ms = (2 if mask.dtype == torch.bool else 1), tuple(mask_t.stride())
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (B * Hkv, triton.cdiv(group * L, bm))
-    kernel = _kernel_for(q.device)
+    kernel = kernel_for(_attn_fwd_kernel, q.device, "attention")
     kernel[grid](
         q, k, v, mask_t, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *ms, *o.stride(), *lse.stride(),
@@ -511,8 +490,8 @@ def _op_fn(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=Fals
 
 
 def _supports(args: tuple) -> bool:
-    q, k, v = args[0], args[1], args[2]
-    dev_ok = q.device.type == "cuda" or (q.device.type == "cpu" and _interpreting())
+    q, v = args[0], args[2]
+    dev_ok = q.device.type == "cuda" or (q.device.type == "cpu" and interpreting())
     return (dev_ok and q.dtype in _SUPPORTED_DTYPES and q.dim() >= 2
             and q.shape[-1] <= _MAX_HEAD_DIM and v.shape[-1] <= _MAX_HEAD_DIM)
 

@@ -211,7 +211,6 @@ def split_kv_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, ena
     fold = fold and Hq != Hkv
     if fold:
         q4, mask = _fold_q(q4, Hkv), _fold_mask(mask, Hq, Hkv)
-    H, R = q4.shape[1], q4.shape[2]  # heads and rows of the (maybe folded) problem
     if batched:
         out, lse = _split_batched(q4, k4, v4, mask, scale, splits, chunk)
     else:
@@ -246,7 +245,7 @@ def _split_batched(q4, k4, v4, mask, scale, splits, chunk):
     qs = q4.view(B, Hkv, 1, G, R, E).expand(B, Hkv, splits, G, R, E).reshape(B, Hkv * splits * G, R, E)
     ms = None
     if mask is not None:
-        Bm, Hm = mask.shape[0], mask.shape[1]
+        Bm = mask.shape[0]
         # [Bm, Hm, R, splits*chunk] -> [Bm, Hkv*splits*G, R, chunk] in the same head order as qs
         mm = mask.expand(Bm, H, R, splits * chunk).reshape(Bm, Hkv, G, R, splits, chunk)
         ms = mm.permute(0, 1, 4, 2, 3, 5).reshape(Bm, Hkv * splits * G, R, chunk)

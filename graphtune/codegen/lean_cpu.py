@@ -385,7 +385,7 @@ def _lean_configs(args: tuple) -> list[KernelConfig]:
     # TILE: powers of two 64..2048, no larger than the padded length (beyond it every tile count is 1
     # per output, the same plan); WORKERS: 1..2x cores, no more than there are tiles; SERIAL only
     # means something with several workers.
-    q, k = args[0], args[1]
+    k = args[1]
     B, hkv, S = k.shape[0], k.shape[1], k.shape[2]
     cores = os.cpu_count() or 1
     out = []

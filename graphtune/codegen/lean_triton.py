@@ -31,6 +31,7 @@ from torch import Tensor
 from triton.runtime import JITFunction
 
 from graphtune.codegen.registry import KernelConfig
+from graphtune.codegen.triton_util import interpreting
 from graphtune.errors import KernelError, PlanError, ShapeError
 
 from graphtune.codegen.lean_plan import LeanPlan
@@ -264,10 +265,6 @@ def build_tables(plan: "LeanPlan", starts: Sequence[int] | None, device: torch.d
     return LeanTables(plan, starts if starts is not None else (0,) * len(plan.lengths), device)
 
 
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
-
-
 _interp: dict[str, Any] = {}
 
 
@@ -275,7 +272,7 @@ def _kernel(fn: Any, device: torch.device) -> Any:
     """The jitted kernel, or an interpreter twin for CPU tensors under ``TRITON_INTERPRET=1``."""
     if device.type == "cuda":
         return fn
-    if not _interpreting():
+    if not interpreting():
         raise KernelError(f"lean Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
     if not isinstance(fn, JITFunction):
         return fn  # already interpreted (module imported with TRITON_INTERPRET=1)

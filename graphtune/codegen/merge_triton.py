@@ -13,16 +13,16 @@ Layout: kernel -> config space + prune -> launcher -> public op -> registry -> c
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime import JITFunction
 
 from graphtune.codegen.crosscompile import CompileSpec, register_compile_spec
 from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
+from graphtune.codegen.triton_util import interpreting, kernel_for
 from graphtune.errors import KernelError, ShapeError
 from graphtune.ir.reference import merge_states_ref
 
@@ -155,22 +155,6 @@ def merge_configs(op_args: tuple) -> list[KernelConfig]:
 # ======================================================================================
 
 
-def _kernel_for(device: torch.device) -> Any:
-    """The kernel for tensors on ``device``: compiled on CUDA, interpreted on CPU.
-
-    ``@triton.jit`` (ours and Triton's own ``tl.max``/``tl.sum``) picks compiled vs interpreted
-    when the module is imported, so CPU runs need ``TRITON_INTERPRET=1`` before triton's import.
-    """
-    if device.type == "cuda":
-        return _merge_states_kernel
-    if not triton.knobs.runtime.interpret:
-        raise KernelError(f"Triton merge_states needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
-    if isinstance(_merge_states_kernel, JITFunction) or isinstance(tl.standard.max, JITFunction):
-        raise KernelError("TRITON_INTERPRET=1 must be set before triton is first imported "
-                          "(e.g. at the top of tests/conftest.py)")
-    return _merge_states_kernel
-
-
 def merge_states_stacked(out: Tensor, lse: Tensor, *, config: KernelConfig | None = None,
                          fallback: bool = True) -> tuple[Tensor, Tensor]:
     """Merge partials stacked along dim 0: ``out [N, ..., L, D]``, ``lse [N, ..., L]``.
@@ -200,7 +184,7 @@ def merge_states_stacked(out: Tensor, lse: Tensor, *, config: KernelConfig | Non
     if R == 0 or D == 0 or N == 0:
         return merge_states_ref(list(out), list(lse))
     try:
-        _kernel_for(out.device)[(triton.cdiv(R, br),)](
+        kernel_for(_merge_states_kernel, out.device, "merge_states")[(triton.cdiv(R, br),)](
             o3, l2, res, res_lse,
             *o3.stride(), *l2.stride(), *res.stride(),
             N, R, D,
@@ -278,7 +262,7 @@ def _supports(args: tuple) -> bool:
     if len(outs) == 0:
         return False
     o = outs[0]
-    dev_ok = o.device.type == "cuda" or (o.device.type == "cpu" and bool(triton.knobs.runtime.interpret))
+    dev_ok = o.device.type == "cuda" or (o.device.type == "cpu" and interpreting())
     return dev_ok and o.dtype in _SUPPORTED_DTYPES and o.dim() >= 1
 
 

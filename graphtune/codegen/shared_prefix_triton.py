@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime import JITFunction
 
 from graphtune.codegen.crosscompile import CompileSpec, register_compile_spec
 from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
+from graphtune.codegen.triton_util import interpreting, kernel_for
 from graphtune.errors import KernelError, ShapeError
 
 __all__ = [
@@ -195,16 +195,6 @@ def suffix_merge_configs(op_args: tuple) -> list[KernelConfig]:
 # ======================================================================================
 
 
-def _kernel_for(device: torch.device) -> Any:
-    if device.type == "cuda":
-        return _suffix_merge_kernel
-    if not triton.knobs.runtime.interpret:
-        raise KernelError(f"Triton suffix_merge needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
-    if isinstance(_suffix_merge_kernel, JITFunction):
-        raise KernelError("TRITON_INTERPRET=1 must be set before triton is first imported")
-    return _suffix_merge_kernel
-
-
 def _torch_suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa):
     from graphtune.codegen.shared_prefix import Partial, merge_partials, suffix_attention
 
@@ -279,7 +269,7 @@ def suffix_merge(
     if B == 0 or Lq == 0:
         return out, lse
     try:
-        _kernel_for(q.device)[grid](
+        kernel_for(_suffix_merge_kernel, q.device, "suffix_merge")[grid](
             q, k, v, lens32, po, pl, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *po.stride(), *pl.stride(), *out.stride(), *lse.stride(),
             Hkv, Lq, Ls, D, s * _LOG2E,
@@ -309,7 +299,7 @@ def _op_fn(q, k, v, lens=None, prior_out=None, prior_lse=None, causal=False, sca
 
 def _supports(args: tuple) -> bool:
     q = args[0]
-    dev_ok = q.device.type == "cuda" or (q.device.type == "cpu" and bool(triton.knobs.runtime.interpret))
+    dev_ok = q.device.type == "cuda" or (q.device.type == "cpu" and interpreting())
     return dev_ok and q.dtype in _DTYPES and q.dim() == 4
 
 

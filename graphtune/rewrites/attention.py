@@ -382,7 +382,7 @@ def rewrite_eager(m: Match, pv: fx.Node, q: object, kt: object, v: object, qk: f
         factors.append(ck)
         scale_how = "prescaled-k" if scale_how == "none" else scale_how
     k, v, how = (k, v, None) if perm is not None else _fold_gqa(k, v)
-    qv, kv, vv, sv = _tv(q), _tv(k), _tv(v), _tv(qk)
+    qv, kv, sv = _tv(q), _tv(k), _tv(qk)
     if qv is None or kv is None or sv is None:
         return None
     if perm is not None:
