@@ -3,8 +3,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# The lowest transformers graphtune supports (keep in sync with pyproject's `transformers>=`);
+# `make test-hf-lowest` runs the Hugging Face integration tests against it in a second venv.
+TRANSFORMERS_LOWEST := 4.50.0
+LOW_VENV  := .venv-hf-lowest
+LOW_STAMP := $(LOW_VENV)/.installed-stamp-$(TRANSFORMERS_LOWEST)
 
-.PHONY: demo test bench tune clean
+.PHONY: demo test test-hf-lowest fuzz bench tune clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,14 +19,29 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+$(LOW_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(LOW_VENV)
+	$(LOW_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOW_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(LOW_VENV)/bin/python -m pip install -q -e '.[test]' 'transformers==$(TRANSFORMERS_LOWEST)'
+	touch $(LOW_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/python -m graphtune.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# Hugging Face integration tests (marker `hf`, set in tests/conftest.py) on the lowest supported transformers.
+test-hf-lowest: $(LOW_STAMP)
+	$(LOW_VENV)/bin/python -m pytest -q -m hf tests
+
+# Long differential fuzzing run (tests/fuzz, hypothesis profile "long"); prints examples run and failures.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q tests/fuzz --hypothesis-show-statistics -p no:randomly
+
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks build *.egg-info
+	rm -rf $(VENV) $(LOW_VENV) .pytest_cache .benchmarks build *.egg-info

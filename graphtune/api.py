@@ -68,10 +68,31 @@ class _OptimizedForward:
             return self.compiled(*args, **kwargs)
 
 
+def _module_tree_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
+    """A copy of ``module``'s whole module tree that shares its parameters and buffers.
+
+    Why not ``copy.copy``: a shallow copy shares the ``_modules``/``_parameters``/hook dicts, so
+    ``fast.lm_head = x`` or ``fast.train()`` on the copy would change (or half-change) the caller's
+    model. Here every module object and every container dict is new; only tensors are shared
+    (no weight is copied). A submodule reachable twice (tied modules) is copied once (``memo``).
+    """
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    new = copy.copy(module)  # new __dict__, values shared
+    memo[id(module)] = new
+    for name, value in list(vars(new).items()):
+        # per-module containers: parameters, buffers, hooks, non-persistent buffer names, ...
+        if isinstance(value, (dict, set, list)) and name.startswith("_") and name != "_modules":
+            setattr(new, name, copy.copy(value))
+    new._modules = {k: (None if c is None else _module_tree_copy(c, memo)) for k, c in module._modules.items()}
+    return new
+
+
 def _optimize_dynamo(model: nn.Module, options: Options) -> nn.Module:
-    # A shallow copy shares parameters and submodules with `model` but gets its own `forward`,
-    # so HF `generate` on the copy runs graphtune while the caller's model is left untouched.
-    new = copy.copy(model)
+    # The copy shares the weights (no memory cost) but has its own module tree and its own
+    # `forward`, so HF `generate` on it runs graphtune while the caller's model is left untouched.
+    new = _module_tree_copy(model)
     forward = type(model).forward.__get__(new)
     new.forward = _OptimizedForward(forward, options)
     return new
@@ -94,9 +115,11 @@ def optimize(model: nn.Module, example_inputs: Any = None, **options: Any) -> nn
     Returns
     -------
     nn.Module
-        Generation models (those with ``generate``): a shallow copy sharing the weights whose
-        ``forward`` is captured and rewritten, a drop-in for ``generate``. Others: the rewritten
-        ``fx.GraphModule``, or ``model`` itself if it has no attention.
+        Generation models (those with ``generate``): a copy of the module tree sharing the weights
+        (parameters and buffers are the same tensors; no memory is copied) whose ``forward`` is
+        captured and rewritten, a drop-in for ``generate``. Replacing a submodule of the copy or
+        calling ``train()`` on it leaves ``model`` untouched; changing a weight in place changes
+        both. Others: the rewritten ``fx.GraphModule``, or ``model`` itself if it has no attention.
 
     Examples
     --------
@@ -135,9 +158,33 @@ def optimize(model: nn.Module, example_inputs: Any = None, **options: Any) -> nn
     return _optimize_dynamo(model, opts)
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as plain data (str/int/float/bool/None, tuples, lists, dicts of those).
+
+    Why: captured graphs hand us SymInts (dynamic dims after a recompile) and fake tensors; a
+    report that kept them could not be copied, serialized or read after the capture is gone.
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.SymInt):
+        hint = value.node.hint  # the size seen at capture
+        return int(hint) if hint is not None else str(value)
+    if isinstance(value, (torch.SymFloat, torch.SymBool)):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(_plain(d) for d in value.shape)}:{str(value.dtype).replace('torch.', '')}"
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list, torch.Size)):
+        return tuple(_plain(v) for v in value) if not isinstance(value, list) else [_plain(v) for v in value]
+    return repr(value)
+
+
 @dataclass
 class SiteReport:
-    """One attention site of an explained model."""
+    """One attention site of an explained model (plain data only: safe to copy and serialize)."""
 
     graph: int
     node: str
@@ -147,6 +194,11 @@ class SiteReport:
     implementation: str
     q_shape: tuple | None = None
     k_shape: tuple | None = None
+
+    def __post_init__(self) -> None:
+        self.details = _plain(dict(self.details))
+        self.q_shape = _plain(self.q_shape)
+        self.k_shape = _plain(self.k_shape)
 
 
 @dataclass
@@ -204,6 +256,11 @@ def explain(model: nn.Module, example_inputs: Any, **options: Any) -> Report:
     """
     opts = Options.from_kwargs(**options)
     install_runtime()
+    if isinstance(vars(model).get("forward"), _OptimizedForward):
+        # an optimize()d model: explain the model it wraps (capturing the wrapper would see
+        # graphtune's own compiled region as a graph break)
+        model = _module_tree_copy(model)
+        del model.forward
     method = opts.capture
     if method == "auto" and _is_generation_model(model):
         method = "dynamo"

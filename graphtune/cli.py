@@ -215,14 +215,15 @@ def _db_args(p: argparse.ArgumentParser) -> None:
     ls = sub.add_parser("list", help="list records")
     ls.add_argument("--op")
     ls.add_argument("--impl")
-    ls.add_argument("--limit", type=int, default=200)
+    ls.add_argument("--limit", type=int, default=200, help="show the last N records (N >= 1; default 200)")
     sh = sub.add_parser("show", help="print one record as JSON")
     sh.add_argument("id", help="row id, record id or a unique prefix of one")
     ex = sub.add_parser("export", help="write every record as JSON")
     ex.add_argument("file", help="output file, '-' for stdout")
     im = sub.add_parser("import", help="import records exported by 'db export' (skips ones already present)")
     im.add_argument("file")
-    pr = sub.add_parser("prune", help="delete stale records (source changed) and superseded ones")
+    pr = sub.add_parser("prune", help="delete stale (source changed), ill-typed and superseded records; never "
+                                      "one a lookup would use")
     pr.add_argument("--dry-run", action="store_true")
     pr.add_argument("--stale-only", action="store_true", help="keep superseded records")
     sub.add_parser("stats", help="counts by op/mode/device, stale records, files moved aside")
@@ -259,6 +260,8 @@ def _db(args: argparse.Namespace) -> int:
                 if getattr(args, col):
                     where.append(f"{col} = ?")
                     params.append(getattr(args, col))
+            if args.limit < 1:
+                raise OptionError(f"--limit must be a positive number of records, got {args.limit}")
             recs = db.records(" AND ".join(where) or None, params)[-args.limit:]
             rows = [("id", "record", "op", "impl", "shape_key", "q", "kv", "mode", "us", "default", "valid", "device")]
             for r in recs:
@@ -293,17 +296,28 @@ def _db(args: argparse.Namespace) -> int:
                     data = json.load(f)
             except (OSError, json.JSONDecodeError) as e:
                 raise OptionError(f"cannot read records from {args.file}: {e}") from None
-            n = db.import_records(data)
-            print(f"imported {n} new record(s) of {len(data)} from {args.file}")
+            report = db.import_records(data)
+            if report.rejected and not report.added and not report.duplicates:
+                raise OptionError(f"no record of {args.file} could be imported: {report.rejected_summary()}")
+            print(f"imported {report.added} new record(s) of {report.total} from {args.file}"
+                  + (f" ({report.duplicates} already present)" if report.duplicates else ""))
+            if report.rejected:
+                n_bad = sum(len(v) for v in report.rejected.values())
+                print(f"graphtune: rejected {n_bad} record(s): {report.rejected_summary()}", file=sys.stderr)
+                return 1
             return 0
         if cmd == "prune":
+            # stale and ill-typed records are ignored by lookups; superseded() keeps what lookups pick
             doomed = {r.record_id: ("stale", r) for r in db.stale(is_valid)}
             if not args.stale_only:
-                for r in db.superseded():
+                for r in db.superseded(is_valid):
                     doomed.setdefault(r.record_id, ("superseded", r))
+            verb = "would delete" if args.dry_run else "delete"
             for why, r in doomed.values():
-                print(f"{'would delete' if args.dry_run else 'delete'} {r.record_id[:10]} {why}: {r.op} {r.impl} "
-                      f"{r.shape_key} q{r.q_bucket} kv{r.kv_bucket} {r.mode}")
+                print(f"{verb} {r.record_id[:10]} {why}: {r.op} {r.impl} {r.shape_key} q{r.q_bucket} kv{r.kv_bucket} {r.mode}")
+            for rid, reason in db.invalid():
+                doomed[rid] = ("invalid", None)
+                print(f"{verb} {rid[:10]} invalid: {reason}")
             if not args.dry_run:
                 db.delete(doomed)
             print(f"{len(doomed)} record(s) {'to delete' if args.dry_run else 'deleted'}, "
@@ -330,7 +344,7 @@ def _stats(db) -> int:
         k = f"{r.op} / {r.mode}"
         by[k] = by.get(k, 0) + 1
     stale = [r for r in recs if not is_valid(r)]
-    print(f"database: {db.path}")
+    print(f"database: {db.path} (journal mode {db.journal_mode})")
     print(f"records: {len(recs)}")
     for k, n in sorted(by.items()):
         print(f"  {k}: {n}")
@@ -342,7 +356,11 @@ def _stats(db) -> int:
     print(f"stale (implementation gone or its source changed; ignored by lookups): {len(stale)}")
     for r in stale:
         print(f"  {r.record_id[:10]} {r.op} {r.impl} source {r.source_hash} {r.shape_key}")
-    print(f"superseded (never picked; removed by 'db prune'): {len(db.superseded())}")
+    bad = db.invalid()
+    print(f"invalid (ill-typed, ignored by lookups): {len(bad)}")
+    for rid, reason in bad:
+        print(f"  {rid[:10]} {reason}")
+    print(f"superseded (never picked; removed by 'db prune'): {len(db.superseded(is_valid))}")
     aside = sorted(glob.glob(glob.escape(db.path) + ".corrupt-*") + glob.glob(glob.escape(db.path) + ".foreign-*"))
     aside = [a for a in aside if not a.endswith(("-wal", "-shm"))]
     print(f"files moved aside: {len(aside)}")

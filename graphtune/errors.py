@@ -30,6 +30,13 @@ class ShapeError(GraphtuneError, ValueError):
     """Tensors handed to a graphtune op have shapes, dtypes or devices it cannot take."""
 
 
+class DTypeError(ShapeError, TypeError):
+    """Tensors handed to a graphtune op have dtypes it cannot take (integer inputs, mixed dtypes).
+
+    A :class:`ShapeError` too, so ``except ShapeError`` still catches every bad-input error of an op.
+    """
+
+
 class PlanError(GraphtuneError, ValueError):
     """A runtime plan (sharing tree, work partition) is inconsistent with its inputs."""
 

@@ -160,11 +160,12 @@ class Options:
     dynamic : bool or None
         Dynamo's ``dynamic`` argument for the Dynamo capture path.
     shared_prefix, lean_decode : bool
-        Enable the shared-prefix (Hydragen) and lean-decode rewrites where they pay.
-    sparse_prefill : bool
-        Enable permuted block-sparse prefill. Approximate, so off unless asked for.
+        Enable the shared-prefix (Hydragen) and lean-decode runtime selectors. They are not graph
+        rewrites: each decides per batch, from the data (which rows share a prompt, how ragged the
+        KV lengths are), and declines wherever it would not be exact or would not pay.
     tune : bool
-        Consult the tuning database for implementation and configuration choices.
+        Consult the tuning database for implementation and configuration choices (tuned dispatch).
+        ``False`` runs every op on its default implementation.
     rtol, atol : float
         Tolerances of translation validation.
     """
@@ -175,7 +176,6 @@ class Options:
     dynamic: bool | None = None
     shared_prefix: bool = True
     lean_decode: bool = True
-    sparse_prefill: bool = False
     tune: bool = True
     rtol: float = 1e-5
     atol: float = 1e-5

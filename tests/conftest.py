@@ -17,3 +17,30 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def _uses_transformers(module) -> bool:
+    import types
+
+    import graphtune.models as zoo
+
+    for value in vars(module).values():
+        if isinstance(value, types.ModuleType) and value.__name__.split(".")[0] == "transformers":
+            return True
+        if getattr(value, "__module__", None) == zoo.__name__:  # build_model, demo_model, ...
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    # Mark Hugging Face integration tests (modules that use transformers or graphtune.models) with
+    # `hf`: `make test-hf-lowest` runs them again on the lowest transformers graphtune supports.
+    seen: dict[str, bool] = {}
+    for item in items:
+        mod = getattr(item, "module", None)
+        if mod is None:
+            continue
+        if mod.__name__ not in seen:
+            seen[mod.__name__] = _uses_transformers(mod)
+        if seen[mod.__name__]:
+            item.add_marker(pytest.mark.hf)

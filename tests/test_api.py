@@ -94,7 +94,9 @@ def test_explain_report_lists_sites_and_serializes():
     json.dumps(d)  # JSON-serializable
     (site,) = d["sites"]
     assert site["form"].startswith("eager") and site["q_shape"] == (2, 4, 7, 8)
-    assert "graphtune.attention" in site["implementation"] or site["implementation"]
+    # the runtime features that may serve the site, then the default path, are named
+    assert "default: SDPA" in site["implementation"], site["implementation"]
+    assert "shared-prefix" in site["implementation"] and "lean decode" in site["implementation"]
     assert "attention sites: 1" in str(rep)
 
 
@@ -146,3 +148,68 @@ def test_flags_context_overrides_and_validates():
         Context(NOPE=1)
     with pytest.raises(OptionError, match="must be int"):
         Context(DEBUG="x")
+
+
+def _plain_only(x):
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and _plain_only(v) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return all(_plain_only(v) for v in x)
+    return x is None or isinstance(x, (str, int, float, bool))
+
+
+def test_explain_report_holds_plain_data_even_given_fake_tensors_and_symbolic_sizes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from graphtune.api import SiteReport
+
+    env = ShapeEnv()
+    with FakeTensorMode(shape_env=env) as mode:
+        fake = mode.from_tensor(torch.randn(2, 3))
+    sym = env.create_symintnode(env.create_symbol(7, source=torch._dynamo.source.ConstantSource("s")), hint=7)
+    rep = graphtune.api.Report("M", "dynamo", 1, 0, sites=[
+        SiteReport(0, "n", "m.attn", "sdpa", {"bias": fake, "len": sym}, "default", (2, 4, sym, 8), (2, 4, 7, 8))])
+    d = rep.to_dict()
+    json.dumps(d)
+    assert _plain_only(d)
+    assert d["sites"][0]["q_shape"] == (2, 4, 7, 8) and d["sites"][0]["details"]["bias"] == "tensor(2, 3):float32"
+
+
+def test_explain_after_optimized_generate_serializes():
+    pytest.importorskip("transformers")
+    from graphtune.models import build_model
+
+    m = build_model("llama", "sdpa")
+    ids = torch.randint(3, 500, (2, 9))
+    kw = dict(attention_mask=torch.ones_like(ids))
+    fast = graphtune.optimize(m)
+    fast.generate(ids, **kw, max_new_tokens=3, do_sample=False, pad_token_id=0)  # decode recompiles: dynamic dims
+    for model in (m, fast):
+        d = graphtune.explain(model, {"input_ids": ids, **kw}).to_dict()
+        json.dumps(d)
+        assert _plain_only(d) and len(d["sites"]) == m.config.num_hidden_layers
+
+
+def test_optimize_leaves_the_callers_model_untouched_and_shares_weights():
+    pytest.importorskip("transformers")
+    from graphtune.models import build_model
+
+    m = build_model("llama", "sdpa")
+    head, layer0 = m.lm_head, m.model.layers[0]
+    fast = graphtune.optimize(m)
+    fast.lm_head = torch.nn.Linear(1, 1)
+    fast.model.layers[0] = torch.nn.Identity()
+    fast.train()
+    assert m.lm_head is head and m.model.layers[0] is layer0
+    assert not any(mod.training for mod in m.modules()), "train() on the copy changed the original"
+    assert all(mod.training for mod in fast.modules())
+    # weights are shared, not copied
+    fast2 = graphtune.optimize(m)
+    assert fast2.model.embed_tokens.weight is m.model.embed_tokens.weight
+    assert fast2.model.layers[1].self_attn is not m.model.layers[1].self_attn
+
+
+def test_sparse_prefill_is_not_an_option_until_the_feature_exists():
+    with pytest.raises(OptionError, match="unknown graphtune option 'sparse_prefill'"):
+        graphtune.optimize(MLP(), sparse_prefill=True)

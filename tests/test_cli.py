@@ -159,3 +159,96 @@ def test_subcommands_are_pluggable(capsys):
         assert run(capsys, "hello-test", "--name", "ada")[:2] == (0, "hello ada\n")
     finally:
         cli._COMMANDS.pop("hello-test")
+
+
+# ---------------------------------------------------------------------------------- errors are one line, exit 2
+
+def _one_line_error(rc, err):
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("graphtune: error:"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["tune", "--shape", "1,2,2,1,8,8", "--device", "bogus"], "device"),
+    (["db", "list", "--limit", "0"], "--limit"),
+    (["db", "list", "--limit", "-3"], "--limit"),
+])
+def test_bad_options_are_one_line_errors(capsys, dbpath, argv, msg):
+    rc, _, err = run(capsys, "--db", dbpath, *argv)
+    assert msg in _one_line_error(rc, err)
+
+
+def test_tune_on_cuda_without_cuda_is_a_one_line_error(capsys, dbpath):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc, _, err = run(capsys, "--db", dbpath, "tune", "--shape", "1,2,2,1,8,8", "--device", "cuda", "--quiet")
+    assert "CUDA" in _one_line_error(rc, err)
+
+
+@pytest.mark.parametrize("content", [[1, 2, 3], ["a"], [[]], [None]])
+def test_db_import_of_a_list_of_non_objects_is_a_one_line_error(capsys, dbpath, tmp_path, content):
+    f = tmp_path / "recs.json"
+    f.write_text(json.dumps(content))
+    rc, _, err = run(capsys, "--db", dbpath, "db", "import", str(f))
+    assert "not a JSON object" in _one_line_error(rc, err)
+    assert TuningDB(dbpath).records() == [] or all(r.record_id for r in TuningDB(dbpath).records())
+
+
+def test_db_path_that_is_a_device_or_directory_is_a_one_line_error(capsys, tmp_path):
+    rc, _, err = run(capsys, "--db", "/dev/null", "db", "stats")
+    assert "not a regular file" in _one_line_error(rc, err)
+    rc, _, err = run(capsys, "--db", str(tmp_path), "db", "list")
+    assert "directory" in _one_line_error(rc, err)
+    assert tmp_path.is_dir()
+
+
+def test_graphtune_db_env_dev_null_from_the_console(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "GRAPHTUNE_DB": "/dev/null"}
+    p = subprocess.run([sys.executable, "-m", "graphtune.cli", "db", "stats"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert "not a regular file" in _one_line_error(p.returncode, p.stderr)
+
+
+def test_db_import_stores_valid_records_and_reports_rejected_ones_by_reason(capsys, dbpath, tmp_path):
+    _seed(dbpath)
+    good = TuningDB(dbpath).export()
+    bad = [{**good[0], "record_id": "bad1", "q_bucket": "abc"}, {**good[0], "record_id": "bad2", "q_bucket": "x"},
+           {**good[0], "record_id": "bad3", "op": "conv"}]
+    f = tmp_path / "mixed.json"
+    f.write_text(json.dumps(bad + good))
+    other = str(tmp_path / "other.db")
+    rc, out, err = run(capsys, "--db", other, "db", "import", str(f))
+    assert rc == 1 and "imported 2 new record(s) of 5" in out
+    assert "rejected 3" in err and "2 x q_bucket" in err and "unknown op" in err
+    assert sorted(r.record_id for r in TuningDB(other).records()) == sorted(g["record_id"] for g in good)
+    rc, out, _ = run(capsys, "--db", other, "db", "list")
+    assert rc == 0 and "2 record(s)" in out
+
+
+def test_db_prune_keeps_the_record_lookup_uses_when_a_newer_one_is_stale(capsys, dbpath):
+    res, stale = _seed(dbpath)  # `stale` is newer than the valid tuned record, same key
+    rc, out, _ = run(capsys, "--db", dbpath, "db", "prune")
+    assert rc == 0 and "1 record(s) deleted, 1 in the database" in out
+    assert [r.record_id for r in TuningDB(dbpath).records()] == [res.record_id]
+
+
+def test_db_list_survives_an_ill_typed_row_and_prune_removes_it(capsys, dbpath):
+    import sqlite3
+    res, _ = _seed(dbpath)
+    c = sqlite3.connect(dbpath)
+    c.execute("UPDATE records SET q_bucket = 'abc' WHERE record_id != ?", (res.record_id,))
+    c.commit()
+    c.close()
+    rc, out, err = run(capsys, "--db", dbpath, "db", "list")
+    assert rc == 0 and "1 record(s)" in out
+    rc, out, _ = run(capsys, "--db", dbpath, "db", "stats")
+    assert rc == 0 and "invalid (ill-typed, ignored by lookups): 1" in out
+    rc, out, _ = run(capsys, "--db", dbpath, "db", "prune")
+    assert rc == 0 and "invalid" in out and "1 in the database" in out

@@ -19,7 +19,7 @@ from graphtune.codegen.registry import Impl, get_impl, impls_for
 from graphtune.errors import KernelError, OptionError
 
 __all__ = ["TuneResult", "tune_shape", "tune_shapes", "tune_static", "summary_table", "load_impls",
-           "default_candidate", "is_valid", "DEFAULT_IMPLS", "MIN_GAIN"]
+           "default_candidate", "is_valid", "check_device", "DEFAULT_IMPLS", "MIN_GAIN"]
 
 # What each op runs untuned, per device type: the baseline every tuning run measures first.
 DEFAULT_IMPLS = {
@@ -50,6 +50,28 @@ def load_impls(device_type: str | None = None) -> None:
         except ModuleNotFoundError as e:
             if e.name != mod:  # a module that exists but fails to import is a real error
                 raise
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` graphtune can measure on; :class:`OptionError` if it is not one.
+
+    >>> check_device("cpu")
+    device(type='cpu')
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise OptionError(f"device {device!r} is not a torch device; measure on 'cpu' or 'cuda[:N]'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise OptionError(f"device {device!r}: graphtune tunes on 'cpu' or 'cuda[:N]' only")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}, "
+                              f"{torch.cuda.device_count()} GPU(s)); use --target sm_XX to rank configs for a GPU "
+                              "you do not have")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise OptionError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def is_valid(rec: Record) -> bool:
@@ -130,8 +152,8 @@ def tune_shape(
     """
     if strategy not in STRATEGIES:
         raise OptionError(f"unknown tuning strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
+    dev = check_device(device)
     budget = (budget or Budget()).start()
-    dev = torch.device(device)
     load_impls(dev.type)
     op = shape.op
     args = _to(shape.make_args(seed), dev)
@@ -218,6 +240,7 @@ def tune_shapes(
     True
     >>> print(summary_table(res))  # doctest: +SKIP
     """
+    check_device(device)  # before any shape is tuned
     out: list[TuneResult] = []
     t_end = time.monotonic() + budget_s
     for i, shape in enumerate(shapes):

@@ -213,6 +213,10 @@ def _same_dim(x: Any, y: Any) -> bool:
     return not bool(statically_known_true(x != y))  # symbolic: only a provable difference is a mismatch
 
 
+def _no_meta(n: fx.Node) -> bool:
+    return "val" not in n.meta and "example_value" not in n.meta
+
+
 def verify(gm: fx.GraphModule) -> None:
     """Check the IR invariants; raise :class:`VerificationError` naming the first broken one."""
     try:
@@ -223,8 +227,10 @@ def verify(gm: fx.GraphModule) -> None:
     for n in gm.graph.nodes:
         if n.op == "output":
             continue
-        # side-effect-only nodes (export's _guards_fn, logging calls) have no users and need no metadata
-        if "val" not in n.meta and "example_value" not in n.meta and not n.users and not _is_graphtune_op(n):
+        # Side-effect-only nodes need no metadata: export's _guards_fn and logging calls (no users),
+        # and context-manager pairs such as Dynamo's _enter_autocast -> _exit_autocast (whose only
+        # users are other metadata-less side-effect nodes).
+        if _no_meta(n) and not _is_graphtune_op(n) and all(_no_meta(u) and u.op != "output" for u in n.users):
             continue
         if "val" not in n.meta and "example_value" not in n.meta:
             raise VerificationError(f"node {n.name} ({_target_name(n)}) has no metadata (meta['val'])")

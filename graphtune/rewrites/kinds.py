@@ -74,6 +74,31 @@ def _matmul(kind: str) -> Callable[[fx.Node], OpView | None]:
     return norm
 
 
+def _baddbmm(node: fx.Node) -> OpView | None:
+    # beta * input + alpha * (batch1 @ batch2); BLOOM adds its ALiBi bias this way
+    b = _bind(node, ("input", "batch1", "batch2"), {"beta": 1, "alpha": 1})
+    return OpView("baddbmm", (b["input"], b["batch1"], b["batch2"]), {"beta": b["beta"], "alpha": b["alpha"]})
+
+
+def _einsum(node: fx.Node) -> OpView | None:
+    # torch.einsum(eq, a, b) / torch.einsum(eq, [a, b]) / aten.einsum(eq, [a, b], path=None)
+    eq, *ops = node.args
+    if len(ops) == 1 and isinstance(ops[0], (tuple, list)):
+        ops = list(ops[0])
+    if not isinstance(eq, str) or node.kwargs.get("path") is not None:
+        return None
+    return OpView("einsum", tuple(ops), {"equation": eq})
+
+
+def _flatten(node: fx.Node) -> OpView | None:
+    # a reshape; the sizes are read off the result
+    v = val_of(node)
+    if not isinstance(v, torch.Tensor):
+        return None
+    x = node.args[0] if node.args else node.kwargs["input"]
+    return OpView("reshape", (x,), {"sizes": tuple(v.shape)})
+
+
 def _transpose(node: fx.Node) -> OpView | None:
     b = _bind(node, ("input", "dim0", "dim1"))
     return OpView("transpose", (b["input"],), {"dims": (b["dim0"], b["dim1"])})
@@ -212,6 +237,7 @@ def _scalar_tensor(node: fx.Node) -> OpView | None:
 _FUNCTIONS: dict[object, Callable[[fx.Node], OpView | None]] = {
     torch.matmul: _matmul("matmul"), operator.matmul: _matmul("matmul"), aten.matmul.default: _matmul("matmul"),
     torch.bmm: _matmul("bmm"), aten.bmm.default: _matmul("bmm"),
+    torch.baddbmm: _baddbmm, aten.baddbmm.default: _baddbmm, torch.einsum: _einsum, aten.einsum.default: _einsum,
     torch.transpose: _transpose, aten.transpose.int: _transpose, aten.mT.default: _mT, builtins.getattr: _getattr,
     torch.permute: _permute, aten.permute.default: _permute,
     F.softmax: _softmax, torch.softmax: _softmax_2, aten.softmax.int: _softmax_2, aten._softmax.default: _aten_softmax,
@@ -231,7 +257,7 @@ _FUNCTIONS: dict[object, Callable[[fx.Node], OpView | None]] = {
     aten.contiguous.default: _unary("contiguous"),
     aten.expand.default: _sized("expand"),
     torch.reshape: _sized("reshape"), aten.view.default: _sized("reshape"), aten.reshape.default: _sized("reshape"),
-    aten._unsafe_view.default: _sized("reshape"),
+    aten._unsafe_view.default: _sized("reshape"), torch.flatten: _flatten, aten.flatten.using_ints: _flatten,
     torch.unsqueeze: _unsqueeze, aten.unsqueeze.default: _unsqueeze, operator.getitem: _getitem,
     F.scaled_dot_product_attention: _sdpa, aten.scaled_dot_product_attention.default: _sdpa,
     torch.repeat_interleave: _repeat_interleave, aten.repeat_interleave.self_int: _repeat_interleave,
@@ -240,7 +266,7 @@ _FUNCTIONS: dict[object, Callable[[fx.Node], OpView | None]] = {
 }
 
 _METHODS: dict[str, Callable[[fx.Node], OpView | None]] = {
-    "matmul": _matmul("matmul"), "__matmul__": _matmul("matmul"), "bmm": _matmul("bmm"),
+    "matmul": _matmul("matmul"), "__matmul__": _matmul("matmul"), "bmm": _matmul("bmm"), "baddbmm": _baddbmm,
     "transpose": _transpose, "permute": _permute,
     "softmax": _softmax_2,
     "div": _binary("div"), "true_divide": _binary("div"), "__truediv__": _binary("div"),
@@ -248,13 +274,13 @@ _METHODS: dict[str, Callable[[fx.Node], OpView | None]] = {
     "masked_fill": _masked_fill, "where": _where,
     "to": _cast, "type": _cast, "type_as": _cast, "float": _cast, "half": _cast, "bfloat16": _cast, "double": _cast,
     "contiguous": _unary("contiguous"), "clone": _unary("contiguous"),
-    "expand": _sized("expand"), "view": _sized("reshape"), "reshape": _sized("reshape"),
+    "expand": _sized("expand"), "view": _sized("reshape"), "reshape": _sized("reshape"), "flatten": _flatten,
     "unsqueeze": _unsqueeze, "repeat_interleave": _repeat_interleave,
 }
 
 KINDS = frozenset(
-    {"matmul", "bmm", "transpose", "permute", "softmax", "div", "mul", "add", "masked_fill", "where", "dropout",
-     "cast", "contiguous", "expand", "reshape", "unsqueeze", "sdpa", "repeat_interleave", "full"}
+    {"matmul", "bmm", "baddbmm", "einsum", "transpose", "permute", "softmax", "div", "mul", "add", "masked_fill",
+     "where", "dropout", "cast", "contiguous", "expand", "reshape", "unsqueeze", "sdpa", "repeat_interleave", "full"}
 )
 
 # Assertions torch.export inserts on intermediate values; they are not real uses.

@@ -15,14 +15,20 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import threading
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from graphtune.ir.ops import set_impl_selector
 
 __all__ = [
     "BatchContext",
+    "RequestStates",
     "batch_context",
+    "cache_length",
+    "find_cache",
     "current",
     "register_planner",
     "register_selector",
@@ -41,11 +47,15 @@ class BatchContext:
     attention_mask : Tensor or None
         HF-style ``[B, S_total]`` 0/1 padding mask over cache + new tokens, if given.
     past_length : int
-        Tokens already in the KV cache before this forward.
+        Tokens already in the KV cache before this forward (0 at a prefill, and when the caller
+        could not find the cache: selectors check it against the call's own shapes).
+    position_ids : Tensor or None
+        ``[B, L]`` (or ``[1, L]``) positions of the new tokens, if the caller passed them.
     plans : dict
         Plans by feature name, filled by planners; persist across decode steps through ``state``.
     state : dict
-        Per-model state that lives across forwards (e.g. a prefix plan found at prefill).
+        State that lives across the forwards of one request: the optimized model keeps one per
+        KV cache object, so concurrent requests (threads, interleaved caches) never share it.
     options : graphtune.flags.Options or None
         The optimized model's options; features honour their switch (``options.shared_prefix``...).
     """
@@ -56,6 +66,7 @@ class BatchContext:
     plans: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     options: Any = None
+    position_ids: Any = None
 
     def enabled(self, feature: str) -> bool:
         """Whether ``feature`` (an Options field such as "shared_prefix") is on for this model."""
@@ -110,10 +121,11 @@ def batch_context(
     past_length: int = 0,
     state: dict[str, Any] | None = None,
     options: Any = None,
+    position_ids: Any = None,
 ) -> Iterator[BatchContext]:
     """Plan once for this batch, then run the forward inside the context."""
     ctx = BatchContext(input_ids, attention_mask, past_length, state=state if state is not None else {},
-                       options=options)
+                       options=options, position_ids=position_ids)
     for planner in list(_planners.values()):
         planner(ctx)
     token = _current.set(ctx)
@@ -121,3 +133,128 @@ def batch_context(
         yield ctx
     finally:
         _current.reset(token)
+
+
+# --------------------------------------------------------------------------------------
+# Per-request state of a model driven by Hugging Face (one state per KV cache object)
+# --------------------------------------------------------------------------------------
+
+CACHE_NAMES = ("cache", "past_key_values")  # the forward's KV-cache keyword: transformers >= 5, < 5
+
+
+def find_cache(positional: Sequence[str] | None, args: tuple, kwargs: dict) -> Any:
+    """The KV cache of a forward call, whatever the keyword or position it was passed under.
+
+    ``positional``: the forward's positional parameter names (from ``inspect.signature``, bound
+    once), so ``model(ids, mask, pos, cache)`` is found too.
+
+    >>> find_cache(["input_ids", "cache"], (1, "c"), {}), find_cache(None, (), {"past_key_values": "p"})
+    ('c', 'p')
+    """
+    for name in CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    for name, value in zip(positional or (), args):
+        if name in CACHE_NAMES and value is not None:
+            return value
+    return None
+
+
+def cache_length(cache: Any) -> int | None:
+    """Tokens held by a KV cache: 0 for None, None when the cache's kind is unknown.
+
+    HF ``Cache`` objects (any version) answer ``get_seq_length()``; legacy caches are per-layer
+    ``(k [B, H, S, D], v)`` tuples.
+    """
+    if cache is None:
+        return 0
+    get = getattr(cache, "get_seq_length", None)
+    if callable(get):
+        try:
+            return int(get())
+        except Exception:  # noqa: BLE001 - unknown length: no plan will rely on it
+            return None
+    if isinstance(cache, (tuple, list)):
+        if len(cache) == 0:
+            return 0
+        first = cache[0]
+        k = first[0] if isinstance(first, (tuple, list)) and first else None
+        if hasattr(k, "shape") and len(k.shape) >= 2:
+            return int(k.shape[-2])
+    return None
+
+
+@dataclass
+class _Request:
+    state: dict[str, Any]
+    length: int  # tokens in the cache after the last forward that used `state`
+
+
+class RequestStates:
+    """``BatchContext.state`` per KV cache object, so plans never outlive the cache they describe.
+
+    A state is handed out again only for the cache object it was stored with (identity, held by
+    weak reference) and only while that cache holds exactly the tokens it held after the last
+    forward that used the state: a cache prefilled elsewhere, rolled back, or grown by someone
+    else gets a fresh, empty state. Thread safe: concurrent requests have distinct caches.
+
+    >>> import torch
+    >>> class Cache:
+    ...     def __init__(self): self.n = 0
+    ...     def get_seq_length(self): return self.n
+    >>> states, c = RequestStates(), Cache()
+    >>> st = states.get(c)                  # prefill: a fresh state
+    >>> st["plan"] = "p"; c.n = 5
+    >>> states.put(c, st, expected=5)       # the forward appended the 5 prompt tokens
+    >>> states.get(c)["plan"]
+    'p'
+    >>> c.n = 3                             # rolled back: the plan may describe tokens now gone
+    >>> states.get(c)
+    {}
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_id: dict[int, tuple[weakref.ref, _Request]] = {}
+
+    def get(self, cache: Any) -> dict[str, Any]:
+        """The state of the request continuing from ``cache`` (a new one if none is valid)."""
+        n = cache_length(cache)
+        if cache is None or not n:
+            return {}  # a prefill (or an untrackable cache): a new request
+        with self._lock:
+            entry = self._by_id.get(id(cache))
+        if entry is None or entry[0]() is not cache or entry[1].length != n:
+            return {}
+        return entry[1].state
+
+    def put(self, cache: Any, state: dict[str, Any], expected: int | None) -> None:
+        """Keep ``state`` for ``cache`` if it now holds ``expected`` tokens (else forget the cache).
+
+        ``expected`` is the past length plus this forward's new tokens: any other length means the
+        cache is not a plain append (sliding window, static or offloaded layouts, ...).
+        """
+        if cache is None:
+            return
+        key = id(cache)
+        n = cache_length(cache)
+        if n is None or expected is None or n != expected or not state:
+            with self._lock:
+                self._by_id.pop(key, None)
+            return
+        try:
+            ref = weakref.ref(cache, functools.partial(self._forget, key))
+        except TypeError:  # legacy tuple caches cannot be tracked: no state survives the call
+            return
+        with self._lock:
+            self._by_id[key] = (ref, _Request(state, n))
+
+    def _forget(self, key: int, ref: weakref.ref) -> None:
+        with self._lock:
+            entry = self._by_id.get(key)
+            if entry is not None and entry[0] is ref:
+                del self._by_id[key]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_id)

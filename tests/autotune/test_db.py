@@ -68,7 +68,7 @@ def test_measured_supersedes_static_and_newer_wins_but_nothing_is_lost(db):
     db.put(rec(impl="measured_new", created_at="2021-01-01T00:00:00+00:00"))
     assert look(db).impl == "measured_new"
     assert db.count() == 3
-    assert {r.impl for r in db.superseded()} == {"static_new", "measured_old"}
+    assert {r.impl for r in db.superseded(lambda r: True)} == {"static_new", "measured_old"}
 
 
 def test_stale_records_are_skipped_by_lookup(db):
@@ -123,8 +123,9 @@ def test_corrupt_file_is_reported_moved_aside_and_replaced(tmp_path):
     assert TuningDB(path).count() == 1
 
 
-@pytest.mark.parametrize("what", ["other_tables", "other_app", "newer_version"])
-def test_foreign_schema_is_reported_moved_aside_never_overwritten(tmp_path, what):
+@pytest.mark.parametrize("what", ["other_tables", "other_app"])
+def test_foreign_database_is_a_clear_error_never_moved_or_overwritten(tmp_path, what):
+    # another application's database at GRAPHTUNE_DB: renaming it would lose that application's data
     path = tmp_path / "t.db"
     c = sqlite3.connect(path)
     if what == "other_tables":
@@ -132,16 +133,13 @@ def test_foreign_schema_is_reported_moved_aside_never_overwritten(tmp_path, what
         c.execute("INSERT INTO users VALUES ('alice')")
     else:
         c.execute("CREATE TABLE schema_version (app TEXT, version INTEGER)")
-        c.execute("INSERT INTO schema_version VALUES (?, ?)",
-                  ("someone-else", 1) if what == "other_app" else ("graphtune-tuning", dbmod.SCHEMA_VERSION + 1))
+        c.execute("INSERT INTO schema_version VALUES (?, ?)", ("someone-else", 1))
     c.commit()
     c.close()
-    with pytest.warns(UserWarning, match="foreign"):
-        d = TuningDB(path)
-    assert d.count() == 0
-    [aside] = _moved(tmp_path, "foreign")
-    kept = sqlite3.connect(tmp_path / aside)
-    assert kept.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchone() is not None
+    before = path.read_bytes()
+    with pytest.raises(TuningDBError, match="not a graphtune tuning database"):
+        TuningDB(path)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["t.db"]
 
 
 def test_export_import_round_trips_exactly_and_import_is_idempotent(tmp_path, db):
@@ -150,14 +148,15 @@ def test_export_import_round_trips_exactly_and_import_is_idempotent(tmp_path, db
     exported = db.export()
     text = json.dumps(exported, sort_keys=True)
     other = TuningDB(tmp_path / "other.db")
-    assert other.import_records(json.loads(text)) == 2
+    assert other.import_records(json.loads(text)).added == 2
     assert json.dumps(other.export(), sort_keys=True) == text
-    assert other.import_records(json.loads(text)) == 0 and other.count() == 2
+    again = other.import_records(json.loads(text))
+    assert again.added == 0 and again.duplicates == 2 and other.count() == 2
 
 
 def test_import_rejects_malformed_records(db):
-    with pytest.raises(TuningDBError, match="lacks fields"):
-        db.import_records([{"op": "attention_with_lse"}])
+    report = db.import_records([{"op": "attention_with_lse"}])
+    assert report.added == 0 and any("missing fields" in k for k in report.rejected)
     with pytest.raises(TuningDBError, match="JSON list"):
         db.import_records({"op": 1})
     assert db.count() == 0
@@ -168,8 +167,7 @@ def test_shipped_records_are_imported_once_on_first_use(tmp_path, monkeypatch):
     (shipped / "records").mkdir(parents=True)
     (shipped / "records" / "cpu.json").write_text(json.dumps([rec(impl="shipped", record_id="r1", created_at="2025-01-01").to_json()]))
     monkeypatch.setattr(dbmod, "TUNING_DB_DIR", shipped)
-    with pytest.warns(UserWarning, match="imported 1 shipped"):
-        d = TuningDB(tmp_path / "t.db")
+    d = TuningDB(tmp_path / "t.db")
     assert [r.impl for r in d.records()] == ["shipped"]
     d.delete(["r1"])  # deleted by the user: reopening must not resurrect it
     d.close()
@@ -178,14 +176,17 @@ def test_shipped_records_are_imported_once_on_first_use(tmp_path, monkeypatch):
         assert TuningDB(tmp_path / "t.db").count() == 0
 
 
-def test_repository_shipped_records_are_valid_json_lists():
+def test_repository_shipped_records_load_through_the_import_path(tmp_path):
+    # the records graphtune ships: non-empty, and every one passes the same validation as `db import`
     files = sorted((dbmod.TUNING_DB_DIR / "records").glob("*.json"))
     assert files
-    for f in files:
-        data = json.loads(f.read_text())
-        assert isinstance(data, list)
-        for d in data:
-            Record.from_json(d)
+    shipped = [d for f in files for d in json.loads(f.read_text())]
+    assert shipped, "tuning_db/records/ ships no records"
+    d = TuningDB(tmp_path / "fresh.db")
+    assert d.count() == len(shipped)
+    assert {r.record_id for r in d.records()} == {s["record_id"] for s in shipped}
+    report = d.import_records(shipped)
+    assert report.rejected == {} and report.duplicates == len(shipped)
 
 
 def test_cachelevel_zero_disables_the_database(tmp_path):
@@ -195,3 +196,166 @@ def test_cachelevel_zero_disables_the_database(tmp_path):
     with flags.Context(DB=str(tmp_path / "x.db")):
         assert get_db() is get_db() and get_db().path == str(tmp_path / "x.db")
     dbmod.forget_db(str(tmp_path / "x.db"))
+
+
+# ------------------------------------------------------------------ data safety (issue 8)
+
+def test_directory_path_is_a_clear_error_and_is_never_renamed(tmp_path):
+    target = tmp_path / "t.db"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(TuningDBError, match="directory"):
+        TuningDB(target)
+    assert (target / "keep.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["t.db"]
+
+
+def test_device_file_is_a_clear_error(tmp_path):
+    with pytest.raises(TuningDBError, match="not a regular file"):
+        TuningDB("/dev/null")
+
+
+def _hold_lock(path, seconds, started):
+    # another process writing in a transaction that lasts `seconds` (rollback journal: readers wait too)
+    c = sqlite3.connect(path, isolation_level=None)
+    c.execute("PRAGMA journal_mode = DELETE")
+    c.execute("BEGIN EXCLUSIVE")
+    c.execute("INSERT INTO shipped_imports VALUES ('held', 'x', 0, 'now')")
+    started.set()
+    import time
+    time.sleep(seconds)
+    c.execute("COMMIT")
+    c.close()
+
+
+def test_locked_database_waits_then_raises_and_is_never_moved_aside(tmp_path):
+    path = str(tmp_path / "t.db")
+    d = TuningDB(path)
+    d.put(rec(impl="precious"))
+    d._conn.execute("PRAGMA journal_mode = DELETE")
+    d.close()
+    ctx = mp.get_context("fork")
+    started = ctx.Event()
+    p = ctx.Process(target=_hold_lock, args=(path, 3.0, started))
+    p.start()
+    try:
+        assert started.wait(30)
+        import time
+        t0 = time.monotonic()
+        with pytest.raises(TuningDBError, match="locked"):
+            TuningDB(path, timeout=0.5)
+        assert time.monotonic() - t0 >= 0.4  # it waited (busy timeout) before giving up
+        assert os.listdir(tmp_path) == ["t.db"] or all(not n.startswith("t.db.") or n.endswith("-journal")
+                                                       for n in os.listdir(tmp_path))
+        d2 = TuningDB(path, timeout=30)  # a lock released within the timeout is simply waited for
+        assert [r.impl for r in d2.records()] == ["precious"]
+        d2.close()
+    finally:
+        p.join(30)
+    assert not _moved(tmp_path, "corrupt") and not _moved(tmp_path, "foreign")
+
+
+def test_wal_refused_is_reported_and_the_database_still_works(tmp_path, monkeypatch):
+    # unix-dotfile has no shared memory, like many network file systems: SQLite keeps the rollback journal
+    monkeypatch.setattr(dbmod, "_VFS", "unix-dotfile")
+    with pytest.warns(UserWarning, match="WAL"):
+        d = TuningDB(tmp_path / "t.db")
+    assert d.journal_mode == "delete" and any("WAL" in m for m in d.reports)
+    d.put(rec())
+    assert d.count() == 1
+
+
+def test_newer_schema_asks_to_upgrade_graphtune_and_keeps_the_file(tmp_path):
+    path = tmp_path / "t.db"
+    d = TuningDB(path)
+    d.put(rec(impl="from_the_future"))
+    d._conn.execute("UPDATE schema_version SET version = ?", (dbmod.SCHEMA_VERSION + 1,))
+    d.close()
+    before = path.read_bytes()
+    with pytest.raises(TuningDBError, match="upgrade graphtune"):
+        TuningDB(path)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["t.db"]
+
+
+def test_newer_user_version_asks_to_upgrade_graphtune(tmp_path):
+    path = tmp_path / "t.db"
+    TuningDB(path).close()
+    c = sqlite3.connect(path)
+    c.execute(f"PRAGMA user_version = {dbmod.SCHEMA_VERSION + 5}")
+    c.commit()
+    c.close()
+    with pytest.raises(TuningDBError, match="upgrade graphtune"):
+        TuningDB(path)
+
+
+def test_prune_never_deletes_the_record_lookup_uses(db):
+    # the newest record of the key is stale (its implementation changed); the older one is what lookup picks
+    db.put(rec(impl="old_valid", src="cur", created_at="2020-01-01T00:00:00+00:00"))
+    db.put(rec(impl="new_stale", src="old", created_at="2021-01-01T00:00:00+00:00"))
+    valid = lambda r: r.source_hash == "cur"  # noqa: E731
+    assert look(db, valid=valid).impl == "old_valid"
+    doomed = {r.record_id for r in db.stale(valid)} | {r.record_id for r in db.superseded(valid)}
+    db.delete(doomed)
+    assert look(db, valid=valid).impl == "old_valid"
+
+
+def test_prune_keeps_each_device_names_pick(db):
+    # same device key (e.g. cuda:sm_90), two products: each one's lookup prefers its own record
+    db.put(rec(impl="for_n", device_name="n", created_at="2020-01-01T00:00:00+00:00"))
+    db.put(rec(impl="for_m", device_name="m", created_at="2021-01-01T00:00:00+00:00"))
+    db.put(rec(impl="old_n", device_name="n", created_at="2019-01-01T00:00:00+00:00"))
+    everything = lambda r: True  # noqa: E731
+    picks = {name: db.lookup("attention_with_lse", "sk", 1, 1024, "cpu:test", "v1", everything, name).impl
+             for name in ("n", "m", "other")}
+    db.delete([r.record_id for r in db.superseded(everything)])
+    assert {r.impl for r in db.records()} == {"for_n", "for_m"}
+    assert picks == {name: db.lookup("attention_with_lse", "sk", 1, 1024, "cpu:test", "v1", everything, name).impl
+                     for name in ("n", "m", "other")}
+
+
+@pytest.mark.parametrize("field,value,reason", [
+    ("q_bucket", "abc", "q_bucket"),
+    ("q_bucket", 0, "q_bucket"),
+    ("kv_bucket", 2.5, "kv_bucket"),
+    ("kv_bucket", True, "kv_bucket"),
+    ("op", "convolution", "unknown op"),
+    ("op", 3, "op"),
+    ("mode", "guessed", "mode"),
+    ("median_us", "fast", "median_us"),
+    ("median_us", -1.0, "median_us"),
+    ("median_us", float("nan"), "median_us"),
+    ("config", "BLOCK_M=64", "config"),
+    ("config", {"params": {"BLOCK_M": "64"}}, "config"),
+    ("config", {"params": {}, "colour": 1}, "config"),
+    ("config", {"params": {}, "num_warps": 0}, "config"),
+    ("shape", [1, 2], "shape"),
+    ("details", None, "details"),
+    ("n_samples", -3, "n_samples"),
+    ("created_at", "yesterday", "created_at"),
+    ("impl", "", "impl"),
+    ("device", None, "device"),
+    ("record_id", 7, "record_id"),
+])
+def test_import_rejects_ill_typed_fields_by_reason_and_stores_none_of_them(db, field, value, reason):
+    good = rec(impl="good", record_id="good1").to_json()
+    bad = {**rec(impl="bad", record_id="bad1").to_json(), field: value}
+    report = db.import_records([good, bad])
+    assert report.added == 1
+    assert [r.impl for r in db.records()] == ["good"]  # the bad one is not stored; list/lookup still work
+    [(why, idx)] = report.rejected.items()
+    assert reason in why and idx == [1]
+    assert look(db).impl == "good"
+
+
+def test_import_rejects_non_objects_and_unknown_fields(db):
+    report = db.import_records([1, "x", None, [], {**rec().to_json(), "colour": "red"}])
+    assert report.added == 0 and sum(len(v) for v in report.rejected.values()) == 5
+    assert any("not a JSON object" in k for k in report.rejected)
+    assert any("unknown fields" in k and "colour" in k for k in report.rejected)
+    assert db.count() == 0
+
+
+def test_put_rejects_ill_typed_records(db):
+    with pytest.raises(TuningDBError, match="q_bucket"):
+        db.put(rec(q="1"))
+    assert db.count() == 0

@@ -100,6 +100,31 @@ def test_verifier_rejects_missing_metadata():
         verify(ir.gm)
 
 
+class AutocastRegion(torch.nn.Module):
+    """transformers 4.x rotary embeddings compute inside ``torch.autocast(enabled=False)``."""
+
+    def forward(self, q, k, v):
+        with torch.autocast(device_type="cpu", enabled=False):
+            q = q.float() * 2
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_verifier_accepts_metadata_less_context_manager_pairs_from_dynamo():
+    graphs = capture_dynamo(AutocastRegion(), qkv())
+    targets = [getattr(n.target, "__name__", "") for ir in graphs for n in ir.nodes()]
+    assert "_enter_autocast" in targets and "_exit_autocast" in targets
+    for ir in graphs:
+        verify(ir.gm)
+
+
+def test_verifier_rejects_missing_metadata_on_a_node_feeding_computation():
+    ir = capture_fx(SDPA(), qkv())
+    node = [n for n in ir.nodes() if n.op == "placeholder"][0]  # q: used by the attention node
+    del node.meta["val"]
+    with pytest.raises(VerificationError, match="no metadata"):
+        verify(ir.gm)
+
+
 def test_verifier_rejects_invalid_op_inputs():
     ir = capture_fx(SDPA(), qkv())
     node = _insert_attention(ir)

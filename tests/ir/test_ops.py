@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import graphtune  # noqa: F401
-from graphtune.errors import ShapeError
+from graphtune.errors import DTypeError, ShapeError
+from graphtune.ir.ops import attention_cpu
 from graphtune.ir.reference import attention_ref, merge_states_ref
 
 # (dtype, atol, rtol): fp32 must equal SDPA within 1e-5; half types within their rounding.
@@ -70,7 +71,8 @@ def test_attention_different_value_head_dim_uses_reference():
     (((1, 2, 5, 16), (1, 2, 7, 8), (1, 2, 7, 8)), "head dim 16 != k head dim 8"),
     (((1, 2, 5, 16), (1, 2, 7, 16), (1, 2, 6, 16)), "k has 7 keys but v has 6"),
     (((1, 4, 5, 16), (1, 2, 7, 16), (1, 2, 7, 16)), "enable_gqa=True"),
-    (((1, 2, 5, 16), (2, 7, 16), (2, 7, 16)), "same rank"),
+    (((16,), (7, 16), (7, 16)), "rank >= 2"),
+    (((2, 2, 5, 16), (3, 2, 7, 16), (3, 2, 7, 16)), "broadcast"),
 ])
 def test_bad_shapes_raise_shape_error_naming_the_problem(args, match):
     q, k, v = (torch.randn(*s) for s in args)
@@ -146,3 +148,188 @@ def test_fully_masked_rows_give_zero_output_and_neg_inf_lse():
     assert torch.all(torch.isneginf(lse[..., 1])) and torch.all(out[..., 1, :] == 0)
     torch.testing.assert_close(out, ro, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, rl, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# SDPA broadcasting: batch dims (ranks 3/4, batch 1 vs B on either side), masks, GQA
+# ---------------------------------------------------------------------------------------------
+
+def _broadcast_cases():
+    L, S, D = 3, 5, 8
+    cases = []
+    qkv = []
+    for qb in ((), (1,), (2,)):  # q rank 3 ([H, L, D]) or 4 ([B, H, L, D]) with batch 1 or 2
+        for kb in ((), (1,), (2,)):
+            for hq, hk, gqa in ((2, 2, False), (4, 2, True), (4, 1, False), (1, 2, False), (4, 1, True)):
+                vb = kb
+                qkv.append(((*qb, hq, L, D), (*kb, hk, S, D), (*vb, hk, S, D), gqa))
+    qkv.append(((2, 2, L, D), (1, 2, S, D), (2, 2, S, D), False))  # k and v batch differ
+    qkv.append(((1, 4, L, D), (2, 2, S, D), (2, 4, S, D), True))  # k and v heads differ (GQA)
+    qkv.append(((3, 2, 2, L, D), (1, 2, 2, S, D), (1, 2, 2, S, D), False))  # rank 5
+    qkv.append(((2, L, D), (3, 1, 2, S, D), (3, 1, 2, S, D), False))  # rank 3 vs rank 5
+    masks = [None, (L, S), (1, S), (L, 1), (2, L, S), (1, L, S), (2, 1, L, S), (1, 2, L, S), (1, 1, L, S),
+             (2, 4, L, S), (1, 1, 1, L, S), (4, S), (S,)]
+    for qs, ks, vs, gqa in qkv:
+        for m in masks:
+            cases.append((qs, ks, vs, m, gqa))
+    return cases
+
+
+def _sdpa_or_error(q, k, v, m, causal, gqa):
+    try:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal, enable_gqa=gqa)
+    except (RuntimeError, IndexError, ValueError):
+        return None
+
+
+def _lse_oracle(q, k, v, m, causal, gqa, out_shape):
+    """fp64 log-sum-exp of the scaled, masked scores, broadcast like SDPA, expanded to out[..., :-1]."""
+    q, k = q.double(), k.double()
+    if gqa and q.shape[-3] != k.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    s = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    if m is not None:
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.double()
+    return torch.logsumexp(s, -1).expand(out_shape[:-1])
+
+
+def _bmask(shape, kind, dtype):
+    if shape is None:
+        return None
+    if kind == "bool":
+        m = torch.rand(*shape) > 0.4
+        if len(shape) >= 1 and shape[-1] > 1:
+            m[..., 0] = True  # no fully masked row: SDPA's math path gives NaN there
+        else:
+            m[...] = True
+        return m
+    return torch.randn(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("mask_kind,causal", [("bool", False), ("float", False), ("bool", True)])
+@pytest.mark.parametrize("qs,ks,vs,ms,gqa", _broadcast_cases())
+def test_ops_and_reference_broadcast_exactly_like_sdpa(qs, ks, vs, ms, gqa, mask_kind, causal):
+    if ms is None and mask_kind == "float":
+        pytest.skip("same case as bool")
+    q, k, v = torch.randn(qs), torch.randn(ks), torch.randn(vs)
+    m = _bmask(ms, mask_kind, torch.float32)
+    want = _sdpa_or_error(q, k, v, m, causal, gqa)
+    calls = {
+        "attention": lambda: torch.ops.graphtune.attention(q, k, v, m, causal, None, gqa),
+        "attention_with_lse": lambda: torch.ops.graphtune.attention_with_lse(q, k, v, m, causal, None, gqa),
+        "attention_ref": lambda: attention_ref(q, k, v, m, causal, None, gqa),
+        "attention_cpu": lambda: attention_cpu(q, k, v, m, causal, None, gqa),
+    }
+    for name, call in calls.items():
+        if want is None:
+            with pytest.raises(ShapeError):
+                call()
+            continue
+        got = call()
+        out = got if name == "attention" else got[0]
+        assert out.shape == want.shape, name
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, msg=name)
+        if name != "attention":
+            lse = got[1]
+            assert lse.dtype == torch.float32 and lse.shape == want.shape[:-1], name
+            torch.testing.assert_close(lse, _lse_oracle(q, k, v, m, causal, gqa, want.shape).float(),
+                                       atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("qs,ks,vs,ms,gqa", _broadcast_cases()[::3])
+def test_fake_implementations_give_sdpa_shapes_or_raise_where_sdpa_raises(qs, ks, vs, ms, gqa):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = torch.randn(qs), torch.randn(ks), torch.randn(vs)
+    m = _bmask(ms, "bool", torch.float32)
+    want = _sdpa_or_error(q, k, v, m, False, gqa)
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fm = None if m is None else mode.from_tensor(m)
+        if want is None:
+            with pytest.raises(ShapeError):
+                torch.ops.graphtune.attention(fq, fk, fv, fm, False, None, gqa)
+            with pytest.raises(ShapeError):
+                torch.ops.graphtune.attention_with_lse(fq, fk, fv, fm, False, None, gqa)
+            return
+        out = torch.ops.graphtune.attention(fq, fk, fv, fm, False, None, gqa)
+        o2, lse = torch.ops.graphtune.attention_with_lse(fq, fk, fv, fm, False, None, gqa)
+    assert out.shape == o2.shape == want.shape and lse.shape == want.shape[:-1]
+    assert out.dtype == want.dtype and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", list(TOLS))
+def test_attention_with_lse_batch_broadcast_is_deterministic_and_exact(dtype):
+    # q batch 2 over a k/v batch of 1 once read out of bounds (NaN or garbage varying per call)
+    q, k, v = torch.randn(2, 4, 3, 16, dtype=dtype), torch.randn(1, 2, 7, 16, dtype=dtype), torch.randn(1, 2, 7, 16, dtype=dtype)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    atol, rtol = TOLS[dtype]
+    for _ in range(3):
+        out, lse = torch.ops.graphtune.attention_with_lse(q, k, v, None, False, None, True)
+        torch.testing.assert_close(out, want, atol=atol, rtol=rtol)
+        assert torch.isfinite(lse).all() and lse.shape == (2, 4, 3)
+
+
+def test_fully_masked_rows_from_mask_and_causal_together_give_neg_inf_lse():
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    m = torch.tensor([[False, False, True]] * 3)  # with top-left causal, rows 0 and 1 see nothing
+    out, lse = torch.ops.graphtune.attention_with_lse(q, k, k, m, True)
+    ro, rl = attention_ref(q, k, k, m, True)
+    assert torch.isneginf(lse[..., :2]).all() and (out[..., :2, :] == 0).all()
+    torch.testing.assert_close(out, ro, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, rl, atol=1e-5, rtol=1e-5)
+
+
+def test_fp32_mask_with_half_queries_is_accepted_like_sdpa():
+    q = torch.randn(1, 2, 3, 8, dtype=torch.bfloat16)
+    m = torch.randn(3, 3)
+    want = F.scaled_dot_product_attention(q, q, q, attn_mask=m)
+    torch.testing.assert_close(torch.ops.graphtune.attention(q, q, q, m), want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(torch.ops.graphtune.attention_with_lse(q, q, q, m)[0], want, atol=2e-2, rtol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# clear errors: integer dtypes, wrong-shaped masks, empty or mixed-dtype merge_states
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["attention", "attention_with_lse"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_inputs_raise_dtype_error(op, dtype):
+    q = torch.ones(1, 2, 3, 8, dtype=dtype)
+    with pytest.raises(DTypeError, match="floating"):
+        getattr(torch.ops.graphtune, op)(q, q, q)
+
+
+@pytest.mark.parametrize("op", ["attention", "attention_with_lse"])
+def test_mixed_input_dtypes_raise_dtype_error(op):
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(DTypeError, match="dtypes differ"):
+        getattr(torch.ops.graphtune, op)(q, q.half(), q.half())
+
+
+@pytest.mark.parametrize("op", ["attention", "attention_with_lse"])
+@pytest.mark.parametrize("mshape", [(4, 5), (2, 1, 1, 1, 5), (1, 1, 3, 6), (3, 1, 3, 5), (5,), ()])
+def test_wrong_shaped_masks_raise_shape_error(op, mshape):
+    q, k = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 5, 8)
+    with pytest.raises(ShapeError, match="attn_mask"):
+        getattr(torch.ops.graphtune, op)(q, k, k, torch.zeros(mshape))
+
+
+def test_integer_mask_raises_dtype_error():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(DTypeError, match="attn_mask dtype"):
+        torch.ops.graphtune.attention_with_lse(q, q, q, torch.zeros(3, 3, dtype=torch.int64))
+
+
+def test_merge_states_rejects_empty_and_mixed_dtype_inputs():
+    o, l = torch.randn(2, 3, 8), torch.randn(2, 3)
+    with pytest.raises(ShapeError, match="as many outs as lses"):
+        torch.ops.graphtune.merge_states([], [])
+    with pytest.raises(DTypeError, match="dtype"):
+        torch.ops.graphtune.merge_states([o, o.half()], [l, l])
+    with pytest.raises(DTypeError, match="dtype"):
+        torch.ops.graphtune.merge_states([o, o], [l, l.half()])
+    with pytest.raises(DTypeError, match="dtype"):
+        torch.ops.graphtune.merge_states([o.long(), o.long()], [l, l])

@@ -1,0 +1,261 @@
+"""Shared pieces of graphtune's differential fuzzer: profiles, the fp64 oracle, tolerances, case specs.
+
+Profiles (``GRAPHTUNE_FUZZ_PROFILE``):
+
+* ``ci`` (default): a few examples per test, derandomized (the same examples on every run, no example
+  database), so ``make test`` is deterministic and bounded.
+* ``long``: ``GRAPHTUNE_FUZZ_SCALE`` (default 25) times the ci counts, random seeds, failures saved in
+  ``.hypothesis/`` and replayed first on the next run (``make fuzz``).
+
+Cases are drawn as small frozen specs (ints, strings and a seed) and built into tensors by ``build()``,
+so a falsifying example prints as a few lines that reproduce it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+PROFILE = os.environ.get("GRAPHTUNE_FUZZ_PROFILE", "ci")
+SCALE = int(os.environ.get("GRAPHTUNE_FUZZ_SCALE", "25"))
+if PROFILE not in ("ci", "long"):
+    raise ValueError(f"GRAPHTUNE_FUZZ_PROFILE must be ci or long, got {PROFILE!r}")
+
+_COMMON = dict(deadline=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.function_scoped_fixture])
+settings.register_profile("graphtune-fuzz-ci", derandomize=True, database=None, **_COMMON)
+settings.register_profile("graphtune-fuzz-long", derandomize=False,
+                          database=DirectoryBasedExampleDatabase(".hypothesis/graphtune-fuzz"), **_COMMON)
+
+
+def fuzz_settings(examples: int) -> settings:
+    """Settings of one fuzz test: ``examples`` in the ci profile, ``SCALE`` times that in long.
+
+    Not loaded globally (``settings.load_profile``): other hypothesis tests keep their own defaults.
+    """
+    n = examples if PROFILE == "ci" else examples * SCALE
+    return settings(settings.get_profile(f"graphtune-fuzz-{PROFILE}"), max_examples=n)
+
+
+# Examples run per test (reported by conftest.py's terminal summary).
+EXAMPLES: Counter = Counter()
+_lock = threading.Lock()
+
+
+def count_example(name: str) -> None:
+    with _lock:
+        EXAMPLES[name] += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Oracle and tolerances
+# --------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# (atol, rtol) of outputs against the fp64 oracle computed from the same (rounded) inputs. fp32:
+# summation order only. fp16/bf16: P may be rounded before P@V and the output is rounded once more
+# (10 / 7 mantissa bits), as in tests/codegen/test_lean_triton.py.
+OUT_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 2e-2)}
+# LSE is fp32 everywhere; half-precision inputs only change how the scores were accumulated.
+LSE_TOL = {torch.float32: (5e-5, 1e-5), torch.float16: (2e-3, 1e-4), torch.bfloat16: (2e-3, 1e-4)}
+
+
+def ref_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                  is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+                  bottom_right: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA semantics in float64 (batch dims broadcast as ``matmul`` does), graphtune's convention for
+    rows that attend to nothing (``out = 0``, ``lse = -inf``). Returns fp64 ``(out, lse)``."""
+    q, k, v = q.double(), k.double(), v.double()
+    if enable_gqa and q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-2, -1)) * s
+    L, S = q.shape[-2], k.shape[-2]
+    if is_causal:
+        off = S - L if bottom_right else 0
+        allowed = torch.arange(S)[None, :] <= torch.arange(L)[:, None] + off
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    lse = torch.logsumexp(scores, dim=-1)
+    finite = torch.isfinite(lse)
+    p = torch.exp(scores - torch.where(finite, lse, 0.0)[..., None])
+    p = torch.where(finite[..., None], p, 0.0)
+    return torch.matmul(p, v), lse
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor, tol: tuple[float, float], what: str,
+                   case: Any = None) -> None:
+    """``|got - want| <= atol + rtol * |want|`` elementwise (``want`` fp64), infinities equal, no NaN."""
+    if tuple(got.shape) != tuple(want.shape):
+        raise AssertionError(f"{what}: shape {tuple(got.shape)} != reference {tuple(want.shape)}\ncase: {case}")
+    g, w = got.detach().double().cpu(), want.detach().double().cpu()
+    if bool(torch.isnan(g).any()) and not bool(torch.isnan(w).any()):
+        idx = torch.isnan(g).nonzero()[0].tolist()
+        raise AssertionError(f"{what}: NaN at {idx}\ncase: {case}")
+    inf_w = torch.isinf(w)
+    if not torch.equal(torch.isinf(g) & (g == w), inf_w):
+        idx = (torch.isinf(g) != inf_w).nonzero()
+        idx = idx[0].tolist() if idx.numel() else (inf_w & (g != w)).nonzero()[0].tolist()
+        raise AssertionError(f"{what}: infinity mismatch at {idx}: got {g[tuple(idx)].item()}, "
+                             f"want {w[tuple(idx)].item()}\ncase: {case}")
+    atol, rtol = tol
+    gf, wf = torch.where(inf_w, 0.0, g), torch.where(inf_w, 0.0, w)
+    err = (gf - wf).abs()
+    bad = err > atol + rtol * wf.abs()
+    if bool(bad.any()):
+        i = int(torch.argmax(err - (atol + rtol * wf.abs())))
+        idx = list(torch.unravel_index(torch.tensor(i), err.shape)) if err.dim() else []
+        idx = [int(x) for x in idx]
+        raise AssertionError(f"{what}: {int(bad.sum())} of {err.numel()} elements off; worst at {idx}: got "
+                             f"{gf.flatten()[i].item():.6g}, want {wf.flatten()[i].item():.6g} (max err "
+                             f"{err.max().item():.3g}, atol {atol}, rtol {rtol})\ncase: {case}")
+
+
+# --------------------------------------------------------------------------------------------
+# Attention cases
+# --------------------------------------------------------------------------------------------
+
+FILLS = ("-inf", "min", "-1e4")
+
+
+def _fill_value(fill: str, dtype: torch.dtype) -> float:
+    return {"-inf": float("-inf"), "min": torch.finfo(dtype).min, "-1e4": -1e4}[fill]
+
+
+@dataclass(frozen=True)
+class AttnCase:
+    """One attention problem; ``build()`` makes ``(q, k, v, attn_mask, is_causal, scale, enable_gqa)``.
+
+    ``q_batch``/``kv_batch`` are the leading dims (``()`` for rank 3). ``mask_shape`` names the dims the
+    mask keeps (the others are 1 or absent, SDPA broadcasting): letters B, H, L, S; ``rank`` trims
+    leading broadcast dims. ``padding`` gives each mask row one contiguous key range; ``empty`` query
+    positions attend to no key; ``causal_mask`` adds bottom-right causality into the mask itself.
+    """
+
+    dtype: str
+    q_batch: tuple[int, ...]
+    kv_batch: tuple[int, ...]
+    hq: int
+    hkv: int
+    lq: int
+    s: int
+    d: int
+    dv: int
+    gqa: bool
+    is_causal: bool
+    mask: str  # none | bool | additive
+    mask_shape: str  # e.g. "BHLS", "BLS" (B,1,L,S), "LS", "S", "BS" (B,1,1,S)
+    mask_rank: int
+    padding: str  # none | left | right | window
+    causal_mask: bool
+    empty: tuple[int, ...]
+    fill: str
+    bias: bool
+    scale: float | None
+    seed: int
+    min_keys: int = 1  # padding leaves each mask row at least this many keys
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def build(self) -> tuple:
+        g = torch.Generator().manual_seed(self.seed)
+        dt = self.torch_dtype
+        q = torch.randn(*self.q_batch, self.hq, self.lq, self.d, generator=g).to(dt)
+        k = torch.randn(*self.kv_batch, self.hkv, self.s, self.d, generator=g).to(dt)
+        v = torch.randn(*self.kv_batch, self.hkv, self.s, self.dv, generator=g).to(dt)
+        return q, k, v, self.build_mask(g), self.is_causal, self.scale, self.gqa
+
+    def build_mask(self, g: torch.Generator) -> torch.Tensor | None:
+        if self.mask == "none":
+            return None
+        B = max([*self.q_batch, *self.kv_batch, 1])
+        dims = {"B": B, "H": self.hq, "L": self.lq, "S": self.s}
+        shape = [dims[c] if c in self.mask_shape else 1 for c in "BHLS"]
+        nb, nh, L, S = shape
+        allowed = torch.ones(nb, nh, L, S, dtype=torch.bool)
+        j = torch.arange(S)
+        for b in range(nb):
+            lo, hi = 0, S
+            if self.padding != "none" and S > 1:
+                n = int(torch.randint(min(self.min_keys, S), S + 1, (1,), generator=g))
+                lo = {"left": S - n, "right": 0}.get(self.padding, int(torch.randint(0, S - n + 1, (1,), generator=g)))
+                hi = lo + n
+            allowed[b] &= (j >= lo) & (j < hi)
+            if self.causal_mask and L > 1:
+                allowed[b] &= j[None, :] <= (hi - L + torch.arange(L))[:, None]
+        for i in self.empty:
+            if i < L:
+                allowed[:, :, i] = False
+        m = allowed
+        if self.mask == "additive":
+            fill = _fill_value(self.fill, self.torch_dtype)
+            base = (torch.randn(m.shape, generator=g) if self.bias else torch.zeros(m.shape))
+            m = base.to(self.torch_dtype).masked_fill(~allowed, fill)
+        while m.dim() > self.mask_rank and m.shape[0] == 1:
+            m = m[0]
+        return m
+
+
+def _sizes(draw, long_kv: bool) -> tuple[int, int]:
+    lq = draw(st.integers(1, 6))
+    if long_kv and draw(st.booleans()):
+        return lq, draw(st.integers(250, 520))
+    return lq, draw(st.integers(1, 12))
+
+
+@st.composite
+def attn_cases(draw, dtypes=tuple(DTYPES), broadcast: bool = False, long_kv: bool = False, max_d: int = 16,
+               rank3: bool = True) -> AttnCase:
+    """Random attention problems: shapes, dtypes, GQA ratios, causal variants, masks of every kind
+    and broadcast shape, padding, fully masked rows, cached lengths (``lq < s``) and ``lq > s``."""
+    dtype = draw(st.sampled_from(dtypes))
+    rank = 3 if rank3 and draw(st.integers(0, 5)) == 0 else 4
+    B = draw(st.integers(1, 3))
+    q_batch = (B,) if rank == 4 else ()
+    kv_batch = q_batch
+    if broadcast and draw(st.integers(0, 3)) == 0:
+        # SDPA broadcasting: kv batch 1 under q batch B, q batch 1 under kv batch B, q rank 3 with kv rank 4
+        kind = draw(st.sampled_from(["kv1", "q1", "q3"]))
+        if kind == "kv1":
+            q_batch, kv_batch = (max(B, 2),), (1,)
+        elif kind == "q1":
+            q_batch, kv_batch = (1,), (max(B, 2),)
+        else:
+            q_batch, kv_batch = (), (B,)
+    hkv = draw(st.integers(1, 3))
+    group = draw(st.sampled_from([1, 1, 2, 3, 4]))
+    gqa = group > 1 or draw(st.booleans())
+    lq, s = _sizes(draw, long_kv)
+    d = draw(st.sampled_from([x for x in (4, 8, 16, 32) if x <= max_d]))
+    dv = d if draw(st.integers(0, 4)) else draw(st.sampled_from([x for x in (4, 8, 16) if x <= max_d]))
+    mask = draw(st.sampled_from(["none", "bool", "additive", "additive"]))
+    is_causal = mask == "none" and draw(st.booleans())
+    mask_shape, mask_rank, padding, causal_mask, empty, fill, bias = "BHLS", 4, "none", False, (), "-inf", False
+    if mask != "none":
+        mask_shape = draw(st.sampled_from(["BHLS", "BLS", "LS", "S", "BS", "HLS"]))
+        # the mask's rank: at least what it keeps (B needs rank 4, H rank 3), leading 1s optional
+        mask_rank = draw(st.integers(4 if "B" in mask_shape else 3 if "H" in mask_shape else 2, 4))
+        padding = draw(st.sampled_from(["none", "left", "right", "window"]))
+        causal_mask = "L" in mask_shape and draw(st.booleans())
+        if "L" in mask_shape and draw(st.integers(0, 3)) == 0:
+            empty = tuple(sorted(draw(st.sets(st.integers(0, lq - 1), min_size=1, max_size=lq))))
+        if mask == "additive":
+            fill = draw(st.sampled_from(FILLS))
+            bias = draw(st.booleans())
+    scale = draw(st.sampled_from([None, None, 0.05, 0.5, 1.7]))
+    seed = draw(st.integers(0, 2**16))
+    return AttnCase(dtype, q_batch, kv_batch, hkv * group, hkv, lq, s, d, dv, gqa, is_causal, mask, mask_shape,
+                    mask_rank, padding, causal_mask, empty, fill, bias, scale, seed)
