@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from graphtune.ir.capture import capture, capture_export, capture_fx, normalize_
 from graphtune.ir.meta import tensor_meta
 from graphtune.rewrites import AttentionSite, PipelineResult
 from graphtune.runtime import install as install_runtime
-from graphtune.runtime.context import batch_context
+from graphtune.runtime.context import CACHE_NAMES, RequestStates, batch_context, cache_length, find_cache
 
 __all__ = ["optimize", "explain", "Report", "SiteReport"]
 
@@ -29,16 +30,20 @@ def _is_generation_model(model: nn.Module) -> bool:
     return hasattr(model, "generate") and hasattr(model, "config")
 
 
-def _cache_length(past_key_values: Any) -> int:
-    if past_key_values is None:
-        return 0
-    get = getattr(past_key_values, "get_seq_length", None)
-    if callable(get):
-        try:
-            return int(get())
-        except Exception:  # an empty cache of some HF versions raises
-            return 0
-    return 0
+def _output_cache(out: Any) -> Any:
+    """The KV cache a forward returned (``cache`` from transformers 5, ``past_key_values`` before)."""
+    if isinstance(out, (tuple, list)):
+        return None  # return_dict=False: positions vary by model; no state is kept for this call
+    for name in CACHE_NAMES:
+        c = out.get(name) if isinstance(out, dict) else getattr(out, name, None)  # HF ModelOutput is a dict
+        if c is not None:
+            return c
+    return None
+
+
+# Forward inputs the runtime reads, or that cannot make two rows' K/V differ.
+_READ_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids", "cache_position", "labels",
+                          "logits_to_keep", "num_logits_to_keep", *CACHE_NAMES})
 
 
 class _OptimizedForward:
@@ -47,25 +52,62 @@ class _OptimizedForward:
 
     Dynamo guards are checked per call, and shapes become dynamic after the first recompile, so
     HF ``generate`` compiles the prefill and the decode step once each, not once per step.
+
+    Per-request runtime state (e.g. a shared-prefix plan found at prefill) is kept per KV cache
+    object (:class:`~graphtune.runtime.context.RequestStates`), never per model: a plan is used only
+    by the forwards that continue the very cache it was built for, from the length it left it at.
+    The cache is found under either transformers keyword (``cache=`` from 5.x,
+    ``past_key_values=`` before) or positionally.
     """
 
     def __init__(self, forward: Any, options: Options) -> None:
         self.backend = GraphtuneBackend(Options(**{**dict(options.items()), "inductor": False}))
         self.compiled = torch.compile(forward, backend=self.backend, dynamic=options.dynamic)
         self.options = options
-        self.state: dict[str, Any] = {}  # per-model runtime state that survives decode steps
+        self.requests = RequestStates()
+        try:  # positional parameter names, to find inputs passed positionally (bound once)
+            params = inspect.signature(forward).parameters.values()
+            self.positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            self.positional = []
         functools.update_wrapper(self, forward)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        named = {**dict(zip(self.positional, args)), **kwargs}
+        input_ids, mask, pos = (x if isinstance(x, torch.Tensor) else None
+                                for x in (named.get(n) for n in ("input_ids", "attention_mask", "position_ids")))
+        cache = find_cache(self.positional, args, kwargs)
+        past = cache_length(cache)  # None: a cache of unknown kind
+        state = self.requests.get(cache)
+        other = tuple(k for k, x in named.items() if isinstance(x, torch.Tensor) and k not in _READ_INPUTS)
         with batch_context(
-            input_ids=input_ids if isinstance(input_ids, torch.Tensor) else None,
-            attention_mask=kwargs.get("attention_mask"),
-            past_length=_cache_length(kwargs.get("past_key_values")),
-            state=self.state,
+            input_ids=input_ids,
+            attention_mask=mask,
+            past_length=past or 0,  # unknown: 0, and selectors check the calls' own shapes
+            state=state,
             options=self.options,
+            position_ids=pos,
+            other_inputs=other,
         ):
-            return self.compiled(*args, **kwargs)
+            out = self.compiled(*args, **kwargs)
+        if cache is None:
+            cache = _output_cache(out)  # HF created the cache inside this (prefill) forward
+        new = input_ids.shape[-1] if input_ids is not None and input_ids.dim() == 2 else None
+        self.requests.put(cache, state, None if past is None or new is None else past + new)
+        return out
+
+
+class _WithOptions:
+    """``forward`` of a rewritten ``GraphModule`` (fx/export path): runs it inside a batch context
+    carrying the model's options, so runtime selectors honour them (e.g. ``tune=False``)."""
+
+    def __init__(self, forward: Any, options: Options) -> None:
+        self.forward, self.options = forward, options
+        functools.update_wrapper(self, forward)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with batch_context(options=self.options):
+            return self.forward(*args, **kwargs)
 
 
 def _module_tree_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
@@ -150,10 +192,12 @@ def optimize(model: nn.Module, example_inputs: Any = None, **options: Any) -> nn
                 raise
             log.info("graphtune: fx capture failed; capturing with Dynamo at the first call")
             return _optimize_dynamo(model, opts)
-        result = rewrite_graph(ir.gm, ir.example_inputs, opts)
+        with batch_context(options=opts):  # translation validation runs the graph as the user will
+            result = rewrite_graph(ir.gm, ir.example_inputs, opts)
         if not result.sites:
             log.info("graphtune.optimize: no attention in %s; returned unchanged", type(model).__name__)
             return model
+        result.gm.forward = _WithOptions(result.gm.forward, opts)
         return result.gm
     return _optimize_dynamo(model, opts)
 

@@ -5,6 +5,16 @@ Inductor (default) or runs it as is. Inductor caching stays intact: the FX graph
 the *rewritten* graph, and the only pass graphtune installs inside Inductor is a
 :class:`~torch._inductor.custom_graph_pass.CustomGraphPass` with a stable ``uuid()`` (a bare
 callable would make Inductor bypass its cache).
+
+Runtime features on this path: ``torch.compile(model, backend="graphtune")`` gets the rewrite and
+tuned dispatch, but *not* the per-batch features (shared-prefix decode, prefill dedup, lean
+decode). Those need what only :func:`graphtune.optimize` sees: the caller's input ids, padding
+mask, positions and the KV cache *object* of each forward, to plan once per request and to tie
+each plan to that cache (:class:`graphtune.runtime.context.RequestStates`). A backend sees one
+graph at a time (several per forward after graph breaks) with flattened tensor inputs, so a
+batch context opened here could neither cover the whole forward nor know which request a
+cache belongs to; guessing would risk wrong answers. Without a context their selectors decline,
+so this path is always exact. Use ``graphtune.optimize(model)`` for generation.
 """
 from __future__ import annotations
 
@@ -162,7 +172,9 @@ def graphtune_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
     """Entry point of ``torch.compile(model, backend="graphtune", options={...})``.
 
     ``options`` are :class:`graphtune.flags.Options` fields (e.g. ``{"inductor": False}``); an
-    unknown or ill-typed one raises :class:`~graphtune.errors.OptionError`.
+    unknown or ill-typed one raises :class:`~graphtune.errors.OptionError`. This path rewrites
+    and dispatches; shared-prefix and lean decode need :func:`graphtune.optimize` (module
+    docstring).
 
     Examples
     --------

@@ -286,8 +286,11 @@ def _db(args: argparse.Namespace) -> int:
             if args.file == "-":
                 print(text)
             else:
-                with open(args.file, "w") as f:
-                    f.write(text + "\n")
+                try:
+                    with open(args.file, "w") as f:
+                        f.write(text + "\n")
+                except OSError as e:
+                    raise OptionError(f"cannot write records to {args.file}: {e}") from None
                 print(f"exported {db.count()} record(s) to {args.file}", file=sys.stderr)
             return 0
         if cmd == "import":

@@ -45,8 +45,9 @@ class Flag:
     type: type
     default: Any
     doc: str
-    # default computed lazily (e.g. paths depending on $HOME)
+    # default computed lazily (e.g. paths depending on $HOME) from the environment variables it names
     default_fn: Callable[[], Any] | None = None
+    default_env: tuple[str, ...] = ()
 
     @property
     def env(self) -> str:
@@ -70,7 +71,8 @@ FLAGS: dict[str, Flag] = {
         Flag("DEBUG", int, 0, "verbosity: 1 logs passes and match counts, 2 prints graphs"),
         Flag("SPEC", bool, False, "run the IR verifier after capture and after every pass (always on in tests)"),
         Flag("VALIDATE", bool, False, "translation validation: run original and rewritten graphs and compare"),
-        Flag("DB", str, "", "path of the SQLite tuning database", default_fn=default_db_path),
+        Flag("DB", str, "", "path of the SQLite tuning database", default_fn=default_db_path,
+             default_env=("XDG_CACHE_HOME", "HOME")),
         Flag("CACHELEVEL", int, 1, "0 disables the tuning database (defaults only), 1 reads and writes it"),
         Flag("DISABLE_TRITON", bool, False, "never use Triton kernels, even on a GPU"),
         Flag("TUNE_TIMEOUT", float, 30.0, "seconds one tuning candidate may run before it scores infinity"),
@@ -87,14 +89,15 @@ _ENV_NAMES = {name: f"GRAPHTUNE_{name}" for name in FLAGS}
 _overrides: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("graphtune_flags", default={})
 
 
-_parsed: dict[str, tuple[str | None, Any]] = {}  # name -> (raw env text, parsed value)
+_parsed: dict[str, tuple[tuple[str | None, ...], Any]] = {}  # name -> (env texts read, parsed value)
 
 
 def get(name: str) -> Any:
     """Current value of flag ``name``: a :class:`Context` override, else the environment, else the default.
 
-    Read on hot paths (every attention call), so the parsed environment value is cached per raw
-    text: changing the variable still takes effect at the next read.
+    Read on hot paths (every attention call), so the value is cached per text of the environment
+    variables it was computed from (the flag's own, plus those a computed default reads, such as
+    ``$HOME`` for the DB path): changing any of them still takes effect at the next read.
     """
     ov = _overrides.get()
     if ov and name in ov:
@@ -103,12 +106,14 @@ def get(name: str) -> Any:
         flag = FLAGS[name]
     except KeyError:
         raise OptionError(f"unknown graphtune flag {name!r}; known: {sorted(FLAGS)}") from None
-    raw = os.environ.get(flag.env)
+    env = os.environ
+    raw = env.get(flag.env)
+    inputs = (raw,) if raw is not None or not flag.default_env else (raw, *(env.get(e) for e in flag.default_env))
     hit = _parsed.get(name)
-    if hit is not None and hit[0] == raw and (raw is not None or flag.default_fn is None):
-        return hit[1]  # (a computed default, e.g. the DB path under $HOME, is recomputed)
+    if hit is not None and hit[0] == inputs:
+        return hit[1]
     value = flag.from_env()
-    _parsed[name] = (raw, value)
+    _parsed[name] = (inputs, value)
     return value
 
 

@@ -11,7 +11,7 @@ import torch
 
 from graphtune.errors import OptionError
 
-__all__ = ["FAMILIES", "build_model", "demo_model", "model_config"]
+__all__ = ["FAMILIES", "ATTN_IMPLEMENTATIONS", "build_model", "demo_model", "model_config"]
 
 # family -> (config class name, model class name, config kwargs for a small model)
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -30,7 +30,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         pad_token_id=0)),
+    # ALiBi through baddbmm on [B*H, L, D] views; HF has no SDPA path for it
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=64, n_layer=2, n_head=4)),
 }
+
+# attention implementations each family really has (others fall back to eager code)
+ATTN_IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {fam: ("eager", "sdpa") for fam in FAMILIES}
+ATTN_IMPLEMENTATIONS["bloom"] = ("eager",)
 
 _DEMO = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=4, max_position_embeddings=4096)

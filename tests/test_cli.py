@@ -8,6 +8,12 @@ from graphtune.autotune import db as dbmod
 from graphtune.autotune.db import Record, TuningDB
 
 
+@pytest.fixture(autouse=True)
+def _no_shipped_records(tmp_path_factory, monkeypatch):
+    # these tests count records: fresh databases start empty (tests/autotune/test_db.py loads the shipped ones)
+    monkeypatch.setattr(dbmod, "SHIPPED_DIR", tmp_path_factory.mktemp("no-shipped-records"))
+
+
 @pytest.fixture
 def dbpath(tmp_path):
     p = str(tmp_path / "cli.db")
@@ -175,6 +181,7 @@ def _one_line_error(rc, err):
     (["tune", "--shape", "1,2,2,1,8,8", "--device", "bogus"], "device"),
     (["db", "list", "--limit", "0"], "--limit"),
     (["db", "list", "--limit", "-3"], "--limit"),
+    (["db", "export", "/nonexistent-dir/x/recs.json"], "cannot write records"),
 ])
 def test_bad_options_are_one_line_errors(capsys, dbpath, argv, msg):
     rc, _, err = run(capsys, "--db", dbpath, *argv)

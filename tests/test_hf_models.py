@@ -1,14 +1,15 @@
 """HF causal LMs (small configs, random weights): every attention site replaced, logits equal,
-greedy generate identical under optimize() and torch.compile(backend="graphtune")."""
+greedy generate identical under optimize() and torch.compile(backend="graphtune"), with an
+all-ones mask and with left padding (rows padded by different amounts, fully masked pad rows)."""
 import pytest
 import torch
 
 import graphtune
-from graphtune.models import FAMILIES, build_model
+from graphtune.models import ATTN_IMPLEMENTATIONS, FAMILIES, build_model
 
 pytest.importorskip("transformers")
 
-CASES = [(fam, impl) for fam in FAMILIES for impl in ("eager", "sdpa")]
+CASES = [(fam, impl) for fam in FAMILIES for impl in ATTN_IMPLEMENTATIONS[fam]]
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 
 
@@ -24,6 +25,16 @@ def _inputs(model, batch=2, length=9, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=g)
     return ids, torch.ones_like(ids)
+
+
+def _left_padded(model, length=9, pads=(0, 2, 5), seed=1):
+    """One row per amount of left padding (pad id 0, mask 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (len(pads), length), generator=g)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(pads):
+        ids[row, :n], mask[row, :n] = 0, 0
+    return ids, mask
 
 
 def _generate(model, ids, mask, **kw):
@@ -65,6 +76,31 @@ def test_generate_identical_tokens_with_optimize(family, impl):
 
 
 @pytest.mark.parametrize("family,impl", CASES)
+def test_left_padded_logits_match_at_every_position(family, impl):
+    # Pad rows attend to nothing (or only to pads): every position must still equal eager's.
+    model = build_model(family, impl)
+    ids, mask = _left_padded(model)
+    report = graphtune.explain(model, {"input_ids": ids, "attention_mask": mask})
+    assert len(report.sites) == model.config.num_hidden_layers, str(report)
+    fast = graphtune.optimize(model)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        out = fast(ids, attention_mask=mask).logits
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    assert all(len(r.sites) == model.config.num_hidden_layers for r in fast.forward.backend.results)
+
+
+@pytest.mark.parametrize("family,impl", CASES)
+def test_left_padded_generate_identical_tokens(family, impl):
+    model = build_model(family, impl)
+    ids, mask = _left_padded(model)
+    ref = _generate(model, ids, mask)
+    fast = graphtune.optimize(model)
+    assert torch.equal(_generate(fast, ids, mask), ref)
+    assert all(len(r.sites) == model.config.num_hidden_layers for r in fast.forward.backend.results)
+
+
+@pytest.mark.parametrize("family,impl", CASES)
 def test_generate_identical_tokens_under_torch_compile_backend(family, impl):
     model = build_model(family, impl)
     ids, mask = _inputs(model)
@@ -78,7 +114,8 @@ def test_generate_with_optimize_leaves_the_original_model_untouched():
     model = build_model("llama", "sdpa")
     fast = graphtune.optimize(model)
     assert fast is not model and "forward" not in vars(model)
-    assert fast.model is model.model  # weights are shared, not copied
+    assert fast.model is not model.model  # its own module tree (see tests/test_api.py) ...
+    assert fast.model.embed_tokens.weight is model.model.embed_tokens.weight  # ... sharing the weights
 
 
 def test_torch_compile_backend_with_inductor_matches_and_hits_fx_graph_cache():

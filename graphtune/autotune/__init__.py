@@ -5,7 +5,7 @@ Public entry points: :func:`tune_shapes` (measured tuning on this device), :func
 (rank configs for a GPU you do not have), :func:`summary_table`, :class:`AttentionShape` / :class:`MergeShape` / :class:`LeanShape`,
 :class:`TuningDB` / :func:`get_db`. See ``docs/autotuning.md``.
 """
-from graphtune.autotune.db import Record, TuningDB, get_db
+from graphtune.autotune.db import ImportReport, Record, TuningDB, get_db
 from graphtune.autotune.search import STRATEGIES, Budget, CostModel, ResourceModel, parse_budget
 from graphtune.autotune.shapes import (AttentionShape, LeanShape, MergeShape, ShapeKey, key_for_args, lean_key,
                                       parse_lean_shape, parse_merge_shape, parse_shape, pow2_bucket)
@@ -15,6 +15,6 @@ from graphtune.autotune.tuner import TuneResult, load_impls, summary_table, tune
 __all__ = [
     "AttentionShape", "MergeShape", "LeanShape", "lean_key", "parse_lean_shape", "ShapeKey", "key_for_args", "parse_shape", "parse_merge_shape", "pow2_bucket",
     "Budget", "CostModel", "ResourceModel", "STRATEGIES", "parse_budget",
-    "Record", "TuningDB", "get_db",
+    "Record", "ImportReport", "TuningDB", "get_db",
     "TuneResult", "tune_shape", "tune_shapes", "tune_static", "summary_table", "load_impls",
 ]

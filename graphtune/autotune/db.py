@@ -44,8 +44,8 @@ from graphtune import flags
 from graphtune.autotune.db_records import ImportReport, Record, RecordError, rank, validate_fields
 from graphtune.errors import TuningDBError
 
-__all__ = ["Record", "TuningDB", "ImportReport", "get_db", "generation", "rank", "TUNING_DB_DIR", "SCHEMA_APP",
-           "SCHEMA_VERSION"]
+__all__ = ["Record", "TuningDB", "ImportReport", "get_db", "generation", "rank", "TUNING_DB_DIR", "SHIPPED_DIR",
+           "SCHEMA_APP", "SCHEMA_VERSION"]
 
 log = logging.getLogger("graphtune.autotune")
 
@@ -65,6 +65,7 @@ def _find_tuning_db_dir() -> Path:
 TUNING_DB_DIR = _find_tuning_db_dir()
 SCHEMA_APP = "graphtune-tuning"
 _MIGRATIONS = TUNING_DB_DIR / "migrations"
+SHIPPED_DIR = TUNING_DB_DIR / "records"  # imported into every database once (tests point it elsewhere)
 SCHEMA_VERSION = max((int(p.name.split("_", 1)[0]) for p in _MIGRATIONS.glob("[0-9]*_*.sql")), default=0)
 
 # SQLite primary result codes (sqlite3.SQLITE_* exist only from Python 3.11)
@@ -320,7 +321,7 @@ class TuningDB:
             conn.execute(f"PRAGMA user_version = {int(version)}")
 
     def _import_shipped(self) -> None:
-        for f in sorted((TUNING_DB_DIR / "records").glob("*.json")):
+        for f in sorted(Path(SHIPPED_DIR).glob("*.json")):
             text = f.read_bytes()
             sha = hashlib.sha256(text).hexdigest()
             if self._read("SELECT 1 FROM shipped_imports WHERE name=? AND sha256=?", (f.name, sha)):
@@ -349,7 +350,7 @@ class TuningDB:
     def put(self, rec: Record) -> Record:
         """Append a record (filling ``record_id`` and ``created_at`` if empty); returns it.
 
-        Raises :class:`~graphtune.autotune.db_validate.RecordError` (a ``TuningDBError``) for an
+        Raises :class:`~graphtune.autotune.db_records.RecordError` (a ``TuningDBError``) for an
         ill-typed record; nothing is stored then.
         """
         rec.record_id = rec.record_id or uuid.uuid4().hex
@@ -364,7 +365,7 @@ class TuningDB:
     def import_records(self, data: Any, _ledger: tuple[str, str] | None = None) -> ImportReport:
         """Import exported records (a list of :meth:`Record.to_json` dicts).
 
-        Every record is validated first (:func:`~graphtune.autotune.db_validate.validate_fields`);
+        Every record is validated first (:func:`~graphtune.autotune.db_records.validate_fields`);
         ill-typed ones are rejected and reported by reason, the others stored in one transaction.
         Records already present (same ``record_id``) are skipped, so importing twice is harmless.
 
@@ -405,6 +406,10 @@ class TuningDB:
     # ------------------------------------------------------------------ reads
     def count(self) -> int:
         return self._read("SELECT COUNT(*) FROM records")[0][0]
+
+    def has_records(self, device: str, versions: str) -> bool:
+        """Whether any record was made for this device fingerprint and these versions."""
+        return bool(self._read("SELECT 1 FROM records WHERE device = ? AND versions = ? LIMIT 1", (device, versions)))
 
     def _rows(self, where: str | None, params: Iterable[Any], order: str) -> list[dict[str, Any]]:
         with self._lock:

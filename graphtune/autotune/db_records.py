@@ -82,7 +82,7 @@ def validate_fields(d: Any) -> dict[str, Any]:
     >>> validate_fields([1, 2])
     Traceback (most recent call last):
     ...
-    graphtune.autotune.db_validate.RecordError: not a JSON object
+    graphtune.autotune.db_records.RecordError: not a JSON object
     """
     if not isinstance(d, dict):
         raise RecordError("not a JSON object")
@@ -161,7 +161,7 @@ class Record:
 
     @classmethod
     def from_json(cls, d: Any) -> "Record":
-        """A record from its JSON form; raises :class:`~graphtune.autotune.db_validate.RecordError` if ill-typed."""
+        """A record from its JSON form; raises :class:`~graphtune.autotune.db_records.RecordError` if ill-typed."""
         return cls(**validate_fields(d))
 
     def _row(self) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from graphtune.codegen.crosscompile import CompileSpec, register_compile_spec
 from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
 from graphtune.codegen.triton_util import interpreting, kernel_for
 from graphtune.errors import KernelError, ShapeError
-from graphtune.ir.ops import check_attention_args
+from graphtune.ir.ops import broadcast_attention_args
 from graphtune.ir.reference import attention_ref
 
 __all__ = [
@@ -447,7 +447,15 @@ def attention_fwd(
     >>> out.shape, lse.shape
     (torch.Size([1, 4, 3, 16]), torch.Size([1, 4, 3]))
     """
-    check_attention_args(q, k, v, attn_mask, enable_gqa)
+    # SDPA's broadcasting (batch 1 vs B, rank 3 vs 4, ...) made explicit: the kernel sees equal batches
+    q, k, v, attn_mask, enable_gqa, out_batch = broadcast_attention_args(q, k, v, attn_mask, enable_gqa)
+    o, lse = _attention_fwd_4d(q, k, v, attn_mask, is_causal, scale, enable_gqa, causal_bottom_right, config, fallback)
+    if out_batch is not None:
+        o, lse = o.reshape(*out_batch, q.shape[-2], v.shape[-1]), lse.reshape(*out_batch, q.shape[-2])
+    return o, lse
+
+
+def _attention_fwd_4d(q, k, v, attn_mask, is_causal, scale, enable_gqa, causal_bottom_right, config, fallback):
     _check_supported(q, k, v)
     if q.dim() < 3 and attn_mask is not None and attn_mask.dim() > 2:
         raise ShapeError(f"attention_fwd: mask of rank {attn_mask.dim()} for rank-2 inputs")
@@ -474,7 +482,7 @@ def attention_fwd(
         err = e if isinstance(e, KernelError) else KernelError(f"attention_fwd[{cfg}] failed: {type(e).__name__}: {e}")
         if not fallback:
             raise err from e
-        warnings.warn(f"{err}; falling back to the reference attention", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{err}; falling back to the reference attention", RuntimeWarning, stacklevel=3)
         return attention_ref(q, k, v, attn_mask, is_causal, scale, enable_gqa, bottom_right=causal_bottom_right)
     return o.reshape(*q.shape[:-1], v.shape[-1]), lse.reshape(q.shape[:-1])
 

@@ -110,17 +110,29 @@ def _fold_q(q: Tensor, hkv: int) -> Tensor:
     return q.reshape(B, hkv, (Hq // hkv) * L, E)
 
 
+def _mask_ls(m: Tensor | None, L: int, S: int) -> Tensor | None:
+    # rank-4 mask -> [Bm, Hm, L, S] (zero-stride views): folding and splitting index the query and
+    # key dims, which a mask broadcasting over them (size 1) does not have
+    return None if m is None else m.expand(m.shape[0], m.shape[1], L, S)
+
+
 def _fold_mask(m: Tensor | None, hq: int, hkv: int) -> Tensor | None:
-    # m: broadcastable to [B, Hq, L, S] -> [Bm, Hkv, G*L, S] (materialised: heads may differ)
+    # m: [Bm, Hm, L, S] (see _mask_ls), Hm in (1, Hq) -> [Bm, Hkv, G*L, S] (materialised: heads may differ)
     if m is None:
         return None
     Bm, _, L, S = m.shape
     return m.expand(Bm, hq, L, S).reshape(Bm, hkv, (hq // hkv) * L, S)
 
 
+def _unbroadcast(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Equal batch dims and k/v heads (the op hands implementations SDPA's broadcasting made explicit)."""
+    return (q.dim() == k.dim() == v.dim() and q.shape[:-3] == k.shape[:-3] == v.shape[:-3]
+            and k.shape[-3] == v.shape[-3] and k.shape[-3] > 0 and q.shape[-3] % k.shape[-3] == 0)
+
+
 def _flash_supports(args: tuple) -> bool:
     q, k, v = args[0], args[1], args[2]
-    return (q.device.type == "cpu" and q.dim() in (3, 4) and v.shape[-1] == q.shape[-1]
+    return (q.device.type == "cpu" and q.dim() in (3, 4) and _unbroadcast(q, k, v) and v.shape[-1] == q.shape[-1]
             and q.shape[-2] > 0 and k.shape[-2] > 0 and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
@@ -207,7 +219,7 @@ def split_kv_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, ena
     Hkv, S = k4.shape[1], k4.shape[2]
     splits = max(1, min(splits, S))
     chunk = -(-S // splits)
-    mask = additive_mask4(_additive(attn_mask, is_causal, L, S, q.dtype), q.dtype)  # [Bm, Hm, L, S] or None
+    mask = _mask_ls(additive_mask4(_additive(attn_mask, is_causal, L, S, q.dtype), q.dtype), L, S)  # [Bm, Hm, L, S]
     fold = fold and Hq != Hkv
     if fold:
         q4, mask = _fold_q(q4, Hkv), _fold_mask(mask, Hq, Hkv)
@@ -297,7 +309,8 @@ def gqa_fold_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, ena
     Hkv, S = k4.shape[1], k4.shape[2]
     with _threads(config.get("THREADS", 0)):
         # causality is per position l, not per folded row, so it travels as a mask
-        mask = _fold_mask(additive_mask4(_additive(attn_mask, is_causal, L, S, q.dtype), q.dtype), Hq, Hkv)
+        mask = _fold_mask(_mask_ls(additive_mask4(_additive(attn_mask, is_causal, L, S, q.dtype), q.dtype), L, S),
+                          Hq, Hkv)
         out, lse = flash_cpu(_fold_q(q4, Hkv), k4, v4, mask, False, scale)
     return _squeeze_back(q, out.reshape(B, Hq, L, -1), lse.reshape(B, Hq, L))
 
@@ -337,11 +350,13 @@ def math_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_
         sc = torch.matmul(qf[..., r0:r0 + bm, :], kt).mul_(s)  # [B, Hkv, G, bm, S]
         if mask is not None:
             sc = sc + mask[..., r0:r0 + bm, :]
-        lse = torch.logsumexp(sc, dim=-1)
-        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        p = torch.exp(sc.sub_(safe.unsqueeze(-1)))  # exp(-inf - finite) = 0 for empty rows
-        outs.append(torch.matmul(p, vf))
-        lses.append(lse)
+        # max-shift, exp, normalise (exp(sc - lse) loses log(#keys) in rows at a finfo.min fill)
+        mx = sc.amax(dim=-1, keepdim=True)
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))  # empty rows: exp(-inf) = 0
+        p = torch.exp(sc.sub_(mx))
+        den = p.sum(dim=-1, keepdim=True)
+        outs.append(torch.matmul(p.div_(torch.where(den > 0, den, torch.ones_like(den))), vf))
+        lses.append(torch.where(den > 0, mx + torch.log(den), torch.full_like(mx, _NEG_INF)).squeeze(-1))
     out = torch.cat(outs, dim=-2).reshape(B, Hq, L, -1).to(q.dtype)
     lse = torch.cat(lses, dim=-1).reshape(B, Hq, L)
     return _squeeze_back(q, out, lse)
@@ -355,8 +370,8 @@ def _score_bytes(args: tuple, block: int) -> int:
 
 def _math_supports(args: tuple) -> bool:
     q, k = args[0], args[1]
-    return (q.device.type == "cpu" and q.dim() in (3, 4) and q.shape[-2] > 0 and k.shape[-2] > 0
-            and _score_bytes(args, 1) <= 4 * _MAX_TMP_BYTES and _mask_fits(args, 4 * _MAX_TMP_BYTES))
+    return (q.device.type == "cpu" and q.dim() in (3, 4) and _unbroadcast(q, k, args[2]) and q.shape[-2] > 0
+            and k.shape[-2] > 0 and _score_bytes(args, 1) <= 4 * _MAX_TMP_BYTES and _mask_fits(args, 4 * _MAX_TMP_BYTES))
 
 
 def _math_configs(args: tuple) -> list[KernelConfig]:
@@ -404,7 +419,7 @@ def merge_states_torch(outs, lses, *, config: KernelConfig = KernelConfig.make(S
 # registration
 # ----------------------------------------------------------------------------------------
 
-_HELPERS = (_threads, _additive, _fold_q, _fold_mask, flash_cpu, fix_empty_rows, additive_mask4, _merge_dim)
+_HELPERS = (_threads, _additive, _fold_q, _mask_ls, _fold_mask, flash_cpu, fix_empty_rows, additive_mask4, _merge_dim)
 _ATTN = "attention_with_lse"
 
 register_impl(Impl(_ATTN, "cpu.flash", "cpu", flash_attention, KernelConfig.make(THREADS=0), _flash_configs,

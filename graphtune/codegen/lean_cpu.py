@@ -137,6 +137,17 @@ _pools: dict[int, ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
 
 
+def _forget_pools_in_child() -> None:
+    # A forked child has none of the parent's pool threads (a pool that looks full would queue work
+    # that nothing runs) and may inherit _pool_lock held: start afresh, without shutting anything down.
+    global _pool_lock
+    _pools.clear()
+    _pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools_in_child)
+
+
 def _pool(n: int) -> ThreadPoolExecutor:
     # One persistent pool per size: thread start-up (~100 µs) would dominate small decode steps.
     with _pool_lock:

@@ -365,8 +365,9 @@ def shared_prefix_attention(
         How ragged suffixes are computed (see :func:`suffix_attention`).
     fused : bool, optional
         Suffix attention and merge in one Triton kernel
-        (:func:`graphtune.codegen.shared_prefix_triton.suffix_merge`). Default: on CUDA without
-        ``suffix_mask`` unless ``GRAPHTUNE_DISABLE_TRITON``; ``True`` on CPU needs ``TRITON_INTERPRET=1``.
+        (:func:`graphtune.codegen.shared_prefix_triton.suffix_merge`, which applies ``suffix_mask``
+        too). Default: on CUDA unless ``GRAPHTUNE_DISABLE_TRITON``; ``True`` on CPU needs
+        ``TRITON_INTERPRET=1``.
 
     Returns
     -------
@@ -386,8 +387,9 @@ def shared_prefix_attention(
         raise ShapeError(f"shared_prefix_attention: q and suffix k/v must be 4-D [B, H, L, D], got "
                          f"{tuple(q.shape)}, {tuple(suffix_k.shape)}, {tuple(suffix_v.shape)}")
     B = q.shape[0]
-    if suffix_k.shape[0] != B:
-        raise ShapeError(f"shared_prefix_attention: suffix k has batch {suffix_k.shape[0]}, queries {B}")
+    if suffix_k.shape[0] != B or suffix_v.shape[0] != B:
+        raise ShapeError(f"shared_prefix_attention: suffix k/v have batch {suffix_k.shape[0]}/{suffix_v.shape[0]}, "
+                         f"queries {B}")
     check_attention_args(q, suffix_k, suffix_v, suffix_mask, enable_gqa)
     partials = []
     for i, seg in enumerate(segments):
@@ -401,22 +403,27 @@ def shared_prefix_attention(
             raise PlanError(f"segment {i}: rows {r.tolist()} repeat a row")
         if r.numel():
             partials.append(prefix_attention(q, seg, scale, enable_gqa))
-    if fused if fused is not None else fused_available(q, suffix_mask):
+    if fused if fused is not None else fused_available(q, suffix_mask, passes_mask=True):
         _check_suffix(q.shape[0], q.shape[-2], suffix_k.shape[-2], suffix_lens, causal)
         prior = merge_partials(B, partials) if partials else None
-        return _fused_suffix_merge(q, suffix_k, suffix_v, suffix_lens, prior, causal, scale, enable_gqa)
+        return _fused_suffix_merge(q, suffix_k, suffix_v, suffix_lens, prior, causal, scale, enable_gqa, suffix_mask)
     partials.append(suffix_attention(q, suffix_k, suffix_v, suffix_lens, suffix_mask, causal, scale, enable_gqa,
                                      suffix_mode))
     return merge_partials(B, partials)
 
 
-def fused_available(q: Tensor, suffix_mask: Tensor | None = None) -> bool:
-    """Whether the fused Triton suffix+merge kernel serves this call by default (CUDA, no extra mask)."""
-    return q.device.type == "cuda" and suffix_mask is None and not flags.get("DISABLE_TRITON")
+def fused_available(q: Tensor, suffix_mask: Tensor | None = None, *, passes_mask: bool = False) -> bool:
+    """Whether the fused Triton suffix+merge kernel serves this call by default (CUDA, Triton enabled).
+
+    The kernel applies a suffix mask only when given one (``suffix_merge(..., attn_mask=m)``):
+    callers that hand it ``suffix_mask`` say so with ``passes_mask=True``; for the others a mask
+    rules the fused path out, so that it is never dropped silently.
+    """
+    return q.device.type == "cuda" and (suffix_mask is None or passes_mask) and not flags.get("DISABLE_TRITON")
 
 
-def _fused_suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa) -> tuple[Tensor, Tensor]:
+def _fused_suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa, mask=None) -> tuple[Tensor, Tensor]:
     from graphtune.codegen.shared_prefix_triton import suffix_merge  # triton only when used
 
-    return suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa)
+    return suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa, mask)
 

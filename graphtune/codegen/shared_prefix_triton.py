@@ -51,7 +51,7 @@ _LN2 = 0.6931471805599453
 
 @triton.jit
 def _suffix_merge_kernel(
-    Q, K, V, LENS, PO, PLSE, O, LSE,
+    Q, K, V, LENS, PO, PLSE, O, LSE, M,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -59,17 +59,20 @@ def _suffix_merge_kernel(
     stride_plb, stride_plh, stride_plm,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
+    stride_mb, stride_mh, stride_mm, stride_mn,
     Hkv, Lq, Ls, D, qk_scale,
     G: tl.constexpr,
     HAS_LENS: tl.constexpr,
     HAS_PRIOR: tl.constexpr,
     CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,  # 0: no mask; 1: bool as int8 (nonzero = attend); 2: additive (natural log)
     F32_DOT: tl.constexpr,  # fp32 inputs, or the interpreter (its bf16/fp16 tl.dot is wrong): exact fp32 dots
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # Q, PO, O: [B, Hq, Lq, D]; K, V: [B, Hkv, Ls, D]; PLSE, LSE: [B, Hq, Lq] fp32; LENS: [B] int32
+    # Q, PO, O: [B, Hq, Lq, D]; K, V: [B, Hkv, Ls, D]; PLSE, LSE: [B, Hq, Lq] fp32; LENS: [B] int32;
+    # M: the suffix mask broadcast to [B, Hq, Lq, Ls] (zero strides where it broadcasts)
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = pid_bh // Hkv
@@ -117,6 +120,13 @@ def _suffix_merge_kernel(
         valid = n_ok[None, :] & row_ok[:, None]
         if CAUSAL:  # bottom-right: query i is token n_len - Lq + i of the suffix
             valid = valid & (offs_n[None, :] <= (n_len - Lq + i)[:, None])
+        if MASK_KIND != 0:
+            mk = tl.load(M + b * stride_mb + hq[:, None] * stride_mh + i[:, None] * stride_mm
+                         + offs_n[None, :] * stride_mn, mask=valid, other=0)
+            if MASK_KIND == 1:
+                valid = valid & (mk != 0)
+            else:
+                s = s + mk.to(tl.float32) * 1.4426950408889634  # additive mask, to the log2 domain
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: avoid -inf - -inf
@@ -195,10 +205,10 @@ def suffix_merge_configs(op_args: tuple) -> list[KernelConfig]:
 # ======================================================================================
 
 
-def _torch_suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa):
+def _torch_suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa, attn_mask=None):
     from graphtune.codegen.shared_prefix import Partial, merge_partials, suffix_attention
 
-    parts = [suffix_attention(q, k, v, lens, None, causal, scale, enable_gqa)]
+    parts = [suffix_attention(q, k, v, lens, attn_mask, causal, scale, enable_gqa)]
     if prior is not None:
         parts.insert(0, Partial(None, prior[0], prior[1]))
     return merge_partials(q.shape[0], parts)
@@ -213,6 +223,7 @@ def suffix_merge(
     causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    attn_mask: Tensor | None = None,
     *,
     config: KernelConfig | None = None,
     fallback: bool = True,
@@ -227,6 +238,8 @@ def suffix_merge(
     prior : ``(out [B, Hq, Lq, D], lse [B, Hq, Lq] fp32)`` of the keys before the suffix
         (``lse = -inf`` where a row has none), or None.
     causal : bottom-right causal inside the suffix (rows need ``lens >= Lq``).
+    attn_mask : extra mask over the suffix keys, bool (True = attend) or additive (q's dtype or
+        fp32), broadcastable to ``[B, Hq, Lq, Ls]``; combined with ``lens`` and ``causal``.
     config : ``BLOCK_M``, ``BLOCK_N``, warps, stages; default :data:`SUFFIX_MERGE_DEFAULT_CONFIG`.
     fallback : on kernel failure warn and compute with torch; ``False`` raises :class:`KernelError`.
 
@@ -257,11 +270,13 @@ def suffix_merge(
         raise ShapeError(f"suffix_merge: prior must be out {tuple(q.shape)} and lse {tuple(q.shape[:-1])}")
     if lens is not None and lens.shape != (B,):
         raise ShapeError(f"suffix_merge: lens must be [B={B}], got {tuple(lens.shape)}")
+    mask, mask_kind = _mask_view(attn_mask, B, Hq, Lq, Ls, q.dtype)
     cfg = config if config is not None else SUFFIX_MERGE_DEFAULT_CONFIG
     G = Hq // Hkv
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     lens32 = lens.to(device=q.device, dtype=torch.int32) if lens is not None else out  # dummy pointer if unused
+    mask_ptr, mask_strides = (mask, mask.stride()) if mask is not None else (out, (0, 0, 0, 0))
     po, pl = prior if prior is not None else (out, lse)
     pl = pl.float()
     s = scale if scale is not None else 1.0 / math.sqrt(D)
@@ -270,10 +285,11 @@ def suffix_merge(
         return out, lse
     try:
         kernel_for(_suffix_merge_kernel, q.device, "suffix_merge")[grid](
-            q, k, v, lens32, po, pl, out, lse,
+            q, k, v, lens32, po, pl, out, lse, mask_ptr,
             *q.stride(), *k.stride(), *v.stride(), *po.stride(), *pl.stride(), *out.stride(), *lse.stride(),
-            Hkv, Lq, Ls, D, s * _LOG2E,
+            *mask_strides, Hkv, Lq, Ls, D, s * _LOG2E,
             G=G, HAS_LENS=lens is not None, HAS_PRIOR=prior is not None, CAUSAL=bool(causal and Lq > 1),
+            MASK_KIND=mask_kind,
             F32_DOT=q.dtype == torch.float32 or q.device.type == "cpu",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, triton.next_power_of_2(D)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -283,8 +299,26 @@ def suffix_merge(
         if not fallback:
             raise err from e
         warnings.warn(f"{err}; falling back to the torch path", RuntimeWarning, stacklevel=2)
-        return _torch_suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa)
+        return _torch_suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa, attn_mask)
     return out, lse
+
+
+def _mask_view(mask: Tensor | None, B: int, Hq: int, Lq: int, Ls: int, dtype: torch.dtype
+               ) -> tuple[Tensor | None, int]:
+    """The suffix mask as a ``[B, Hq, Lq, Ls]`` view (zero strides where it broadcasts) and its MASK_KIND."""
+    if mask is None:
+        return None, 0
+    want = (B, Hq, Lq, Ls)
+    ms = tuple(mask.shape)
+    if not 1 <= len(ms) <= 4 or any(m != 1 and m != w for m, w in zip(ms, want[4 - len(ms):])):
+        raise ShapeError(f"suffix_merge: attn_mask {ms} does not broadcast to [B, Hq, Lq, Ls] = {want}")
+    if mask.dtype == torch.bool:
+        mask, kind = mask.view(torch.int8), 1  # same bytes; the kernel tests != 0
+    elif mask.dtype in (dtype, torch.float32):
+        kind = 2
+    else:
+        raise ShapeError(f"suffix_merge: attn_mask dtype {mask.dtype} must be bool, float32 or {dtype}")
+    return mask.reshape((1,) * (4 - len(ms)) + ms).expand(want), kind
 
 
 # ======================================================================================
@@ -292,9 +326,11 @@ def suffix_merge(
 # ======================================================================================
 
 
-def _op_fn(q, k, v, lens=None, prior_out=None, prior_lse=None, causal=False, scale=None, *, config=None):
+def _op_fn(q, k, v, lens=None, prior_out=None, prior_lse=None, causal=False, scale=None, attn_mask=None, *,
+           config=None):
     prior = None if prior_out is None else (prior_out, prior_lse)
-    return suffix_merge(q, k, v, lens, prior, causal, scale, q.shape[1] != k.shape[1], config=config, fallback=False)
+    return suffix_merge(q, k, v, lens, prior, causal, scale, q.shape[1] != k.shape[1], attn_mask, config=config,
+                        fallback=False)
 
 
 def _supports(args: tuple) -> bool:
@@ -316,10 +352,12 @@ SUFFIX_MERGE_IMPL = register_impl(Impl(
 
 
 def suffix_merge_compile_spec(op_args: tuple, config: KernelConfig) -> CompileSpec:
-    """Launch arguments for ``op_args = (q, k, v, lens, prior_out, prior_lse, causal)`` (meta tensors fine)."""
+    """Launch arguments for ``op_args = (q, k, v, lens, prior_out, prior_lse, causal, scale, attn_mask)``
+    (meta tensors fine; trailing arguments optional)."""
     q, k = op_args[0], op_args[1]
     lens, prior_out = (op_args[3] if len(op_args) > 3 else None), (op_args[4] if len(op_args) > 4 else None)
     causal = bool(op_args[6]) if len(op_args) > 6 else False
+    mask = op_args[8] if len(op_args) > 8 else None
     B, Hq, Lq, D = (int(x) for x in q.shape)
     Hkv, Ls = int(k.shape[1]), int(k.shape[2])
     G = Hq // Hkv
@@ -328,10 +366,14 @@ def suffix_merge_compile_spec(op_args: tuple, config: KernelConfig) -> CompileSp
     ks = (Hkv * Ls * D, Ls * D, D, 1)
     ls = (Hq * Lq, Lq, 1)
     dt = q.dtype
-    args = (dt, dt, dt, torch.int32, dt, torch.float32, dt, torch.float32,
-            *qs, *ks, *ks, *qs, *ls, *qs, *ls,
+    mask_kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2
+    mdt = {0: dt, 1: torch.int8, 2: mask.dtype if mask is not None else dt}[mask_kind]
+    ms = (0, 0, 0, 0) if mask is None else (0, 0, Ls, 1)  # a [1, 1, Lq, Ls] mask broadcast over rows and heads
+    args = (dt, dt, dt, torch.int32, dt, torch.float32, dt, torch.float32, mdt,
+            *qs, *ks, *ks, *qs, *ls, *qs, *ls, *ms,
             Hkv, Lq, Ls, D, 0.18)
     kwargs = dict(G=G, HAS_LENS=lens is not None, HAS_PRIOR=prior_out is not None, CAUSAL=causal and Lq > 1,
+                  MASK_KIND=mask_kind,
                   F32_DOT=dt == torch.float32, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_D=bd)
     rows = G * Lq
     programs = B * Hkv * triton.cdiv(rows, config["BLOCK_M"])

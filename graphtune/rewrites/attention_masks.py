@@ -35,9 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from graphtune.ir.meta import val_of
+from graphtune.rewrites.attention_forms import size_eq, tv
 from graphtune.rewrites.pattern import Match
-from graphtune.rewrites.kinds import view
 
 __all__ = ["MaskPlan", "plan_mask", "emit_mask", "emit_empty_rows", "fill_is_exact"]
 
@@ -65,19 +64,9 @@ class MaskPlan:
         return self.fill is not None and not self.additive
 
 
-def _tv(x: object) -> torch.Tensor | None:
-    v = val_of(x) if isinstance(x, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
-def _eq1(a: object, b: object) -> bool:
-    from graphtune.rewrites.attention_forms import size_eq
-    return size_eq(a, 1) or size_eq(a, b)
-
-
 def broadcasts_into(small: tuple, big: tuple) -> bool:
     """``small`` broadcasts to ``big`` without growing it."""
-    return len(small) <= len(big) and all(_eq1(s, b) for s, b in zip(small[::-1], big[::-1]))
+    return len(small) <= len(big) and all((size_eq(s, 1) or size_eq(s, b)) for s, b in zip(small[::-1], big[::-1]))
 
 
 def fill_is_exact(fill: float, dtype: torch.dtype) -> float | None:
@@ -91,7 +80,7 @@ def fill_is_exact(fill: float, dtype: torch.dtype) -> float | None:
 
 
 def _float_mask(mask: object, scores: tuple) -> bool:
-    mv = _tv(mask)
+    mv = tv(mask)
     return mv is not None and mv.dtype.is_floating_point and broadcasts_into(tuple(mv.shape), scores)
 
 
@@ -99,7 +88,7 @@ def _fill_stage(m: Match, c: dict, scores: tuple, const) -> tuple | None:
     for key, _, keep in _FILL_FORMS:
         if key not in c:
             continue
-        cond, cv, node = c["mask"], _tv(c["mask"]), _tv(c[key])
+        cond, cv, node = c["mask"], tv(c["mask"]), tv(c[key])
         fill = const(m, c["fill"])
         if cv is None or node is None or cv.dtype != torch.bool or cv.dim() == 0 or fill is None:
             return None
@@ -115,8 +104,11 @@ def plan_mask(m: Match, c: dict, scores: tuple, const) -> MaskPlan | None:
 
     ``const(m, x)`` reads a constant fill. Returns None when no exact translation exists.
     """
-    if "mask_add" in c:
-        return MaskPlan(additive=(c["mask"],), detail="additive") if _float_mask(c["mask"], scores) else None
+    if "mask_add" in c:  # one additive mask, or two stacked
+        masks = (c["mask"], c["mask2"]) if "mask_add2" in c else (c["mask"],)
+        if not all(_float_mask(x, scores) for x in masks):
+            return None
+        return MaskPlan(additive=masks, detail="+".join(["additive"] * len(masks)))
     detail = next((d for key, d, _ in _FILL_FORMS if key in c), None)
     if detail is None:
         return MaskPlan()
@@ -145,7 +137,7 @@ def emit_mask(m: Match, plan: MaskPlan, dtype: torch.dtype) -> object | None:
         f = f if f == -math.inf else torch.finfo(dtype).min
         parts.append(m.call(aten.masked_fill.Scalar, m.call(aten.zeros_like.default, cond, dtype=dtype), masked, f))
     for a in plan.additive:
-        parts.append(a if _tv(a).dtype == dtype else m.call(aten._to_copy.default, a, dtype=dtype))
+        parts.append(a if tv(a).dtype == dtype else m.call(aten._to_copy.default, a, dtype=dtype))
     mask = parts[0]
     for p in parts[1:]:
         mask = m.call(aten.add.Tensor, mask, p)

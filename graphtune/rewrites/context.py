@@ -26,13 +26,15 @@ class AttentionSite:
     """One attention computation replaced by ``graphtune.attention``.
 
     ``node`` is the new node's name, ``module_path`` the innermost module it came from (``""`` if
-    unknown), ``form`` the matched form (``"sdpa"``, ``"eager-matmul"``, ``"eager-bmm"``) and
-    ``details`` how it was written: ``scale`` (``"div"``, ``"mul"``, ``"prescaled-q"``,
-    ``"prescaled-k"``, ``"none"``, ``"default"``, ``"explicit"``), ``mask`` (``"additive"``,
-    ``"masked_fill"``, ``"where"``, ``"bool"``, ``"causal"``, None, or two stacked stages such as
-    ``"where+additive"``), ``gqa`` (``"repeat_kv"``,
+    unknown), ``form`` the matched form (``"sdpa"``, ``"eager-matmul"``, ``"eager-bmm"``,
+    ``"eager-baddbmm"``, ``"eager-einsum"``) and ``details`` how it was written: ``scale``
+    (``"div"``, ``"mul"``, ``"alpha"`` (baddbmm), ``"prescaled-q"``, ``"prescaled-k"``, ``"none"``,
+    ``"default"``, ``"explicit"``), ``mask`` (``"additive"``, ``"masked_fill"``, ``"where"``,
+    ``"bool"``, ``"causal"``, None, two stacked stages such as ``"where+additive"``, and a
+    ``"bias"`` prefix for baddbmm's bias, e.g. ``"bias+additive"``), ``gqa`` (``"repeat_kv"``,
     ``"repeat_interleave"``, ``"sdpa"`` or None), ``upcast`` (softmax computed in a wider dtype)
-    and ``layout`` (``"BHSD"``, or ``"BSHD"`` when k had to be permuted into place).
+    and ``layout`` (``"BHSD"``; ``"BSHD"`` when q/k/v or the output had to be permuted from
+    ``[B, S, H, D]``; ``"permuted"`` for other einsum layouts).
     """
 
     node: str

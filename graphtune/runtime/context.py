@@ -51,6 +51,9 @@ class BatchContext:
         could not find the cache: selectors check it against the call's own shapes).
     position_ids : Tensor or None
         ``[B, L]`` (or ``[1, L]``) positions of the new tokens, if the caller passed them.
+    other_inputs : tuple of str
+        Names of the forward's other tensor inputs (e.g. ``token_type_ids``, ``inputs_embeds``):
+        they may make rows with identical ids differ, so planners that compare rows decline.
     plans : dict
         Plans by feature name, filled by planners; persist across decode steps through ``state``.
     state : dict
@@ -67,6 +70,7 @@ class BatchContext:
     state: dict[str, Any] = field(default_factory=dict)
     options: Any = None
     position_ids: Any = None
+    other_inputs: tuple[str, ...] = ()
 
     def enabled(self, feature: str) -> bool:
         """Whether ``feature`` (an Options field such as "shared_prefix") is on for this model."""
@@ -122,10 +126,11 @@ def batch_context(
     state: dict[str, Any] | None = None,
     options: Any = None,
     position_ids: Any = None,
+    other_inputs: tuple[str, ...] = (),
 ) -> Iterator[BatchContext]:
     """Plan once for this batch, then run the forward inside the context."""
     ctx = BatchContext(input_ids, attention_mask, past_length, state=state if state is not None else {},
-                       options=options, position_ids=position_ids)
+                       options=options, position_ids=position_ids, other_inputs=tuple(other_inputs))
     for planner in list(_planners.values()):
         planner(ctx)
     token = _current.set(ctx)

@@ -4,13 +4,16 @@ tuning database chose for its shape on this device.
 :func:`install` adds the ``"tuned"`` selector to the runtime's selector chain. Per call it builds a
 cheap key from the argument shapes and dtypes and looks it up in an in-process dict; on a miss
 (first call of a shape) it asks the database (exact bucket, else nearest) and caches the answer,
-including "nothing tuned" (the op's default path then runs). The cache is dropped whenever this
-process writes to a tuning database; records written by other processes are seen after
-:func:`clear_cache` or a restart. A tuned implementation that raises at call time is dropped for
+including "nothing tuned" (the op's default path then runs). Cached answers are per database
+path (switching ``GRAPHTUNE_DB`` switches decisions) and are dropped whenever this process writes
+to a tuning database; records written by other processes are seen after :func:`clear_cache` or a
+restart. A model optimized with ``tune=False`` never gets a tuned implementation (its batch
+context says so). A tuned implementation that raises at call time is dropped for
 that key with one warning, and the call is answered by the default path.
 """
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from typing import Any, Callable
@@ -23,6 +26,7 @@ from graphtune.autotune import fingerprint
 from graphtune.autotune.shapes import ATTENTION_OP, MERGE_OP, key_for_args, key_for_merge_args
 from graphtune.autotune.tuner import DEFAULT_IMPLS, is_valid, load_impls
 from graphtune.codegen.registry import Impl, KernelConfig, get_impl
+from graphtune.errors import GraphtuneError
 from graphtune.ir.ops import attention_cpu
 from graphtune.ir.reference import attention_ref, merge_states_ref
 from graphtune.runtime.context import register_selector, unregister_selector
@@ -32,9 +36,12 @@ __all__ = ["install", "uninstall", "installed", "clear_cache", "resolve", "cache
 SELECTOR_NAME = "tuned"
 _OPS = ("attention", "attention_with_lse", MERGE_OP)
 
+# keys start with the database path: answers of one database never serve another
 _cache: dict[tuple, Callable[..., Any] | None] = {}
 _cache_gen = -1
-_has_records: bool | None = None  # None: not looked at since the last write / clear_cache()
+# per (path, device): any record for this device and versions? absent: not looked at since the
+# last write / clear_cache()
+_has_records: dict[tuple, bool] = {}
 _warned: set[tuple] = set()
 _lock = threading.Lock()
 
@@ -91,7 +98,7 @@ def resolve(op: str, args: tuple) -> tuple[Impl, KernelConfig] | None:
     """
     if op not in _OPS:
         return None
-    store = _db.get_db()
+    store = _db.get_db()  # the DB flag's database, as the selector's cache key
     if store is None:
         return None
     dev = args[0][0].device if op == MERGE_OP else args[0].device
@@ -123,27 +130,51 @@ def resolve(op: str, args: tuple) -> tuple[Impl, KernelConfig] | None:
     return impl, cfg
 
 
+_path_memo: tuple[str, str] | None = None  # (flag value, absolute path)
+
+
+def _db_path() -> str:
+    """The database path the DB flag names now, absolute (as get_db() keys its handles)."""
+    global _path_memo
+    p = flags.get("DB")  # cached by flags per environment text
+    memo = _path_memo
+    if memo is not None and memo[0] == p:
+        return memo[1]
+    _path_memo = (p, p if os.path.isabs(p) else os.path.abspath(p))
+    return _path_memo[1]
+
+
 def _selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
-    global _cache_gen, _has_records
+    global _cache_gen
     if op not in _OPS:
+        return None
+    if ctx is not None and not ctx.enabled("tune"):  # optimize(..., tune=False)
         return None
     gen = _db._generation
     if gen != _cache_gen:  # this process wrote to a tuning database: answers may have changed
         with _lock:
             _cache.clear()
             _cache_gen = gen
-            _has_records = None
+            _has_records.clear()
     if flags.get("CACHELEVEL") <= 0:  # database disabled: defaults only
         return None
-    if _has_records is None:
-        try:
-            store = _db.get_db()
-            _has_records = bool(store is not None and store.count() > 0)
-        except Exception:  # noqa: BLE001 - an unreadable database is reported by resolve() below
-            _has_records = True
-    if not _has_records:  # nothing tuned at all: the common untuned case costs one check per call
+    path = _db_path()
+    dev = args[0][0].device if op == MERGE_OP else args[0].device
+    has = _has_records.get((path, dev))
+    if has is None:
+        # records of other devices (e.g. the shipped static GPU records) do not count
+        has = False  # nothing is tuned for meta or other device types
+        if dev.type in ("cpu", "cuda"):
+            try:
+                store = _db.get_db(path)
+                fp = fingerprint.current(dev)
+                has = bool(store is not None and store.has_records(fp.device, fp.versions))
+            except Exception:  # noqa: BLE001 - an unreadable database is reported by resolve() below
+                has = True
+        _has_records[(path, dev)] = has
+    if not has:  # nothing tuned for this device: the common untuned case costs one check per call
         return None
-    key = _fast_key(op, args)
+    key = (path, *_fast_key(op, args))
     try:
         return _cache[key]
     except KeyError:
@@ -172,7 +203,10 @@ def describe(site: Any, q_shape: tuple | None, k_shape: tuple | None, dtype: tor
     mask = (site.details or {}).get("mask")
     causal = mask == "causal"
     gqa = q_shape[-3] != k_shape[-3] if len(q_shape) >= 3 else False
-    hit = resolve(ATTENTION_OP, (q, k, k, None, causal, None, gqa))
+    try:
+        hit = resolve(ATTENTION_OP, (q, k, k, None, causal, None, gqa))
+    except GraphtuneError as e:  # explain reports it; the op itself warns and runs the default
+        return f"default: SDPA / ATen flash kernel (tuning database unusable: {e})"
     return f"tuned: {hit[0].name} [{hit[1]}]" if hit else "default: SDPA / ATen flash kernel"
 
 
@@ -206,11 +240,10 @@ def installed() -> bool:
 
 def clear_cache() -> None:
     """Forget cached decisions (and warnings), e.g. after another process tuned."""
-    global _has_records
     with _lock:
         _cache.clear()
         _warned.clear()
-        _has_records = None
+        _has_records.clear()
 
 
 def cache_info() -> dict[str, int]:

@@ -245,8 +245,13 @@ def _mask_kind(batch: LeanBatch, mask: Tensor | None, B: int, lq: int) -> str | 
         allowed = _allowed_from_mask(mask, B, lq, S)
         if allowed is not None:
             allowed = allowed.cpu()
-            pad = torch.arange(S)[None, None, :] >= torch.tensor(batch.starts)[:, None, None]  # [B, 1, S]
-            causal = pad & (torch.arange(S)[None, None, :] <= S - lq + torch.arange(lq)[None, :, None])
+            # lean reads exactly keys [start, start + len) of each row (left, right or both-side
+            # padding); the call's mask must allow exactly those, else lean drops or adds keys
+            j = torch.arange(S)[None, None, :]
+            st, n = torch.tensor(batch.starts)[:, None, None], torch.tensor(batch.lengths)[:, None, None]
+            pad = (j >= st) & (j < st + n)  # [B, 1, S]
+            # bottom-right causal over the row's own range (lean's is_causal): j - start <= len - lq + i
+            causal = pad & (j - st <= n - lq + torch.arange(lq)[None, :, None])  # [B, Lq, S]
             if torch.equal(allowed, pad.expand(B, lq, S)):
                 kind = "plain"
             elif torch.equal(allowed, causal) and min(batch.lengths) >= lq:

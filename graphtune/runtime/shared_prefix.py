@@ -5,11 +5,14 @@ a tree of :class:`SharedSegment` (system prompt shared by all rows, few-shot blo
 subsets, ...). Each row's segments tile ``[0, suffix_start(row))``; everything after is the
 row's own suffix.
 
-In an optimized model the planner (:func:`plan_batch`) looks at the prompt ids and padding mask
-at prefill, finds rows whose prompts share a leading prefix (identical tokens + identical padding
-at identical positions give identical K/V, e.g. ``generate(num_return_sequences=32)``), and keeps
-the plan in the model's state. On every later step the selector (:func:`select`) answers each
-``graphtune.attention`` call on HF's duplicated cache with :func:`run_dense`: every shared segment
+In an optimized model the planner (:func:`plan_batch`) looks at the prompt ids, padding mask and
+positions at prefill, finds rows whose prompts share a leading prefix (identical tokens, padding
+and positions give identical K/V, e.g. ``generate(num_return_sequences=32)``; a 4-D mask or an
+input it cannot compare, such as ``token_type_ids``, means no sharing), and keeps the plan in the
+request's state, which the optimized model holds per KV cache object and hands back only while
+that cache holds what the request put in it. On every later step of that request the selector
+(:func:`select`) answers each ``graphtune.attention`` call whose own past (keys before its
+queries) is that cache with :func:`run_dense`: every shared segment
 is read once from one representative row, with all sharing rows' queries batched, each row's
 suffix separately, merged by log-sum-exp. It declines (so the default path runs) whenever the
 decomposition would not be exact or would not pay.
@@ -169,12 +172,13 @@ def detect_shared_prefixes(
     attention_mask: Tensor | None = None,
     min_prefix: int | None = None,
     min_rows: int | None = None,
+    position_ids: Tensor | None = None,
 ) -> SharedPrefixPlan | None:
     """Find the sharing tree of a prompt batch, or None if no sharing pays.
 
-    Rows share key range ``[a, b)`` when their token ids *and* padding mask agree on every
-    position ``< b`` (so their K/V there is identical). Ranges shorter than ``min_prefix`` tokens
-    or shared by fewer than ``min_rows`` rows are merged into the level below.
+    Rows share key range ``[a, b)`` when their token ids, padding mask *and* positions agree on
+    every position ``< b`` (so their K/V there is identical). Ranges shorter than ``min_prefix``
+    tokens or shared by fewer than ``min_rows`` rows are merged into the level below.
 
     Parameters
     ----------
@@ -182,6 +186,8 @@ def detect_shared_prefixes(
     attention_mask : ``[B, L]`` 0/1, optional (left padding)
     min_prefix, min_rows : int, optional
         Defaults: :func:`thresholds`.
+    position_ids : LongTensor ``[B, L]`` or ``[1, L]``, optional
+        Explicit positions (rotary/learned position embeddings make K depend on them).
 
     Examples
     --------
@@ -189,6 +195,9 @@ def detect_shared_prefixes(
     >>> ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 6, 7]])
     >>> detect_shared_prefixes(ids, min_prefix=1, min_rows=2).segments
     (SharedSegment(rows=(0, 1, 2), start=0, end=2), SharedSegment(rows=(0, 1), start=2, end=3))
+    >>> pos = torch.tensor([[0, 1, 2, 3], [0, 1, 5, 6], [0, 1, 2, 3]])  # row 1 skips positions
+    >>> detect_shared_prefixes(ids, min_prefix=1, min_rows=2, position_ids=pos).segments
+    (SharedSegment(rows=(0, 1, 2), start=0, end=2),)
     """
     mp, mr = thresholds()
     min_prefix = mp if min_prefix is None else min_prefix
@@ -196,22 +205,28 @@ def detect_shared_prefixes(
     if input_ids.dim() != 2:
         raise PlanError(f"detect_shared_prefixes: input_ids must be [B, L], got {tuple(input_ids.shape)}")
     B, L = input_ids.shape
-    ids = input_ids
+    ids = input_ids.long()
     if attention_mask is not None:
-        if attention_mask.shape[0] != B or attention_mask.shape[1] < L:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < L:
             raise PlanError(f"detect_shared_prefixes: attention_mask {tuple(attention_mask.shape)} does not cover "
                             f"input_ids {tuple(input_ids.shape)}")
         # a padded position compares equal only to a padded position: encode the mask in the key
         m = attention_mask[:, -L:].to(torch.bool)
-        ids = torch.where(m, input_ids.long(), -1 - input_ids.long())
+        ids = torch.where(m, ids, -1 - ids)
+    keys = ids[:, :, None]  # [B, L, C]: what must agree for two rows to hold the same K/V
+    if position_ids is not None:
+        if position_ids.dim() != 2 or position_ids.shape[0] not in (1, B) or position_ids.shape[1] != L:
+            raise PlanError(f"detect_shared_prefixes: position_ids {tuple(position_ids.shape)} do not match "
+                            f"input_ids {tuple(input_ids.shape)}")
+        keys = torch.cat([keys, position_ids.long().expand(B, L)[:, :, None].to(keys.device)], dim=2)
     segments: list[SharedSegment] = []
 
     # Walk the trie: rows share [start, end); ranges too short to pay are pushed down (kept_start).
     def visit(rows: list[int], start: int, kept_start: int) -> None:
         if len(rows) < min_rows or start >= L:
             return
-        block = ids[rows, start:]
-        diff = (block != block[:1]).any(0).nonzero()
+        block = keys[rows, start:]  # [R, L - start, C]
+        diff = (block != block[:1]).any(0).any(-1).nonzero()
         end = start + (int(diff[0]) if diff.numel() else L - start)
         if end - kept_start >= min_prefix:
             segments.append(SharedSegment(tuple(rows), kept_start, end))
@@ -219,8 +234,8 @@ def detect_shared_prefixes(
         if end >= L:
             return
         parts: dict[int, list[int]] = {}
-        for r, tok in zip(rows, ids[rows, end].tolist()):
-            parts.setdefault(tok, []).append(r)
+        for r, key in zip(rows, keys[rows, end].tolist()):
+            parts.setdefault(tuple(key), []).append(r)
         for sub in parts.values():
             visit(sub, end, kept_start)
 
@@ -435,23 +450,36 @@ _enabled = False
 
 
 def plan_batch(ctx: BatchContext) -> None:
-    """Planner: detect sharing at prefill (kept in ``ctx.state``), expose it in ``ctx.plans`` later."""
+    """Planner: detect sharing at prefill (kept in ``ctx.state``), expose it in ``ctx.plans`` later.
+
+    ``ctx.state`` belongs to one request (the optimized model keeps one per KV cache), so a plan
+    found at that request's prefill is only ever offered to the forwards continuing its cache.
+    """
     if not _enabled or ctx.input_ids is None or ctx.input_ids.dim() != 2:
         return
     if not ctx.enabled("shared_prefix"):  # this model was optimized with shared_prefix=False
         ctx.state.pop(STATE_KEY, None)
         return
-    B = ctx.input_ids.shape[0]
+    B, L = ctx.input_ids.shape
+    mask = ctx.attention_mask
+    if mask is not None and mask.dim() != 2:
+        # a 4-D / custom mask can make rows with identical ids attend differently: no sharing
+        ctx.state.pop(STATE_KEY, None)
+        return
     if ctx.past_length == 0:
-        mask = ctx.attention_mask
-        plan = detect_shared_prefixes(ctx.input_ids, mask if mask is not None and mask.dim() == 2 else None)
+        pos = ctx.position_ids
+        if ctx.other_inputs or (pos is not None and (pos.dim() != 2 or pos.shape[0] not in (1, B)
+                                                     or pos.shape[1] != L)):
+            plan = None  # inputs we cannot compare per row: rows with equal ids may differ
+        else:
+            plan = detect_shared_prefixes(ctx.input_ids, mask, position_ids=pos)
         if plan is None:
             ctx.state.pop(STATE_KEY, None)
         else:
             ctx.state[STATE_KEY] = plan
     plan = ctx.state.get(STATE_KEY)
-    if plan is not None and plan.batch_size != B:
-        ctx.state.pop(STATE_KEY, None)  # batch changed under us (new request set): sharing unknown
+    if plan is not None and (plan.batch_size != B or (ctx.past_length and plan.max_end > ctx.past_length)):
+        ctx.state.pop(STATE_KEY, None)  # not the batch or the cache the plan was built for
         plan = None
     if plan is not None:
         ctx.plans[STATE_KEY] = plan
@@ -468,18 +496,44 @@ def select(op: str, args: tuple, ctx: BatchContext | None) -> Callable[..., Any]
     q, k, v, attn_mask, is_causal, scale, enable_gqa = args
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != plan.batch_size or k.shape[0] != plan.batch_size:
         return None
-    if ctx.past_length == 0 and q.shape[-2] == k.shape[-2]:
-        return _select_dedup(plan, q, k, attn_mask, ctx)  # prefill of the prompt itself
+    lq, S = q.shape[-2], k.shape[-2]
+    if ctx.past_length == 0:
+        # a prefill: only the prompt's self-attention itself (no cached keys) can be deduplicated
+        if lq == S == ctx.input_ids.shape[-1]:
+            return _select_dedup(plan, q, k, attn_mask, ctx)
+        return None
     if is_causal:
         return None  # SDPA's top-left causal: the queries do not all come after the prefix
-    if k.shape[-2] - q.shape[-2] < plan.max_end:
-        return None  # queries overlapping the shared prefix
-    if ctx.past_length and k.shape[-2] != ctx.past_length + q.shape[-2]:
-        return None  # not self-attention over the growing cache (cross-attention, static/sliding caches)
+    # The call's own past (keys before its queries) must be the cache the plan was built for;
+    # anything else (cross-attention, static or sliding caches) is left to the default path.
+    if S - lq != ctx.past_length or plan.max_end > S - lq:
+        return None
+    if not _rows_still_share(plan, k, ctx):
+        return None
     key_masks = _mask_plan(plan, attn_mask, ctx.plans.get(STATE_KEY + ".masks"))
     if key_masks is None:
         return None
     return functools.partial(_impl, plan, key_masks)
+
+
+def _rows_still_share(plan: SharedPrefixPlan, k: Tensor, ctx: BatchContext) -> bool:
+    """Spot check, once per forward: each segment's last key is identical in all its rows.
+
+    Cheap (one key per segment) and catches a cache whose rows were reordered or rewritten since
+    the plan was made (e.g. a reorder by index that moved rows between groups).
+    """
+    key = STATE_KEY + ".checked"
+    ok = ctx.plans.get(key)
+    if ok is None:
+        ok = True
+        for seg in plan.segments:
+            if len(seg.rows) > 1 and seg.length:
+                col = k[list(seg.rows), :, seg.end - 1]  # [R, Hkv, D]
+                if not bool((col == col[:1]).all()):
+                    ok = False
+                    break
+        ctx.plans[key] = ok
+    return ok
 
 
 def _select_dedup(plan: SharedPrefixPlan, q: Tensor, k: Tensor, attn_mask: Tensor | None,

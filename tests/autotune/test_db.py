@@ -166,7 +166,7 @@ def test_shipped_records_are_imported_once_on_first_use(tmp_path, monkeypatch):
     shipped = tmp_path / "shipped"
     (shipped / "records").mkdir(parents=True)
     (shipped / "records" / "cpu.json").write_text(json.dumps([rec(impl="shipped", record_id="r1", created_at="2025-01-01").to_json()]))
-    monkeypatch.setattr(dbmod, "TUNING_DB_DIR", shipped)
+    monkeypatch.setattr(dbmod, "SHIPPED_DIR", shipped / "records")
     d = TuningDB(tmp_path / "t.db")
     assert [r.impl for r in d.records()] == ["shipped"]
     d.delete(["r1"])  # deleted by the user: reopening must not resurrect it
@@ -176,8 +176,9 @@ def test_shipped_records_are_imported_once_on_first_use(tmp_path, monkeypatch):
         assert TuningDB(tmp_path / "t.db").count() == 0
 
 
-def test_repository_shipped_records_load_through_the_import_path(tmp_path):
+def test_repository_shipped_records_load_through_the_import_path(tmp_path, monkeypatch):
     # the records graphtune ships: non-empty, and every one passes the same validation as `db import`
+    monkeypatch.setattr(dbmod, "SHIPPED_DIR", dbmod.TUNING_DB_DIR / "records")
     files = sorted((dbmod.TUNING_DB_DIR / "records").glob("*.json"))
     assert files
     shipped = [d for f in files for d in json.loads(f.read_text())]
@@ -236,22 +237,23 @@ def test_locked_database_waits_then_raises_and_is_never_moved_aside(tmp_path):
     d.close()
     ctx = mp.get_context("fork")
     started = ctx.Event()
-    p = ctx.Process(target=_hold_lock, args=(path, 3.0, started))
+    p = ctx.Process(target=_hold_lock, args=(path, 5.0, started))
     p.start()
     try:
-        assert started.wait(30)
+        assert started.wait(60)
         import time
         t0 = time.monotonic()
-        with pytest.raises(TuningDBError, match="locked"):
+        with pytest.raises(TuningDBError, match="locked by another process"):
             TuningDB(path, timeout=0.5)
         assert time.monotonic() - t0 >= 0.4  # it waited (busy timeout) before giving up
-        assert os.listdir(tmp_path) == ["t.db"] or all(not n.startswith("t.db.") or n.endswith("-journal")
-                                                       for n in os.listdir(tmp_path))
-        d2 = TuningDB(path, timeout=30)  # a lock released within the timeout is simply waited for
+        assert not _moved(tmp_path, "corrupt") and not _moved(tmp_path, "foreign")
+        d2 = TuningDB(path, timeout=60)  # a lock released within the timeout is simply waited for
         assert [r.impl for r in d2.records()] == ["precious"]
+        assert d2._conn.execute("SELECT COUNT(*) FROM shipped_imports WHERE name = 'held'").fetchone()[0] == 1
         d2.close()
     finally:
-        p.join(30)
+        p.join(60)
+    assert p.exitcode == 0  # the other process's transaction committed: nothing was moved under it
     assert not _moved(tmp_path, "corrupt") and not _moved(tmp_path, "foreign")
 
 

@@ -14,6 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module impor
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 from graphtune.codegen import registry  # noqa: E402
@@ -236,3 +237,27 @@ def test_invalid_config_is_rejected():
     q, k, v = _qkv(1, 2, 2, 4, 6, 16)
     with pytest.raises(KernelError, match="power-of-two"):
         attention_fwd(q, k, v, config=registry.KernelConfig.make(BLOCK_M=24, BLOCK_N=32))
+
+
+@pytest.mark.parametrize("qs,ks,gqa", [
+    ((2, 4, 3, 16), (1, 2, 7, 16), True),  # q batch 2 over k/v batch 1 (once read out of bounds)
+    ((1, 2, 3, 16), (2, 2, 7, 16), False),  # k/v batch 2: the output has batch 2, as in SDPA
+    ((2, 3, 16), (2, 2, 7, 16), False),  # rank-3 q with rank-4 k/v
+    ((3, 2, 2, 3, 16), (1, 2, 2, 7, 16), False),  # rank 5, broadcast leading dim
+])
+def test_batch_dims_broadcast_like_sdpa(qs, ks, gqa):
+    q, k, v = torch.randn(qs), torch.randn(ks), torch.randn(ks)
+    mask = torch.rand(3, 7) > 0.3
+    mask[:, 0] = True
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    out, lse = attention_fwd(q, k, v, mask, enable_gqa=gqa)
+    assert out.shape == want.shape and lse.shape == want.shape[:-1]
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, attention_ref(q, k, v, mask, enable_gqa=gqa)[1], atol=2e-5, rtol=2e-5)
+
+
+def test_rows_emptied_by_mask_and_causality_together_are_empty():
+    q, k = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
+    m = torch.tensor([[False, False, True]] * 3)  # with top-left causal, rows 0 and 1 see nothing
+    out, lse = _check(q, k, k, m, causal=True)
+    assert torch.isneginf(lse[..., :2]).all() and (out[..., :2, :] == 0).all()

@@ -6,6 +6,7 @@ import torch
 
 from graphtune.codegen import cpu_attention as C
 from graphtune.codegen.registry import KernelConfig, get_impl, impls_for
+from graphtune.errors import ShapeError
 from graphtune.ir.ops import attention_cpu
 from graphtune.ir.reference import attention_ref, merge_states_ref
 
@@ -110,7 +111,7 @@ def test_threads_knob_is_scoped_and_restored():
     for t in C.thread_choices():
         C.flash_attention(q, q, q, config=KernelConfig.make(THREADS=t))
         assert torch.get_num_threads() == before
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ShapeError, match="head dim"):
         C.flash_attention(q, q[..., :8], q, config=KernelConfig.make(THREADS=1))
     assert torch.get_num_threads() == before
 
@@ -165,3 +166,38 @@ def test_memory_hungry_configs_are_pruned_for_long_prefill():
     blocks = [c["BLOCK_M"] for c in C._math_configs(prefill)]
     assert blocks == [64]  # 256 and 1024 rows would need 1 and 4 GiB of scores
     assert [c["BLOCK_M"] for c in C._math_configs((q[:1, :4, :300], k[:1, :1], k[:1, :1], None, False, None, True))] == [64, 256, 300]
+
+
+@pytest.mark.parametrize("name", ATTN_IMPLS)
+@pytest.mark.parametrize("mshape", [(1, 1, 3, 1), (1, 1, 1, 300), (2, 1, 1, 1), (3, 300), (1, 4, 1, 300)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_masks_broadcast_over_queries_keys_or_heads_match_reference(name, mshape):
+    # a mask with a size-1 query or key dim once folded/split along its own sizes (gqa_fold: "expanded
+    # size must match"; split_kv: chunks of a size-1 key dim came out empty)
+    B, Hq, Hkv, L, S, D = 2, 4, 2, 3, 300, 16
+    q, k, v = torch.randn(B, Hq, L, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    impl = get_impl("attention_with_lse", name)
+    for kind in ("bool", "additive"):
+        m = torch.rand(mshape) > 0.3 if kind == "bool" else torch.randn(mshape)
+        if kind == "bool":
+            m[..., 0] = True
+        for causal in (False, True):
+            args = (q, k, v, m, causal, None, True)
+            assert impl.supports(args)
+            for cfg in {impl.default, *impl.configs(args)}:
+                _check(impl.fn(*args, config=cfg), attention_ref(*args), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ATTN_IMPLS)
+def test_rows_at_finfo_min_average_uniformly_like_sdpa(name):
+    # cpu.math once computed exp(scores - lse), which loses log(#keys) at finfo.min: sum, not mean
+    import torch.nn.functional as F
+
+    q, k, v = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
+    m = torch.randn(1, 1, 3, 300)
+    m[..., 1, :] = torch.finfo(torch.float32).min
+    args = (q, k, v, m, False, None, True)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+    impl = get_impl("attention_with_lse", name)
+    for cfg in {impl.default, *impl.configs(args)}:
+        torch.testing.assert_close(impl.fn(*args, config=cfg)[0], want, atol=1e-5, rtol=1e-5)

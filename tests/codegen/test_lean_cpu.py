@@ -129,3 +129,76 @@ def test_lean_cpu_rejects_inputs_that_do_not_fit_the_plan():
         lean_attention_cpu(q, k, v, make_plan([5, 3], 2, 2, 2), starts, mode="gpu")
     with pytest.raises(ShapeError, match="dtypes differ"):
         lean_attention_cpu(q, k.half(), v, make_plan([5, 3], 2, 2, 2), starts)
+
+
+def test_lean_cpu_threads_run_in_a_forked_child_after_the_parent_used_them():
+    # the parent's pool threads do not exist in a forked child: reusing the pool hung forever
+    import os
+    import signal
+    import time
+
+    from graphtune.codegen import lean_cpu
+
+    q, k, v, starts = _batch(LENGTHS, hkv=2, group=2, lq=1, d=16)
+    plan = make_plan(LENGTHS, 2, 16, 3)
+    want, _ = lean_attention_cpu(q, k, v, plan, starts, mode="threads")
+    for _ in range(50):  # until every pool thread has started (a child then gets none of them)
+        if all(len(p._threads) == p._max_workers for p in lean_cpu._pools.values()):
+            break
+        lean_attention_cpu(q, k, v, plan, starts, mode="threads")
+        time.sleep(0.01)
+    assert lean_cpu._pools  # the parent holds a live pool
+    pid = os.fork()
+    if pid == 0:  # child: exit 0 iff the threaded run finishes with the parent's answer
+        code = 1
+        try:
+            got, _ = lean_attention_cpu(q, k, v, plan, starts, mode="threads")
+            code = 0 if torch.allclose(got, want, atol=1e-6, rtol=1e-6) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("lean CPU attention hung in a forked child")
+        time.sleep(0.05)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    # and the parent's pool still works after the fork
+    got, _ = lean_attention_cpu(q, k, v, plan, starts, mode="threads")
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("lq", [1, 3])
+@pytest.mark.parametrize("pad", ["left", "right", "both"])
+def test_lean_decode_cpu_honours_start_and_length_of_each_row(pad, lq):
+    # right padding: keys at j >= start + len are padding and must weigh nothing (not only j < start);
+    # lq = 3: bottom-right causal among each row's real keys
+    from graphtune.codegen.lean_cpu import lean_decode_cpu
+    from graphtune.codegen.registry import KernelConfig
+
+    lengths, S = [5, 40, 3, 33], 48
+    q, k, v = torch.randn(4, 4, lq, 16), torch.randn(4, 2, S, 16), torch.randn(4, 2, S, 16)
+    if pad == "left":
+        starts = [S - n for n in lengths]
+    elif pad == "right":
+        starts = [0] * 4
+    else:
+        starts = [3, 1, 20, 7]
+    j = torch.arange(S)[None, :]
+    st, ln = torch.tensor(starts)[:, None], torch.tensor(lengths)[:, None]
+    real = ((j >= st) & (j < st + ln))[:, None, None, :]  # [B, 1, 1, S]
+    k = k.masked_fill(~real.transpose(-1, -2), 1e4)  # padding keys would dominate if attended
+    i = torch.arange(lq)[None, None, :, None]
+    keep = real & ((j[:, None, None, :] - st[:, :, None, None]) <= ln[:, :, None, None] - lq + i)  # [B, 1, lq, S]
+    want, want_lse = attention_ref(q, k, v, keep, enable_gqa=True)
+    for cfg in (KernelConfig.make(TILE=8, WORKERS=3, SERIAL=0), KernelConfig.make(TILE=64, WORKERS=1, SERIAL=1)):
+        for mask in (keep, torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)):
+            got, lse = lean_decode_cpu(q, k, v, mask, enable_gqa=True, config=cfg)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+        got, _ = lean_attention_cpu(q, k, v, make_plan(lengths, 2, 8, 3), starts, is_causal=lq > 1)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

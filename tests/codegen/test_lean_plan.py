@@ -90,6 +90,9 @@ def test_plan_accepts_numpy_and_torch_integers():
 def test_ranges_from_left_and_right_padded_masks():
     m = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     assert ranges_from_padding_mask(m) == ((2, 0, 0), (3, 5, 2))
+    # padding on both sides, bool or float: the run [start, start + len) and nothing after it
+    both = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 0, 1]])
+    assert ranges_from_padding_mask(both.bool()) == ranges_from_padding_mask(both.float()) == ((1, 4), (2, 1))
 
 
 @pytest.mark.parametrize("mask, words", [

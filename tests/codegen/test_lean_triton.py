@@ -110,3 +110,20 @@ def test_prune_keeps_block_n_dividing_the_tile_and_never_empties():
     assert kept and all(128 % c["BLOCK_N"] == 0 for c in kept)
     assert LEAN_DEFAULT_CONFIG in kept
     assert prune_lean_configs(LEAN_CONFIG_SPACE, rows=4, head_dim=128, dtype=torch.float16, tile=7) == [LEAN_DEFAULT_CONFIG]
+
+
+@pytest.mark.parametrize("pad", ["right", "both"])
+def test_lean_triton_reads_only_keys_from_start_to_start_plus_length(pad):
+    # right padding: keys at j >= start + len are padding; made huge so that reading one shows
+    q, k, v, _ = _case(lq=1, group=2, d=16, dtype=torch.float32)
+    S = k.shape[2]
+    starts = [0] * len(LENGTHS) if pad == "right" else [1, 40, 2, S - 5 - 1]
+    j = torch.arange(S)
+    for b, (s, n) in enumerate(zip(starts, LENGTHS)):
+        outside = (j < s) | (j >= s + n)
+        k[b, :, outside] = 1e4
+        v[b, :, outside] = float("nan")
+    o, l = lean_attention_triton(q, k, v, make_plan(LENGTHS, 2, 16, 3), starts, config=SMALL)
+    ref_o, ref_l = _reference(q, k, v, starts, False)
+    torch.testing.assert_close(o, ref_o, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(l, ref_l, atol=2e-5, rtol=2e-5)

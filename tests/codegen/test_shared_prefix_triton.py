@@ -42,6 +42,20 @@ def test_default_config_cross_compiles_without_spills(arch):
     assert res.registers <= 255 and res.shared_mem_bytes < 160 * 1024, res
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float16])
+def test_masked_variant_cross_compiles_without_spills(mask_dtype):
+    from graphtune.codegen.crosscompile import compile_for_target
+
+    meta = lambda *s, dt=torch.float16: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
+    q, k = meta(8, 32, 4, 128), meta(8, 8, 64, 128)  # append of 4 tokens, GQA 4, head dim 128
+    op_args = (q, k, k, torch.empty(8, dtype=torch.int32, device="meta"), q, meta(8, 32, 4), True, None,
+               meta(1, 1, 4, 64, dt=mask_dtype))
+    spec = suffix_merge_compile_spec(op_args, SUFFIX_MERGE_DEFAULT_CONFIG)
+    assert spec.kwargs["MASK_KIND"] == (1 if mask_dtype == torch.bool else 2)
+    res = compile_for_target(spec.fn, spec.args, spec.kwargs, SUFFIX_MERGE_DEFAULT_CONFIG, arch=90, use_cache=False)
+    assert res.spill_bytes == 0, res
+
+
 def _torch_path(q, k, v, lens, prior, causal, gqa):
     parts = [suffix_attention(q, k, v, lens, None, causal, None, gqa)]
     if prior is not None:
@@ -139,3 +153,83 @@ def test_run_dense_gpu_path_uses_the_fused_kernel_and_stays_exact(monkeypatch):
         out, _ = sp.run_dense(p, q, k, v, enable_gqa=True)
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, enable_gqa=True), atol=1e-5, rtol=1e-5)
     assert used == [1]  # only the plan whose rows' suffixes all start at one key takes the fused path
+
+
+def _suffix_masks(B, Hq, Lq, Ls, dtype):
+    bool_rows = torch.rand(B, 1, Lq, Ls) > 0.4
+    bool_rows[0, :, 0] = False  # row 0, query 0: no suffix key at all (the prefix still counts)
+    bias = torch.randn(1, Hq, Lq, Ls, dtype=dtype)
+    bias[..., 1::3] = float("-inf")
+    return {"bool [B,1,Lq,Ls]": bool_rows, "additive [1,Hq,Lq,Ls]": bias,
+            "bool [Lq,Ls]": torch.rand(Lq, Ls) > 0.5, "additive [B,1,1,Ls]": torch.randn(B, 1, 1, Ls, dtype=dtype),
+            "bool [1,1,Lq,1]": torch.tensor([True, False] * Lq)[:Lq].view(1, 1, Lq, 1)}
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("Lq,causal", [(1, False), (3, True)])
+def test_fused_path_honours_the_suffix_mask(dtype, atol, Lq, causal):
+    # fused=True once ignored suffix_mask silently; it must equal the torch decomposition and the
+    # fp32 reference over the concatenated keys, fully masked suffix rows included
+    B, Hkv, G, D, Ls = 3, 2, 2, 16, 11
+    segs = [Segment(None, torch.randn(Hkv, 20, D, dtype=dtype), torch.randn(Hkv, 20, D, dtype=dtype)),
+            Segment(torch.tensor([2]), torch.randn(Hkv, 7, D, dtype=dtype), torch.randn(Hkv, 7, D, dtype=dtype))]
+    lens = torch.tensor([11, 4, 9])
+    sk, sv = torch.randn(B, Hkv, Ls, D, dtype=dtype), torch.randn(B, Hkv, Ls, D, dtype=dtype)
+    q = torch.randn(B, Hkv * G, Lq, D, dtype=dtype)
+    for name, m in _suffix_masks(B, Hkv * G, Lq, Ls, dtype).items():
+        kw = dict(suffix_lens=lens, suffix_mask=m, causal=causal, enable_gqa=True)
+        out, lse = shared_prefix_attention(q, segs, sk, sv, fused=True, **kw)
+        t_out, t_lse = shared_prefix_attention(q, segs, sk, sv, fused=False, **kw)
+        torch.testing.assert_close(out.float(), t_out.float(), atol=atol, rtol=atol, msg=name)
+        torch.testing.assert_close(lse, t_lse, atol=atol, rtol=atol, msg=name)
+        m4 = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)).expand(B, Hkv * G, Lq, Ls)
+        for b in range(B):  # reference: attention over prefix + suffix keys with one mask
+            n = int(lens[b])
+            pre = [s for s in segs if s.rows is None or b in s.rows.tolist()]
+            ks = torch.cat([s.k for s in pre] + [sk[b, :, :n]], 1)[None]
+            vs = torch.cat([s.v for s in pre] + [sv[b, :, :n]], 1)[None]
+            P = ks.shape[2] - n
+            sm = m4[b : b + 1, :, :, :n]
+            if sm.dtype == torch.bool:
+                full = torch.cat([torch.ones(1, Hkv * G, Lq, P, dtype=torch.bool), sm], -1)
+                if causal:
+                    full = full & torch.ones(Lq, P + n, dtype=torch.bool).tril(P + n - Lq)
+            else:
+                full = torch.cat([torch.zeros(1, Hkv * G, Lq, P, dtype=dtype), sm], -1)
+                if causal:
+                    full = full.masked_fill(~torch.ones(Lq, P + n, dtype=torch.bool).tril(P + n - Lq), float("-inf"))
+            ro, rl = attention_ref(q[b : b + 1], ks, vs, full, enable_gqa=True)
+            torch.testing.assert_close(out[b : b + 1].float(), ro.float(), atol=atol, rtol=atol, msg=f"{name} row {b}")
+            torch.testing.assert_close(lse[b : b + 1], rl, atol=atol, rtol=atol, msg=f"{name} row {b}")
+
+
+def test_suffix_merge_masked_rows_without_prior_get_zero_output_and_minus_inf_lse():
+    q, k = torch.randn(2, 2, 2, 16), torch.randn(2, 2, 6, 16)
+    m = torch.ones(2, 1, 2, 6, dtype=torch.bool)
+    m[1, :, 0] = False  # row 1, query 0 sees no key
+    out, lse = suffix_merge(q, k, k, attn_mask=m, fallback=False)
+    ro, rl = attention_ref(q, k, k, m)
+    assert (out[1, :, 0] == 0).all() and torch.isneginf(lse[1, :, 0]).all()
+    torch.testing.assert_close(out, ro, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, rl, atol=1e-5, rtol=1e-5)
+
+
+def test_suffix_masks_that_do_not_broadcast_raise_shape_error_on_both_paths():
+    q, k = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 6, 16)
+    for fused in (True, False):
+        with pytest.raises(ShapeError, match="mask"):
+            shared_prefix_attention(q, [], k, k, suffix_mask=torch.ones(2, 1, 1, 5, dtype=torch.bool), fused=fused)
+    with pytest.raises(ShapeError, match="mask"):
+        suffix_merge(q, k, k, attn_mask=torch.ones(3, 1, 1, 6, dtype=torch.bool))
+
+
+def test_fused_is_the_default_on_cuda_with_a_suffix_mask_too():
+    from types import SimpleNamespace
+
+    from graphtune.codegen import shared_prefix as sp
+
+    mask = torch.ones(1, 1, 1, 4, dtype=torch.bool)
+    assert not sp.fused_available(torch.empty(1, 2, 1, 16), mask)  # CPU: only when forced
+    on_cuda = SimpleNamespace(device=torch.device("cuda"))  # stands in for a CUDA query tensor
+    assert sp.fused_available(on_cuda, None) and sp.fused_available(on_cuda, mask, passes_mask=True)
+    assert not sp.fused_available(on_cuda, mask)  # a caller that would not pass the mask never gets the kernel

@@ -16,7 +16,7 @@ import math
 import os
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -87,11 +87,16 @@ def ref_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         scores = scores.masked_fill(~allowed, float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
-    lse = torch.logsumexp(scores, dim=-1)
-    finite = torch.isfinite(lse)
-    p = torch.exp(scores - torch.where(finite, lse, 0.0)[..., None])
-    p = torch.where(finite[..., None], p, 0.0)
-    return torch.matmul(p, v), lse
+    if scores.shape[-1] == 0:  # no keys at all
+        return scores.new_zeros(*scores.shape[:-1], v.shape[-1]), scores.new_full(scores.shape[:-1], float("-inf"))
+    # max-shifted: a row of equal huge finite fills (finfo.min) has its lse rounded to the fill itself
+    m = scores.amax(dim=-1, keepdim=True)
+    live = torch.isfinite(m)
+    p = torch.exp(scores - torch.where(live, m, 0.0))
+    denom = p.sum(dim=-1, keepdim=True)
+    out = torch.where(live, torch.matmul(p, v) / torch.where(live, denom, 1.0), 0.0)
+    lse = torch.where(live, m + torch.log(denom), float("-inf")).squeeze(-1)
+    return out, lse
 
 
 def assert_matches(got: torch.Tensor, want: torch.Tensor, tol: tuple[float, float], what: str,
@@ -165,6 +170,7 @@ class AttnCase:
     scale: float | None
     seed: int
     min_keys: int = 1  # padding leaves each mask row at least this many keys
+    causal_abs: bool = False  # causal_mask aligned to the last key (HF's decode mask), not the row's last real key
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -195,7 +201,7 @@ class AttnCase:
                 hi = lo + n
             allowed[b] &= (j >= lo) & (j < hi)
             if self.causal_mask and L > 1:
-                allowed[b] &= j[None, :] <= (hi - L + torch.arange(L))[:, None]
+                allowed[b] &= j[None, :] <= ((S if self.causal_abs else hi) - L + torch.arange(L))[:, None]
         for i in self.empty:
             if i < L:
                 allowed[:, :, i] = False
@@ -247,7 +253,9 @@ def attn_cases(draw, dtypes=tuple(DTYPES), broadcast: bool = False, long_kv: boo
     if mask != "none":
         mask_shape = draw(st.sampled_from(["BHLS", "BLS", "LS", "S", "BS", "HLS"]))
         # the mask's rank: at least what it keeps (B needs rank 4, H rank 3), leading 1s optional
-        mask_rank = draw(st.integers(4 if "B" in mask_shape else 3 if "H" in mask_shape else 2, 4))
+        # ... and no more than the output's (a rank-4 mask over rank-3 q would make the output rank 4)
+        out_rank = 3 + (1 if q_batch or kv_batch else 0)
+        mask_rank = min(out_rank, draw(st.integers(4 if "B" in mask_shape else 3 if "H" in mask_shape else 2, 4)))
         padding = draw(st.sampled_from(["none", "left", "right", "window"]))
         causal_mask = "L" in mask_shape and draw(st.booleans())
         if "L" in mask_shape and draw(st.integers(0, 3)) == 0:
@@ -259,3 +267,55 @@ def attn_cases(draw, dtypes=tuple(DTYPES), broadcast: bool = False, long_kv: boo
     seed = draw(st.integers(0, 2**16))
     return AttnCase(dtype, q_batch, kv_batch, hkv * group, hkv, lq, s, d, dv, gqa, is_causal, mask, mask_shape,
                     mask_rank, padding, causal_mask, empty, fill, bias, scale, seed)
+
+
+@dataclass(frozen=True)
+class MergeCase:
+    """Partial attention states over disjoint key sets of one problem; merged, they are the whole."""
+
+    attn: AttnCase
+    parts: int
+    assign: tuple[int, ...]  # part of each key (-1: in no part... never: every key is in one part)
+    rank: int
+
+    def build(self):
+        q, k, v, mask, causal, scale, gqa = self.attn.build()
+        outs, lses = [], []
+        for p in range(self.parts):
+            idx = torch.tensor([j for j, a in enumerate(self.assign) if a == p], dtype=torch.long)
+            m = None if mask is None else mask.index_select(-1, idx)
+            o, l = ref_attention(q, k.index_select(-2, idx), v.index_select(-2, idx), m, False, scale, gqa)
+            outs.append(o.to(q.dtype).reshape(o.shape[-self.rank:]))
+            lses.append(l.float().reshape(l.shape[-self.rank + 1:]))
+        want_o, want_l = ref_attention(q, k, v, mask, False, scale, gqa)
+        return outs, lses, want_o.reshape(want_o.shape[-self.rank:]), want_l.reshape(want_l.shape[-self.rank + 1:])
+
+
+@st.composite
+def merge_cases(draw, dtypes=tuple(DTYPES)) -> MergeCase:
+    a = draw(attn_cases(dtypes=dtypes, rank3=False))
+    a = replace(a, is_causal=False, kv_batch=a.q_batch, hkv=a.hq, gqa=False,
+                mask_shape=a.mask_shape if a.mask != "none" else "BHLS")
+    parts = draw(st.integers(1, 4))
+    assign = tuple(draw(st.lists(st.integers(0, parts - 1), min_size=a.s, max_size=a.s)))
+    rank = draw(st.integers(2, 4))
+    if rank < 4:  # outs [H, L, D] or [L, D]: one batch row (and one head)
+        a = replace(a, q_batch=(1,), kv_batch=(1,), hq=a.hq if rank == 3 else 1, hkv=a.hq if rank == 3 else 1)
+    return MergeCase(a, parts, assign, rank)
+
+
+@st.composite
+def lean_cases(draw, dtypes=tuple(DTYPES), max_s: int = 40) -> AttnCase:
+    """Decode-shaped calls with an HF padding mask (+ bottom-right causal for several queries)."""
+    lq = draw(st.integers(1, 4))
+    s = draw(st.integers(lq, max_s))
+    group = draw(st.sampled_from([1, 2, 4]))
+    hkv = draw(st.integers(1, 2))
+    mask = draw(st.sampled_from(["bool", "additive", "none"]))
+    causal = lq > 1 and mask != "none" and draw(st.booleans())
+    padding = "none" if mask == "none" else draw(st.sampled_from(["left", "right", "window", "none"]))
+    b = draw(st.integers(1, 4))
+    return AttnCase(draw(st.sampled_from(dtypes)), (b,), (b,), hkv * group, hkv, lq, s, 16, 16, group > 1, False,
+                    mask, "BLS", 4, padding, causal, (), draw(st.sampled_from(["-inf", "min"])), False,
+                    draw(st.sampled_from([None, 0.25])), draw(st.integers(0, 2**16)), min_keys=lq if causal else 1,
+                    causal_abs=causal and draw(st.booleans()))

@@ -139,6 +139,28 @@ def test_ops_are_opaque_to_dynamo_with_fake_shapes():
     assert torch.ops.graphtune.attention.default in seen or torch.ops.graphtune.attention in seen
 
 
+def test_ops_under_dynamo_dynamic_shapes_broadcast_and_group_like_sdpa():
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def f(q, k, v, m):
+        out, lse = torch.ops.graphtune.attention_with_lse(q, k, v, m, False, None, True)
+        return torch.ops.graphtune.attention(q, k, v, m, False, None, True) + out, lse
+
+    g = torch.compile(f, backend=backend, dynamic=True)
+    for B, L in ((3, 5), (4, 6)):  # two sizes: the second call runs the dynamic graph
+        q, k, v = torch.randn(B, 4, L, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+        m = torch.randn(L, 7)
+        out, lse = g(q, k, v, m)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+        torch.testing.assert_close(out, 2 * want, atol=1e-5, rtol=1e-5)
+        assert lse.shape == (B, 4, L)
+    assert {torch.ops.graphtune.attention_with_lse.default, torch.ops.graphtune.attention_with_lse} & set(seen)
+
+
 def test_fully_masked_rows_give_zero_output_and_neg_inf_lse():
     q, k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
     mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)
@@ -154,29 +176,36 @@ def test_fully_masked_rows_give_zero_output_and_neg_inf_lse():
 # SDPA broadcasting: batch dims (ranks 3/4, batch 1 vs B on either side), masks, GQA
 # ---------------------------------------------------------------------------------------------
 
-def _broadcast_cases():
-    L, S, D = 3, 5, 8
-    cases = []
-    qkv = []
+_L, _S, _D = 3, 5, 8
+
+
+def _qkv_cases():
+    """(q, k, v shapes, enable_gqa): ranks 3/4 (and 5), batch 1 vs 2 on each side, GQA, MQA by broadcast."""
+    L, S, D = _L, _S, _D
+    out = []
     for qb in ((), (1,), (2,)):  # q rank 3 ([H, L, D]) or 4 ([B, H, L, D]) with batch 1 or 2
         for kb in ((), (1,), (2,)):
-            for hq, hk, gqa in ((2, 2, False), (4, 2, True), (4, 1, False), (1, 2, False), (4, 1, True)):
-                vb = kb
-                qkv.append(((*qb, hq, L, D), (*kb, hk, S, D), (*vb, hk, S, D), gqa))
-    qkv.append(((2, 2, L, D), (1, 2, S, D), (2, 2, S, D), False))  # k and v batch differ
-    qkv.append(((1, 4, L, D), (2, 2, S, D), (2, 4, S, D), True))  # k and v heads differ (GQA)
-    qkv.append(((3, 2, 2, L, D), (1, 2, 2, S, D), (1, 2, 2, S, D), False))  # rank 5
-    qkv.append(((2, L, D), (3, 1, 2, S, D), (3, 1, 2, S, D), False))  # rank 3 vs rank 5
-    masks = [None, (L, S), (1, S), (L, 1), (2, L, S), (1, L, S), (2, 1, L, S), (1, 2, L, S), (1, 1, L, S),
-             (2, 4, L, S), (1, 1, 1, L, S), (4, S), (S,)]
-    for qs, ks, vs, gqa in qkv:
-        for m in masks:
-            cases.append((qs, ks, vs, m, gqa))
-    return cases
+            for hq, hk, gqa in ((2, 2, False), (4, 2, True), (4, 1, False), (1, 2, False), (4, 2, False)):
+                out.append(((*qb, hq, L, D), (*kb, hk, S, D), (*kb, hk, S, D), gqa))
+    out.append(((2, 2, L, D), (1, 2, S, D), (2, 2, S, D), False))  # k and v batch differ
+    out.append(((1, 4, L, D), (2, 2, S, D), (2, 4, S, D), True))  # k and v heads differ (GQA)
+    out.append(((3, 2, 2, L, D), (1, 2, 2, S, D), (1, 2, 2, S, D), False))  # rank 5
+    out.append(((2, L, D), (3, 1, 2, S, D), (3, 1, 2, S, D), False))  # rank 3 vs rank 5
+    out.append(((L, D), (S, D), (S, D), False))  # rank 2
+    out.append(((L, D), (2, S, D), (2, S, D), True))  # GQA needs a heads dim: SDPA raises
+    return out
+
+
+_MASKS = [None, (_L, _S), (1, _S), (_L, 1), (2, _L, _S), (1, _L, _S), (2, 1, _L, _S), (1, 2, _L, _S),
+          (1, 1, _L, _S), (2, 4, _L, _S), (1, 1, 1, _L, _S), (4, _S), (_S,)]
 
 
 def _sdpa_or_error(q, k, v, m, causal, gqa):
     try:
+        if causal and m is not None:  # SDPA takes both only for some ranks; graphtune always: their conjunction
+            m, causal = m & torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril(), False
+        if m is not None and m.dim() == 1:  # SDPA takes [S] for 3-D inputs only; graphtune always (same broadcast)
+            m = m[None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal, enable_gqa=gqa)
     except (RuntimeError, IndexError, ValueError):
         return None
@@ -200,64 +229,62 @@ def _bmask(shape, kind, dtype):
         return None
     if kind == "bool":
         m = torch.rand(*shape) > 0.4
-        if len(shape) >= 1 and shape[-1] > 1:
-            m[..., 0] = True  # no fully masked row: SDPA's math path gives NaN there
-        else:
-            m[...] = True
+        m[..., 0] = True  # no fully masked row: SDPA's math path gives NaN there
         return m
     return torch.randn(*shape, dtype=dtype)
 
 
-@pytest.mark.parametrize("mask_kind,causal", [("bool", False), ("float", False), ("bool", True)])
-@pytest.mark.parametrize("qs,ks,vs,ms,gqa", _broadcast_cases())
-def test_ops_and_reference_broadcast_exactly_like_sdpa(qs, ks, vs, ms, gqa, mask_kind, causal):
-    if ms is None and mask_kind == "float":
-        pytest.skip("same case as bool")
+@pytest.mark.parametrize("qs,ks,vs,gqa", _qkv_cases())
+def test_ops_and_reference_broadcast_exactly_like_sdpa(qs, ks, vs, gqa):
+    # for each mask shape (bool, float; with and without causal): same shape and values as SDPA, lse
+    # equal to an fp64 oracle, or a ShapeError exactly where SDPA raises
     q, k, v = torch.randn(qs), torch.randn(ks), torch.randn(vs)
-    m = _bmask(ms, mask_kind, torch.float32)
-    want = _sdpa_or_error(q, k, v, m, causal, gqa)
-    calls = {
-        "attention": lambda: torch.ops.graphtune.attention(q, k, v, m, causal, None, gqa),
-        "attention_with_lse": lambda: torch.ops.graphtune.attention_with_lse(q, k, v, m, causal, None, gqa),
-        "attention_ref": lambda: attention_ref(q, k, v, m, causal, None, gqa),
-        "attention_cpu": lambda: attention_cpu(q, k, v, m, causal, None, gqa),
-    }
-    for name, call in calls.items():
-        if want is None:
-            with pytest.raises(ShapeError):
-                call()
-            continue
-        got = call()
-        out = got if name == "attention" else got[0]
-        assert out.shape == want.shape, name
-        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, msg=name)
-        if name != "attention":
-            lse = got[1]
-            assert lse.dtype == torch.float32 and lse.shape == want.shape[:-1], name
-            torch.testing.assert_close(lse, _lse_oracle(q, k, v, m, causal, gqa, want.shape).float(),
-                                       atol=1e-5, rtol=1e-5, msg=name)
+    for ms in _MASKS:
+        for kind, causal in (("bool", False), ("float", False), ("bool", True)):
+            m = _bmask(ms, kind, torch.float32)
+            want = _sdpa_or_error(q, k, v, m, causal, gqa)
+            for name, call in (
+                ("attention", lambda: torch.ops.graphtune.attention(q, k, v, m, causal, None, gqa)),
+                ("attention_with_lse", lambda: torch.ops.graphtune.attention_with_lse(q, k, v, m, causal, None, gqa)),
+                ("attention_ref", lambda: attention_ref(q, k, v, m, causal, None, gqa)),
+                ("attention_cpu", lambda: attention_cpu(q, k, v, m, causal, None, gqa)),
+            ):
+                case = f"{name} mask={ms} {kind} causal={causal}"
+                if want is None:
+                    with pytest.raises(ShapeError):
+                        call()
+                    continue
+                got = call()
+                out = got if name == "attention" else got[0]
+                assert out.shape == want.shape, case
+                torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, msg=case)
+                if name != "attention":
+                    assert got[1].dtype == torch.float32 and got[1].shape == want.shape[:-1], case
+                    oracle = _lse_oracle(q, k, v, m, causal, gqa, want.shape).float()
+                    torch.testing.assert_close(got[1], oracle, atol=1e-5, rtol=1e-5, msg=case)
 
 
-@pytest.mark.parametrize("qs,ks,vs,ms,gqa", _broadcast_cases()[::3])
-def test_fake_implementations_give_sdpa_shapes_or_raise_where_sdpa_raises(qs, ks, vs, ms, gqa):
+@pytest.mark.parametrize("qs,ks,vs,gqa", _qkv_cases())
+def test_fake_implementations_give_sdpa_shapes_or_raise_where_sdpa_raises(qs, ks, vs, gqa):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     q, k, v = torch.randn(qs), torch.randn(ks), torch.randn(vs)
-    m = _bmask(ms, "bool", torch.float32)
-    want = _sdpa_or_error(q, k, v, m, False, gqa)
-    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
-        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
-        fm = None if m is None else mode.from_tensor(m)
-        if want is None:
-            with pytest.raises(ShapeError):
-                torch.ops.graphtune.attention(fq, fk, fv, fm, False, None, gqa)
-            with pytest.raises(ShapeError):
-                torch.ops.graphtune.attention_with_lse(fq, fk, fv, fm, False, None, gqa)
-            return
-        out = torch.ops.graphtune.attention(fq, fk, fv, fm, False, None, gqa)
-        o2, lse = torch.ops.graphtune.attention_with_lse(fq, fk, fv, fm, False, None, gqa)
-    assert out.shape == o2.shape == want.shape and lse.shape == want.shape[:-1]
-    assert out.dtype == want.dtype and lse.dtype == torch.float32
+    for ms in _MASKS:
+        m = _bmask(ms, "bool", torch.float32)
+        want = _sdpa_or_error(q, k, v, m, False, gqa)
+        with FakeTensorMode() as mode:
+            fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+            fm = None if m is None else mode.from_tensor(m)
+            if want is None:
+                with pytest.raises(ShapeError):
+                    torch.ops.graphtune.attention(fq, fk, fv, fm, False, None, gqa)
+                with pytest.raises(ShapeError):
+                    torch.ops.graphtune.attention_with_lse(fq, fk, fv, fm, False, None, gqa)
+                continue
+            out = torch.ops.graphtune.attention(fq, fk, fv, fm, False, None, gqa)
+            o2, lse = torch.ops.graphtune.attention_with_lse(fq, fk, fv, fm, False, None, gqa)
+        assert out.shape == o2.shape == want.shape and lse.shape == want.shape[:-1], ms
+        assert out.dtype == want.dtype and lse.dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", list(TOLS))
@@ -310,7 +337,7 @@ def test_mixed_input_dtypes_raise_dtype_error(op):
 
 
 @pytest.mark.parametrize("op", ["attention", "attention_with_lse"])
-@pytest.mark.parametrize("mshape", [(4, 5), (2, 1, 1, 1, 5), (1, 1, 3, 6), (3, 1, 3, 5), (5,), ()])
+@pytest.mark.parametrize("mshape", [(4, 5), (2, 1, 1, 1, 5), (1, 1, 3, 6), (3, 1, 3, 5), (4,), ()])
 def test_wrong_shaped_masks_raise_shape_error(op, mshape):
     q, k = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 5, 8)
     with pytest.raises(ShapeError, match="attn_mask"):
@@ -333,3 +360,20 @@ def test_merge_states_rejects_empty_and_mixed_dtype_inputs():
         torch.ops.graphtune.merge_states([o, o], [l, l.half()])
     with pytest.raises(DTypeError, match="dtype"):
         torch.ops.graphtune.merge_states([o.long(), o.long()], [l, l])
+
+
+@pytest.mark.parametrize("dtype", list(TOLS))
+@pytest.mark.parametrize("fill", ["min", -1e4])
+def test_rows_at_a_finite_fill_average_uniformly_like_sdpa(dtype, fill):
+    # every key of row 1 at finfo.min: SDPA averages v; exp(scores - lse) in the reference once
+    # lost log(#keys) at that magnitude and returned the sum of v instead
+    q, k, v = torch.randn(1, 2, 3, 16, dtype=dtype), torch.randn(1, 2, 5, 16, dtype=dtype), torch.randn(1, 2, 5, 16, dtype=dtype)
+    m = torch.randn(1, 1, 3, 5, dtype=dtype)
+    m[..., 1, :] = torch.finfo(dtype).min if fill == "min" else fill
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    atol, rtol = TOLS[dtype]
+    for out in (attention_ref(q, k, v, m)[0], torch.ops.graphtune.attention_with_lse(q, k, v, m)[0],
+                torch.ops.graphtune.attention(q, k, v, m)):
+        torch.testing.assert_close(out, want, atol=atol, rtol=rtol)
+    if fill == "min" and dtype != torch.float16:  # fp16's min (-65504) does not swallow the scores
+        torch.testing.assert_close(attention_ref(q, k, v, m)[0][..., 1, :], v.float().mean(-2).to(dtype), atol=atol, rtol=rtol)

@@ -78,7 +78,7 @@ def _rewrite_and_check(model: torch.nn.Module, inputs: tuple, how: str, expected
     got = got if isinstance(got, (tuple, list)) else (got,)
     for e, g in zip(eager, got):
         assert g.dtype == e.dtype
-        torch.testing.assert_close(g, e, rtol=rtol, atol=atol)
+        torch.testing.assert_close(g, e, rtol=rtol, atol=atol, equal_nan=True)
     return gm, res
 
 

@@ -146,11 +146,12 @@ class MaskedFill(nn.Module):
 
 
 @pytest.mark.parametrize("how", ["fx", "export"])
-def test_masked_fill_becomes_an_additive_mask_with_fully_masked_rows_unchanged(rewrite_and_check, how):
+def test_masked_fill_becomes_a_bool_mask_with_fully_masked_rows_unchanged(rewrite_and_check, how):
     bmask = torch.rand(B, 1, L, L) > 0.5
     bmask[0, 0, 2] = True  # a fully masked row: uniform attention in the original, and after
     gm, res = rewrite_and_check(MaskedFill(), (*_qkv(hkv=HQ), bmask), how, expected=1)
     assert res.sites[0].details["mask"] == "masked_fill"
+    assert val_of(_attn_nodes(gm)[0].kwargs["attn_mask"]).dtype == torch.bool
 
 
 class Gpt2Where(nn.Module):

@@ -101,12 +101,29 @@ def test_translation_validation_catches_a_fully_masked_row_mismatch(capture, clo
     # The same check graphtune runs under GRAPHTUNE_VALIDATE: a rewrite that drops the fully-masked
     # row fix-up is caught on these example inputs.
     from graphtune.errors import TranslationValidationError
-    from graphtune.rewrites import attention_masks
+    from graphtune.rewrites import attention
 
-    monkeypatch.setattr(attention_masks, "emit_empty_rows", lambda m, plan, out, v, n_rep: out)
+    monkeypatch.setattr(attention, "emit_empty_rows", lambda m, plan, out, v, n_rep: out)
     fill = torch.finfo(torch.float32).min
     res, original, gm, run_inputs, *_ = _run(capture, clone_gm, FillMask("masked_fill", fill, False),
                                              _inputs(torch.float32))
     assert res.count("canonicalize_attention") == 1
     with pytest.raises(TranslationValidationError, match="max abs difference"):
         validate_rewrite(original, gm, run_inputs, rtol=1e-5, atol=1e-5)
+
+
+class TwoAdditiveMasks(nn.Module):
+    def forward(self, q, k, v, causal, pad):
+        s = torch.matmul(q, k.transpose(-1, -2)) * 0.35
+        s = (s + causal) + pad
+        return torch.matmul(s.softmax(-1), v)
+
+
+@pytest.mark.parametrize("how", ["fx", "export"])
+def test_two_stacked_additive_masks_are_both_kept(rewrite_and_check, how):
+    q, k, v, _ = _inputs(torch.float32)
+    causal = torch.randn(L, S)
+    pad = torch.zeros(B, 1, 1, S)
+    pad[1, ..., :3] = -1e4
+    _, res = rewrite_and_check(TwoAdditiveMasks(), (q, k, v, causal, pad), how, expected=1)
+    assert res.sites[0].details["mask"] == "additive+additive"

@@ -171,3 +171,92 @@ def test_unopenable_database_warns_once_and_uses_the_default_path(tmp_path):
                 torch.ops.graphtune.attention(*args)
         finally:
             dispatch.uninstall()
+
+
+def test_switching_graphtune_db_switches_decisions(tmp_path):
+    # no write happens between the two lookups: only the path tells the caches apart
+    a, b = str(tmp_path / "a.db"), str(tmp_path / "b.db")
+    with flags.Context(DB=a):
+        put(get_db(), "cpu.gqa_fold", KernelConfig.make(THREADS=1))
+    with flags.Context(DB=b):
+        put(get_db(), "cpu.split_kv", KernelConfig.make(SPLITS=2, BATCHED=1, FOLD=1))
+    dispatch.install()
+    try:
+        args = SHAPE.make_args()
+        for _ in range(2):
+            with flags.Context(DB=a):
+                assert chosen(args)[0] == "cpu.gqa_fold"
+            with flags.Context(DB=b):
+                assert chosen(args)[0] == "cpu.split_kv"
+            with flags.Context(DB=str(tmp_path / "empty.db")):
+                assert chosen(args) is None
+    finally:
+        dispatch.uninstall()
+        for p in (a, b, str(tmp_path / "empty.db")):
+            dbmod.forget_db(p)
+
+
+class _Attn(torch.nn.Module):
+    def forward(self, q, k, v):
+        w = torch.softmax(q @ k.transpose(-2, -1) / 8.0, dim=-1)
+        return w @ v
+
+
+def _spy_impl(calls):
+    orig = registry.get_impl("attention_with_lse", "cpu.math")
+    return Impl(orig.op, "cpu.test_spy", "cpu", lambda *a, config: calls.append(config) or orig.fn(*a, config=config),
+                orig.default, orig.configs, "spyhash", lambda a: True)
+
+
+@pytest.mark.parametrize("tune,capture", [(True, "dynamo"), (False, "dynamo"),
+                                          (True, "fx"), (False, "fx")])
+def test_optimize_tune_false_stops_tuned_dispatch(tmp_path, tune, capture):
+    import graphtune
+
+    path = str(tmp_path / "t.db")
+    calls = []
+    spy = registry.register_impl(_spy_impl(calls))
+    q = torch.randn(1, 2, 5, 64)
+    shape = AttentionShape(1, 2, 2, 5, 5, 64)
+    try:
+        with flags.Context(DB=path):
+            put(get_db(), "cpu.test_spy", KernelConfig.make(BLOCK_M=4), shape=shape)
+            example = (q, q, q) if capture == "fx" else None
+            fast = graphtune.optimize(_Attn(), example, capture=capture, tune=tune)
+            dispatch.clear_cache()
+            out = fast(q, q, q)
+        torch.testing.assert_close(out, _Attn()(q, q, q), atol=1e-5, rtol=1e-5)
+        assert bool(calls) is tune, calls
+    finally:
+        registry._REGISTRY.pop((spy.op, spy.name), None)
+        dispatch.clear_cache()
+        dbmod.forget_db(path)
+
+
+def test_switching_the_graphtune_db_environment_variable_switches_decisions(tmp_path, monkeypatch):
+    a, b = str(tmp_path / "a.db"), str(tmp_path / "b.db")
+    with flags.Context(DB=a):
+        put(get_db(), "cpu.gqa_fold", KernelConfig.make(THREADS=1))
+    with flags.Context(DB=b):
+        get_db()
+    dispatch.install()
+    try:
+        args = SHAPE.make_args()
+        monkeypatch.setenv("GRAPHTUNE_DB", a)
+        assert chosen(args)[0] == "cpu.gqa_fold"
+        monkeypatch.setenv("GRAPHTUNE_DB", b)
+        assert chosen(args) is None
+        monkeypatch.setenv("GRAPHTUNE_DB", a)
+        assert chosen(args)[0] == "cpu.gqa_fold"
+    finally:
+        dispatch.uninstall()
+        dbmod.forget_db(a)
+        dbmod.forget_db(b)
+
+
+def test_describe_reports_an_unusable_database_instead_of_raising(tmp_path):
+    from types import SimpleNamespace
+
+    with flags.Context(DB=str(tmp_path)):  # a directory
+        note = dispatch.describe(SimpleNamespace(details={}), (1, 8, 1, 32), (1, 2, 600, 32))
+    assert note.startswith("default:") and "directory" in note

@@ -30,6 +30,13 @@ def models():
     torch._dynamo.reset()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Each test calls forward with other argument sets; past Dynamo's recompile limit the model
+    # would run eagerly (exact, but the spies would see no graphtune path).
+    torch._dynamo.reset()
+
+
 @pytest.fixture
 def spy(monkeypatch):
     calls = SimpleNamespace(decode=[], prefill=[])
@@ -41,8 +48,23 @@ def spy(monkeypatch):
 
 
 def _cache_keyword(model) -> str:
+    """The installed transformers' own keyword (``cache`` from 5.x, ``past_key_values`` before)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     params = inspect.signature(type(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def _takes_cache_keyword(model, kw) -> bool:
+    """Whether ``model(..., kw=cache)`` continues the cache (5.x still maps ``past_key_values``;
+    4.x silently drops an unknown ``cache`` into ``**kwargs``)."""
+    ids = torch.randint(3, model.config.vocab_size, (1, 4))
+    with torch.no_grad():
+        _, cache = _call(model, ids, None, _cache_keyword(model))
+        try:
+            _, cache = _call(model, ids[:, :1], cache, kw)
+        except TypeError:
+            return False
+    return cache is not None and cache.get_seq_length() == 5
 
 
 def _new_cache(model):
@@ -105,9 +127,11 @@ def _shared_ids(model, groups=1, rows=ROWS, length=PROMPT):
 
 # -- 1: cache discovery ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("how", ["keyword", "positional", "fresh_cache_object"])
+@pytest.mark.parametrize("how", ["cache", "past_key_values", "positional", "fresh_cache_object"])
 def test_decode_with_hfs_cache_uses_the_plan_and_matches_the_plain_model(models, spy, how):
     plain, fast = models
+    if how in ("cache", "past_key_values") and not _takes_cache_keyword(plain, how):
+        pytest.skip(f"this transformers' forward does not take {how}=")
     ids = _shared_ids(plain)
     with torch.no_grad():
         if how == "fresh_cache_object":  # an empty cache object passed to the prefill itself
@@ -122,13 +146,14 @@ def test_decode_with_hfs_cache_uses_the_plan_and_matches_the_plain_model(models,
     assert len(spy.prefill) >= layers
 
 
-def test_the_other_transformers_keyword_is_found_too(models, spy):
+def test_the_other_transformers_keyword_is_found_too(models):
     """A forward taking ``**kwargs`` (ours, or a custom model) gets the cache under either name."""
-    from graphtune.api import _find_cache
+    from graphtune.runtime.context import find_cache
 
     cache = _new_cache(models[0])
     for name in ("cache", "past_key_values"):
-        assert _find_cache(None, (), {name: cache}) is cache
+        assert find_cache(None, (), {name: cache}) is cache
+        assert find_cache(["input_ids", "attention_mask", name], (None, None, cache), {}) is cache
 
 
 # -- 2: plans belong to the cache they were built for ---------------------------------------------
@@ -235,6 +260,19 @@ def test_a_4d_attention_mask_turns_sharing_off(models, spy):
     assert not spy.prefill
 
 
+def test_other_per_row_inputs_turn_sharing_off():
+    """Inputs the planner cannot read (GPT-2's ``token_type_ids``) may make identical ids differ."""
+    plain = build_model("gpt2", "sdpa")
+    fast = graphtune.optimize(plain)
+    ids = _shared_ids(plain)
+    types = torch.zeros_like(ids)
+    types[ROWS // 2:, 10:] = 1
+    with torch.no_grad(), flags.Context(HYDRAGEN_MIN_PREFIX=16, HYDRAGEN_MIN_ROWS=2):
+        want = plain(input_ids=ids, token_type_ids=types).logits
+        got = fast(input_ids=ids, token_type_ids=types).logits
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+
+
 # -- threads ----------------------------------------------------------------------------------
 
 def test_two_threads_on_one_optimized_model_match_the_plain_model(models, spy):
@@ -278,3 +316,18 @@ def test_two_threads_on_one_optimized_model_match_the_plain_model(models, spy):
     for g, w in zip(got, want):
         _assert_same(g, w)
     assert spy.decode
+
+
+# -- torch.compile(backend="graphtune") --------------------------------------------------------
+
+def test_the_compile_backend_is_exact_and_leaves_per_batch_features_to_optimize(models, spy):
+    """The backend has no batch context (graphtune.backend's docstring says why): its users get
+    the rewrite and dispatch, never a shared-prefix plan, and the same logits."""
+    plain, _ = models
+    compiled = torch.compile(plain, backend="graphtune", options={"inductor": False})
+    ids = _shared_ids(plain)
+    with torch.no_grad():
+        want = _drive(plain, ids, steps=1)
+        got = _drive(compiled, ids, steps=1)
+    _assert_same(got, want)
+    assert not spy.decode and not spy.prefill

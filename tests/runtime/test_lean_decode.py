@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from graphtune import flags
+from graphtune.errors import PlanError
 from graphtune.ir.reference import attention_ref
 from graphtune.runtime import context
 from graphtune.runtime import lean_decode as ld
@@ -86,6 +87,58 @@ def test_selector_leaves_calls_lean_cannot_reproduce_to_the_default_path(install
         assert ctx.plans[ld.PLAN_NAME].calls == 0
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _ranged(starts, lengths, S, lq, causal):
+    """HF ``[B, S]`` mask of one key range per row, and its SDPA mask (bool ``[B, 1, lq, S]``;
+    causal: query i sees real keys ``j - start <= len - lq + i``)."""
+    j = torch.arange(S)
+    st, n = torch.tensor(starts)[:, None], torch.tensor(lengths)[:, None]
+    hf = ((j >= st) & (j < st + n)).long()
+    allowed = hf.bool()[:, None, None, :].expand(-1, 1, lq, S)
+    if causal:
+        allowed = allowed & ((j - st)[:, None, None, :] <= (n - lq)[:, None, None, :] + torch.arange(lq)[:, None])
+    return hf, allowed
+
+
+@pytest.mark.parametrize("lq, causal", [(1, False), (3, False), (3, True)])
+def test_right_padded_and_windowed_ranges_run_lean_exactly(installed, lq, causal):
+    starts, lengths, S = [0, 0, 5, 2], [30, 7, 20, 3], 40  # right padding, and ranges padded on both sides
+    hf, mask = _ranged(starts, lengths, S, lq, causal)
+    q, k, v = torch.randn(4, 4, lq, 16), torch.randn(4, 2, S, 16), torch.randn(4, 2, S, 16)
+    with flags.Context(LEAN_MIN_SKEW=0.0), context.batch_context(attention_mask=hf) as ctx:
+        got = torch.ops.graphtune.attention(q, k, v, mask, False, None, True)
+        assert ctx.plans[ld.PLAN_NAME].calls == 1, ctx.plans[ld.PLAN_NAME].describe()
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sdpa_mask", ["all_keys", "left_aligned_causal"])
+def test_keys_after_a_right_padded_range_are_never_dropped(installed, sdpa_mask):
+    # The HF mask says rows end early, but the call's own mask lets them see later keys: lean
+    # (which reads only each row's range) would drop those keys, so the selector must decline.
+    starts, lengths, S, lq = [0, 0, 0, 0], [30, 7, 20, 3], 40, 1
+    hf, _ = _ranged(starts, lengths, S, lq, False)
+    mask = torch.ones(4, 1, lq, S, dtype=torch.bool)
+    if sdpa_mask == "left_aligned_causal":  # bottom-right causal over all S keys: not the row ranges
+        lq = 3
+        hf, _ = _ranged(starts, [max(n, lq) for n in lengths], S, lq, False)
+        mask = (torch.arange(S) <= S - lq + torch.arange(lq)[:, None]).expand(4, 1, lq, S)
+    q, k, v = torch.randn(4, 4, lq, 16), torch.randn(4, 2, S, 16), torch.randn(4, 2, S, 16)
+    with flags.Context(LEAN_MIN_SKEW=0.0), context.batch_context(attention_mask=hf) as ctx:
+        got = torch.ops.graphtune.attention(q, k, v, mask, False, None, True)
+        assert ctx.plans[ld.PLAN_NAME].calls == 0
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_masks_with_gaps_are_left_to_masked_attention(installed):
+    hf = torch.ones(2, 12, dtype=torch.long)
+    hf[0, 4:6] = 0  # a gap inside row 0 (e.g. right padding followed by a decoded token)
+    with flags.Context(LEAN_MIN_SKEW=0.0), context.batch_context(attention_mask=hf) as ctx:
+        assert ld.PLAN_NAME not in ctx.plans
+    with pytest.raises(PlanError, match="contiguous"):
+        ld.plan_batch(hf)
 
 
 def test_planner_skips_masks_with_holes_and_outside_contexts(installed):

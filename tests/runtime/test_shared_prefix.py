@@ -179,13 +179,59 @@ def test_selector_declines_prefill_causal_calls_other_batches_and_unshared_masks
     k, v = duplicated_cache(plan, 2, P, 16)
     bad = torch.ones(B, 1, 1, P, dtype=torch.bool)
     bad[0, ..., 5] = False
-    with batch_context(input_ids=torch.zeros(B, 1, dtype=torch.long), past_length=P - 1, state=state):
-        q1 = torch.randn(B, 2, 1, 16)
-        torch.ops.graphtune.attention(q1, k, v, None, True)  # SDPA's top-left causal
-        torch.ops.graphtune.attention(q1, k, v, bad)  # mask differs inside the shared prompt
-        torch.ops.graphtune.attention(q1[:2], k[:2], v[:2])  # other batch size
-    with batch_context(input_ids=torch.zeros(B, 1, dtype=torch.long), past_length=P + 5, state=state):
-        torch.ops.graphtune.attention(q1, k, v)  # keys are not this model's cache (e.g. cross-attention)
+    q1 = torch.randn(B, 2, 1, 16)
+    calls = [((q1, k, v, None, True), P - 1),  # SDPA's top-left causal
+             ((q1, k, v, bad), P - 1),  # mask differs inside the shared prompt
+             ((q1[:2], k[:2], v[:2]), P - 1),  # other batch size
+             ((q1, k, v), P + 5),  # keys are not this model's cache (e.g. cross-attention)
+             ((q1, k[:, :, :90], v[:, :, :90]), 89)]  # the cache ends inside the shared prompt
+    for args, past in calls:
+        with batch_context(input_ids=torch.zeros(B, 1, dtype=torch.long), past_length=past, state=dict(state)):
+            got = torch.ops.graphtune.attention(*args)
+        want = F.scaled_dot_product_attention(*args[:3], attn_mask=args[3] if len(args) > 3 else None,
+                                              is_causal=len(args) > 4 and args[4])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_selector_declines_a_cache_whose_rows_no_longer_share(installed, monkeypatch):
+    """A plan is spot-checked against the cache it is used on: rows reordered since the prefill
+    (so that a shared segment's rows now differ) make the selector decline."""
+    B, P = 4, 100
+    state: dict = {}
+    _prefill(state, torch.randint(0, 1000, (1, P)).expand(B, -1))
+    k, v = torch.randn(B, 2, P + 1, 16), torch.randn(B, 2, P + 1, 16)  # rows differ everywhere
+    q = torch.randn(B, 2, 1, 16)
+    monkeypatch.setattr(sp, "run_dense", lambda *a, **kw: pytest.fail("decomposition of rows that differ"))
+    with batch_context(input_ids=torch.zeros(B, 1, dtype=torch.long), past_length=P, state=state):
+        got = torch.ops.graphtune.attention(q, k, v)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_with_a_4d_mask_or_per_row_positions_plans_accordingly(installed):
+    ids = torch.randint(0, 1000, (1, 64)).expand(4, -1)
+    state: dict = {}
+    mask4 = torch.ones(4, 1, 64, 64, dtype=torch.bool).tril()
+    with batch_context(input_ids=ids, attention_mask=mask4, state=state) as ctx:
+        assert sp.STATE_KEY not in ctx.plans  # a custom mask may make identical ids attend differently
+    pos = torch.arange(64).repeat(4, 1)
+    pos[2:, 32:] += 3  # rows 2, 3 skip positions: their K/V differ from rows 0, 1 from key 32 on
+    with batch_context(input_ids=ids, position_ids=pos, state=state):
+        pass
+    assert set(state[sp.STATE_KEY].segments) == {
+        SharedSegment((0, 1, 2, 3), 0, 32), SharedSegment((0, 1), 32, 64), SharedSegment((2, 3), 32, 64)}
+
+
+def test_prefill_dedup_needs_the_prompts_own_self_attention(installed, monkeypatch):
+    """A call whose keys are not exactly this forward's tokens (a cache the caller did not report)
+    is never deduplicated, and at a prefill the decomposition never runs."""
+    ids = torch.randint(0, 1000, (1, 32)).expand(4, -1)
+    monkeypatch.setattr(sp, "run_dedup", lambda *a, **kw: pytest.fail("dedup of a call with cached keys"))
+    monkeypatch.setattr(sp, "run_dense", lambda *a, **kw: pytest.fail("decomposition at a prefill"))
+    x = torch.randn(1, 2, 32, 8).expand(4, -1, -1, -1)
+    kv = torch.randn(4, 2, 70, 8)  # 38 keys before the queries: more than the 32-token plan
+    with batch_context(input_ids=ids, past_length=0):
+        got = torch.ops.graphtune.attention(x, kv, kv)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(x, kv, kv), atol=1e-5, rtol=1e-5)
 
 
 def test_planner_forgets_the_plan_on_a_new_unshared_prefill(installed):
