@@ -5,6 +5,7 @@ import copy
 import functools
 import inspect
 import logging
+import types
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -131,11 +132,29 @@ def _module_tree_copy(module: nn.Module, memo: dict[int, nn.Module] | None = Non
     return new
 
 
+def _own_code(fn: Any) -> Any:
+    """``fn`` (a function) with a code object of its own.
+
+    Why: Dynamo keeps compiled code, guards and its recompile limit (8) per code object. Every
+    optimized model of one class shares ``forward``'s code, and HF's decorators
+    (``can_return_tuple``, deprecation wrappers) share one wrapper's code across all model classes;
+    past the limit Dynamo silently runs the forward eagerly, without graphtune. A copy of the code
+    object gives each optimized model its own cache and limit; behaviour is unchanged.
+    """
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    new = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__dict__.update(fn.__dict__)  # functools.wraps' __wrapped__, HF's markers, ...
+    new.__qualname__, new.__doc__, new.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
+    return new
+
+
 def _optimize_dynamo(model: nn.Module, options: Options) -> nn.Module:
     # The copy shares the weights (no memory cost) but has its own module tree and its own
     # `forward`, so HF `generate` on it runs graphtune while the caller's model is left untouched.
     new = _module_tree_copy(model)
-    forward = type(model).forward.__get__(new)
+    forward = _own_code(type(model).forward).__get__(new)
     new.forward = _OptimizedForward(forward, options)
     return new
 

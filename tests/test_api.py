@@ -213,3 +213,53 @@ def test_optimize_leaves_the_callers_model_untouched_and_shares_weights():
 def test_sparse_prefill_is_not_an_option_until_the_feature_exists():
     with pytest.raises(OptionError, match="unknown graphtune option 'sparse_prefill'"):
         graphtune.optimize(MLP(), sparse_prefill=True)
+
+
+class TinyLM(torch.nn.Module):
+    """The shape of a generation model to optimize(): ``generate`` and ``config`` make it Dynamo-captured."""
+
+    config = None
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, q):
+        return F.scaled_dot_product_attention(self.proj(q), q, q)
+
+    def generate(self, *a, **k):  # pragma: no cover - never called
+        raise NotImplementedError
+
+
+def test_many_optimized_models_of_one_class_all_run_graphtune():
+    # Dynamo keeps compiled code and its recompile limit (8) per code object: optimized models of
+    # one class sharing `forward`'s code would silently fall back to eager after the 8th.
+    q = torch.randn(1, 2, 5, 8)
+    for i in range(12):
+        m = TinyLM().eval()
+        fast = graphtune.optimize(m)
+        torch.testing.assert_close(fast(q), m(q), atol=1e-5, rtol=1e-5)
+        assert sum(len(r.sites) for r in fast.forward.backend.results) == 1, f"model {i} ran without graphtune"
+
+
+def test_recompiles_in_new_threads_keep_running_graphtune():
+    import threading
+
+    m = TinyLM().eval()
+    fast = graphtune.optimize(m)
+    errors = []
+
+    def call(n):
+        try:
+            x = torch.randn(1, 2, n, 8)
+            torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    for n in range(3, 15):  # new shapes: recompiles, each from a fresh thread (default Dynamo config)
+        t = threading.Thread(target=call, args=(n,))
+        t.start()
+        t.join()
+    assert not errors, errors
+    assert all(r.sites for r in fast.forward.backend.results)
+    assert len(fast.forward.backend.results) >= 2

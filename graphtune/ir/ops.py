@@ -188,18 +188,28 @@ def attention_cpu(
     dim of v different from q's go through the reference.
     """
     q, k, v, attn_mask, enable_gqa, out_batch = broadcast_attention_args(q, k, v, attn_mask, enable_gqa)
-    L, S, Ev = q.shape[-2], k.shape[-2], v.shape[-1]
-    if Ev != q.shape[-1] or L == 0 or S == 0 or q.shape[0] * q.shape[1] == 0:
-        out, lse = attention_ref(q, k, v, attn_mask, is_causal, scale, enable_gqa)
-    else:
-        mask = additive_mask4(attn_mask, q.dtype)
-        if mask is not None and is_causal:  # one mask, so that rows emptied by both get lse = -inf
-            mask = mask + torch.zeros((L, S), dtype=mask.dtype).masked_fill_(~causal_mask(L, S), float("-inf"))
-            is_causal = False
-        out, lse = flash_cpu(q, k, v, mask, is_causal, scale)
+    out, lse = _cpu_4d(q, k, v, attn_mask, is_causal, scale, enable_gqa)
     if out_batch is not None:
-        out, lse = out.reshape(*out_batch, L, Ev), lse.reshape(*out_batch, L)
+        L = q.shape[2]
+        out, lse = out.reshape(*out_batch, L, v.shape[-1]), lse.reshape(*out_batch, L)
     return out, lse
+
+
+def _cpu_4d(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float | None,
+            enable_gqa: bool) -> tuple[Tensor, Tensor]:
+    # attention_cpu on broadcast_attention_args's output (equal batches, 4-D)
+    B, H, L, E = q.shape
+    S, Ev = k.shape[2], v.shape[3]
+    if Ev != E or L == 0 or S == 0 or B * H == 0:
+        return attention_ref(q, k, v, attn_mask, is_causal, scale, enable_gqa)
+    mask = additive_mask4(attn_mask, q.dtype)
+    if mask is not None and is_causal:  # one mask, so that rows emptied by both get lse = -inf
+        mask = mask + torch.zeros((L, S), dtype=mask.dtype).masked_fill_(~causal_mask(L, S), float("-inf"))
+        is_causal = False
+    out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+    if lse.dtype != torch.float32:  # fp64 inputs: the op's LSE is fp32 whatever the inputs (as its fake says)
+        lse = lse.float()
+    return fix_empty_rows(out, lse, mask)
 
 
 def _select(name: str, args: tuple) -> Callable[..., object] | None:
@@ -234,7 +244,7 @@ def _attention_with_lse_impl(q, k, v, attn_mask=None, is_causal=False, scale=Non
     if impl is not None:
         out, lse = impl(q4, k4, v4, mask, is_causal, scale, gqa)
     elif q.device.type == "cpu":
-        out, lse = attention_cpu(q4, k4, v4, mask, is_causal, scale, gqa)
+        out, lse = _cpu_4d(q4, k4, v4, mask, is_causal, scale, gqa)
     else:
         out, lse = attention_ref(q4, k4, v4, mask, is_causal, scale, gqa)
     if out_batch is not None:

@@ -287,7 +287,7 @@ def test_random_request_sequences_match_the_plain_model(models):
     names = tuple(models)
     HITS.clear()
 
-    @fuzz_settings(10)
+    @fuzz_settings(8)
     @given(s=sessions(names))
     def fuzz(s):
         count_example("model sessions (prefill, continue, decode, crop, reorder, threads)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-import pytest
 import torch
 from hypothesis import given, note
 from hypothesis import strategies as st
@@ -182,7 +181,7 @@ def _check_shared_prefix(case: PrefixCase) -> None:
             assert_matches(out, want_o, tol, "decode out (selector)", case)
 
 
-@fuzz_settings(30)
+@fuzz_settings(20)
 @given(case=prefix_cases())
 def _fuzz_shared_prefix(case):
     count_example("selector shared_prefix (plan, run_dense, dedup)")
@@ -197,7 +196,7 @@ def test_shared_prefix_plans_and_selector_match_fp64():
     assert DEDUP_HITS, "the shared-prefix prefill dedup never ran"
 
 
-@fuzz_settings(20)
+@fuzz_settings(12)
 @given(case=prefix_cases(), data=st.data())
 def test_shared_prefix_attention_segments_match_fp64(case, data):
     """The low-level API: segments read once, ragged suffixes with their own mask, merged; padded, loop
@@ -244,7 +243,7 @@ def test_shared_prefix_attention_segments_match_fp64(case, data):
 LEAN_CALLS: list = []
 
 
-@fuzz_settings(40)
+@fuzz_settings(25)
 @given(case=lean_cases(max_s=24), triton=st.sampled_from([False, False, True]), data=st.data())
 def _fuzz_lean(case, triton, data):
     count_example("selector lean_decode (cpu and triton paths)")
@@ -307,7 +306,7 @@ TUNED_HITS: list = []
 
 
 def _fuzz_tuned(db_dir):
-    @fuzz_settings(30)
+    @fuzz_settings(20)
     @given(data=st.data())
     def run(data):
         count_example("selector tuned dispatch (database winner)")

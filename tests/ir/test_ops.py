@@ -377,3 +377,23 @@ def test_rows_at_a_finite_fill_average_uniformly_like_sdpa(dtype, fill):
         torch.testing.assert_close(out, want, atol=atol, rtol=rtol)
     if fill == "min" and dtype != torch.float16:  # fp16's min (-65504) does not swallow the scores
         torch.testing.assert_close(attention_ref(q, k, v, m)[0][..., 1, :], v.float().mean(-2).to(dtype), atol=atol, rtol=rtol)
+
+
+def test_no_keys_or_no_queries_give_empty_rows_and_empty_outputs():
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 0, 8)
+    for out, lse in (torch.ops.graphtune.attention_with_lse(q, k, k), attention_ref(q, k, k)):
+        assert out.shape == (1, 2, 3, 8) and (out == 0).all() and torch.isneginf(lse).all()
+    q0 = torch.randn(1, 2, 0, 8)
+    out, lse = torch.ops.graphtune.attention_with_lse(q0, q, q)
+    assert out.shape == (1, 2, 0, 8) and lse.shape == (1, 2, 0)
+
+
+def test_fp64_inputs_give_fp64_output_and_fp32_lse_like_the_fake():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k = torch.randn(2, 2, 3, 8, dtype=torch.float64), torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    out, lse = torch.ops.graphtune.attention_with_lse(q, k, k)
+    with FakeTensorMode() as mode:
+        fo, fl = torch.ops.graphtune.attention_with_lse(mode.from_tensor(q), mode.from_tensor(k), mode.from_tensor(k))
+    assert (out.dtype, lse.dtype) == (fo.dtype, fl.dtype) == (torch.float64, torch.float32)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, k), atol=1e-10, rtol=1e-10)

@@ -243,6 +243,28 @@ def test_left_padded_shared_prompts_match(models, spy):
     assert spy.decode
 
 
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_ragged_batches_with_lean_decode_match(models, padding, monkeypatch):
+    """Lean decode reads each row's one key range; right padding followed by decoded tokens
+    leaves a gap in the mask, which lean must leave to masked attention."""
+    from graphtune.runtime import lean_decode as ld
+
+    plain, fast = models
+    lengths = torch.tensor([30, 4, 11, 2])
+    real = (torch.arange(30)[None, :] < lengths[:, None]).long()
+    mask = real if padding == "right" else real.flip(-1)
+    ids = torch.randint(3, plain.config.vocab_size, mask.shape) * mask
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    calls = []
+    real_lean = ld.lean_attention_cpu
+    monkeypatch.setattr(ld, "lean_attention_cpu", lambda *a, **kw: calls.append(1) or real_lean(*a, **kw))
+    with torch.no_grad(), flags.Context(LEAN_MIN_SKEW=0.0):
+        want = _drive(plain, ids, mask=mask, pos=pos)
+        got = _drive(fast, ids, mask=mask, pos=pos)
+    _assert_same(got, want)
+    assert bool(calls) == (padding == "left")
+
+
 def test_a_4d_attention_mask_turns_sharing_off(models, spy):
     plain, fast = models
     ids = _shared_ids(plain)
