@@ -10,6 +10,7 @@ the clock's resolution does not matter. GPU timing: ``triton.testing.do_bench``.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 import time
@@ -73,6 +74,17 @@ class _Worker:
 
 _worker: _Worker | None = None
 _worker_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    # A forked child has none of the parent's threads: a worker inherited from the parent would
+    # never answer (every measurement a timeout), and the lock may have been held at fork time.
+    global _worker, _worker_lock
+    _worker, _worker_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def run_with_timeout(fn: Callable[[], Any], timeout: float) -> Any:

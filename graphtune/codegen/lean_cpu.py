@@ -148,14 +148,37 @@ def _forget_pools_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 
+def _one_intra_op_thread(started: threading.Barrier) -> None:
+    torch.set_num_threads(1)
+    torch.get_num_threads()  # ATen fixes a thread's count at its first parallel query: do it now
+    started.wait()
+
+
 def _pool(n: int) -> ThreadPoolExecutor:
     # One persistent pool per size: thread start-up (~100 µs) would dominate small decode steps.
     with _pool_lock:
         p = _pools.get(n)
         if p is None:
-            p = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="graphtune-lean",
-                                               initializer=torch.set_num_threads, initargs=(1,))
+            p = _pools[n] = _start_pool(n)
         return p
+
+
+def _start_pool(n: int) -> ThreadPoolExecutor:
+    """A pool of ``n`` threads, each running torch with one intra-op thread.
+
+    Why the dance: ``torch.set_num_threads`` also sets the process default that every thread
+    started later inherits (a serving thread pool created after warm-up would run torch on one
+    thread). So all workers are started at once, each fixes its own count at 1, and then the
+    caller restores the default for everyone else.
+    """
+    prev = torch.get_num_threads()
+    pool = ThreadPoolExecutor(n, thread_name_prefix="graphtune-lean")
+    started = threading.Barrier(n + 1)
+    for _ in range(n):
+        pool.submit(_one_intra_op_thread, started)
+    started.wait()
+    torch.set_num_threads(prev)
+    return pool
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, plan: "LeanPlan", starts: Sequence[int]) -> int:

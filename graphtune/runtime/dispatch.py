@@ -46,6 +46,16 @@ _warned: set[tuple] = set()
 _lock = threading.Lock()
 
 
+def _reset_after_fork() -> None:
+    # the lock may have been held by another thread of the parent at fork time
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def _fast_key(op: str, args: tuple) -> tuple:
     if op == MERGE_OP:
         o = args[0][0]

@@ -230,3 +230,24 @@ def test_static_mode_with_the_real_cross_compiler(db):
     assert r.mode == "static" and r.score is not None and math.isfinite(r.score) and r.score > 0
     assert r.details["resources"]["spill_bytes"] == 0 and r.details["resources"]["registers"] > 0
     assert is_valid(r) and res.record_id == r.record_id
+
+
+def test_the_tuning_worker_answers_in_a_forked_child_after_the_parent_used_it():
+    import os
+
+    from graphtune.autotune import measure
+
+    assert measure.run_with_timeout(lambda: 1, 5.0) == 1  # the parent's worker thread exists now
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: the parent's worker thread does not exist here
+        try:
+            ok = measure.run_with_timeout(lambda: 41 + 1, 5.0) == 42
+        except BaseException:  # noqa: BLE001
+            ok = False
+        os.write(w, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(w)
+    got = os.read(r, 1)
+    os.waitpid(pid, 0)
+    assert got == b"1", "the forked child's measurement timed out"

@@ -202,3 +202,18 @@ def test_lean_decode_cpu_honours_start_and_length_of_each_row(pad, lq):
             torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
         got, _ = lean_attention_cpu(q, k, v, make_plan(lengths, 2, 8, 3), starts, is_causal=lq > 1)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_lean_pools_leave_torchs_thread_count_alone_for_threads_started_later():
+    import threading
+
+    from graphtune.codegen import lean_cpu
+
+    want = torch.get_num_threads()
+    pool = lean_cpu._pool(3)
+    assert {pool.submit(torch.get_num_threads).result() for _ in range(6)} == {1}  # workers: one intra-op thread
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [want] and torch.get_num_threads() == want

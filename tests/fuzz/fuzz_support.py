@@ -1,6 +1,6 @@
 """Shared pieces of graphtune's differential fuzzer: profiles, the fp64 oracle, tolerances, case specs.
 
-Profiles (``GRAPHTUNE_FUZZ_PROFILE``):
+Profiles (``GRAPHTUNE_FUZZ_PROFILE``, or ``HYPOTHESIS_PROFILE`` as the Makefile's ``fuzz`` target sets it):
 
 * ``ci`` (default): a few examples per test, derandomized (the same examples on every run, no example
   database), so ``make test`` is deterministic and bounded.
@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-PROFILE = os.environ.get("GRAPHTUNE_FUZZ_PROFILE", "ci")
+_hp = os.environ.get("HYPOTHESIS_PROFILE")
+PROFILE = os.environ.get("GRAPHTUNE_FUZZ_PROFILE") or (_hp if _hp in ("ci", "long") else "ci")
 SCALE = int(os.environ.get("GRAPHTUNE_FUZZ_SCALE", "25"))
 if PROFILE not in ("ci", "long"):
     raise ValueError(f"GRAPHTUNE_FUZZ_PROFILE must be ci or long, got {PROFILE!r}")

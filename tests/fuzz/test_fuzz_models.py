@@ -3,7 +3,8 @@ plain model as the oracle.
 
 A session prefills one or two requests ("streams") of one batch size and then interleaves decode steps,
 multi-token continuations, cache rollbacks (``crop``), row reorders (``reorder_cache``, as beam search
-does) and a final pair of decode steps run by two threads at once on the one optimized model. Prompts
+does), continuing a cache the plain model filled, and a final pair of decode steps run by two threads at
+once on the one optimized model. Prompts
 are shared (one prompt repeated), share a prefix, repeat in pairs, or are distinct; rows are left padded or
 not; ``position_ids`` are absent, derived from the mask, or offset per row; the cache is passed under the
 keyword the installed transformers accepts (``cache=`` from 5.x, ``past_key_values=`` before) or
@@ -16,6 +17,7 @@ engage at these sizes, and the test fails if either never ran.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import threading
 from collections import Counter
@@ -91,8 +93,8 @@ def models():
 
 @dataclass(frozen=True)
 class Session:
-    """A request sequence; ``ops`` are ``(kind, stream, n)``: decode n steps, append n tokens, crop n,
-    reorder (n: permutation seed)."""
+    """A request sequence; ``ops`` are ``(kind, stream, n)``: decode n steps, append n tokens, crop n tokens
+    (then append one), reorder the rows, or adopt the plain model's cache (then decode one)."""
 
     model: str
     batch: int
@@ -113,7 +115,7 @@ class Session:
 @st.composite
 def sessions(draw, model_names) -> Session:
     streams = draw(st.integers(1, 2))
-    op = st.tuples(st.sampled_from(["decode", "decode", "append", "crop", "reorder"]), st.integers(0, streams - 1),
+    op = st.tuples(st.sampled_from(["decode", "decode", "append", "crop", "reorder", "adopt"]), st.integers(0, streams - 1),
                    st.integers(1, 3))
     padding = draw(st.sampled_from(["none", "left", "left-equal"]))
     return Session(draw(st.sampled_from(model_names)), draw(st.integers(1, 4)),
@@ -230,6 +232,11 @@ def run_session(plain, fast, s: Session) -> None:
             # roll back n tokens (speculative decoding), possibly into the prompt, then append one
             st_.crop(max(1, st_.mask.shape[1] - n))
             st_.grow(torch.randint(3, 500, (s.batch, 1), generator=g))
+            last[i] = _step(plain, fast, s, st_, what)
+        elif kind == "adopt":
+            # the optimized model continues a cache it did not build (filled by the plain model), then decodes
+            st_.caches = (st_.caches[0], copy.deepcopy(st_.caches[0]))
+            st_.grow(last[i][:, -1:].argmax(-1))
             last[i] = _step(plain, fast, s, st_, what)
         elif kind == "reorder":  # beam search reorders the cache rows
             perm = torch.randperm(s.batch, generator=g)
