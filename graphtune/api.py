@@ -294,6 +294,8 @@ class Report:
         for i, s in enumerate(self.sites):
             det = ", ".join(f"{k}={v}" for k, v in s.details.items() if v not in (None, False))
             lines.append(f"  [{i:2d}] {(s.module_path or s.node):<{w}}  {s.form:<12} {det:<40} -> {s.implementation}")
+        lines.append("  note: shared-prefix and lean decode are per-batch runtime features of graphtune.optimize(); "
+                     "torch.compile(backend='graphtune') gets the rewrites and tuned dispatch only")
         return "\n".join(lines)
 
 

@@ -98,6 +98,7 @@ def test_explain_report_lists_sites_and_serializes():
     assert "default: SDPA" in site["implementation"], site["implementation"]
     assert "shared-prefix" in site["implementation"] and "lean decode" in site["implementation"]
     assert "attention sites: 1" in str(rep)
+    assert "torch.compile(backend='graphtune') gets the rewrites and tuned dispatch only" in str(rep)
 
 
 @pytest.mark.parametrize("bad,match", [

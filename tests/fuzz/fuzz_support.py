@@ -100,6 +100,18 @@ def ref_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return out, lse
 
 
+def ref_merge(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
+    """``merge_states`` in float64: partials weighted by ``exp(lse)``; rows with no keys anywhere give 0, -inf."""
+    o = torch.stack([x.double() for x in outs])
+    l = torch.stack([x.double() for x in lses])
+    m = l.amax(0)
+    live = torch.isfinite(m)
+    w = torch.exp(l - torch.where(live, m, 0.0))
+    den = w.sum(0)
+    out = torch.where(live[..., None], (w[..., None] * o).sum(0) / torch.where(live, den, 1.0)[..., None], 0.0)
+    return out, torch.where(live, m + torch.log(den), float("-inf"))
+
+
 def assert_matches(got: torch.Tensor, want: torch.Tensor, tol: tuple[float, float], what: str,
                    case: Any = None) -> None:
     """``|got - want| <= atol + rtol * |want|`` elementwise (``want`` fp64), infinities equal, no NaN."""
@@ -272,7 +284,12 @@ def attn_cases(draw, dtypes=tuple(DTYPES), broadcast: bool = False, long_kv: boo
 
 @dataclass(frozen=True)
 class MergeCase:
-    """Partial attention states over disjoint key sets of one problem; merged, they are the whole."""
+    """Partial attention states over disjoint key sets of one problem; merged, they are the whole.
+
+    The oracle merges the given (rounded) partials in float64: it equals the whole problem's attention
+    except in rows whose every key carries one huge finite fill, where a partial's LSE cannot hold its
+    key count (``fill + log n`` rounds to ``fill`` even in float64).
+    """
 
     attn: AttnCase
     parts: int
@@ -288,8 +305,8 @@ class MergeCase:
             o, l = ref_attention(q, k.index_select(-2, idx), v.index_select(-2, idx), m, False, scale, gqa)
             outs.append(o.to(q.dtype).reshape(o.shape[-self.rank:]))
             lses.append(l.float().reshape(l.shape[-self.rank + 1:]))
-        want_o, want_l = ref_attention(q, k, v, mask, False, scale, gqa)
-        return outs, lses, want_o.reshape(want_o.shape[-self.rank:]), want_l.reshape(want_l.shape[-self.rank + 1:])
+        want_o, want_l = ref_merge(outs, lses)
+        return outs, lses, want_o, want_l
 
 
 @st.composite

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import given, note
+from hypothesis import example, given, note
 from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
@@ -98,7 +98,7 @@ class Session:
 
     model: str
     batch: int
-    prompts: str  # shared | prefix | pairs | distinct
+    prompts: str  # shared | prefix | pairs | templated | distinct
     prompt_len: int
     padding: str  # none | left | left-equal
     positions: str  # none | mask | offset
@@ -115,11 +115,12 @@ class Session:
 @st.composite
 def sessions(draw, model_names) -> Session:
     streams = draw(st.integers(1, 2))
-    op = st.tuples(st.sampled_from(["decode", "decode", "append", "crop", "reorder", "adopt"]), st.integers(0, streams - 1),
-                   st.integers(1, 3))
+    kinds = ["decode", "decode", "append", "crop", "reorder", "adopt"]
+    op = st.tuples(st.sampled_from(kinds), st.integers(0, streams - 1), st.integers(1, 3))
     padding = draw(st.sampled_from(["none", "left", "left-equal"]))
     return Session(draw(st.sampled_from(model_names)), draw(st.integers(1, 4)),
-                   draw(st.sampled_from(["shared", "shared", "prefix", "pairs", "distinct"])), draw(st.integers(4, 14)),
+                   draw(st.sampled_from(["shared", "shared", "prefix", "pairs", "templated", "distinct"])),
+                   draw(st.integers(4, 14)),
                    padding, draw(st.sampled_from(["none", "mask", "offset"])),
                    padding != "none" or draw(st.booleans()), draw(st.sampled_from([*CACHE_KEYWORDS, "positional"])),
                    streams, tuple(draw(st.lists(op, min_size=1, max_size=4))), draw(st.booleans()), draw(st.booleans()),
@@ -129,15 +130,18 @@ def sessions(draw, model_names) -> Session:
 class Stream:
     """One request: its ids, mask and positions so far, and the plain and optimized models' caches."""
 
-    def __init__(self, s: Session, g: torch.Generator, cache_cls):
+    def __init__(self, s: Session, g: torch.Generator, cache_cls, prompts: str):
         B, P = s.batch, s.prompt_len
         tok = lambda *shape: torch.randint(3, 500, shape, generator=g)  # noqa: E731
-        if s.prompts == "shared":
+        if prompts == "shared":
             ids = tok(1, P).expand(B, P).clone()
-        elif s.prompts == "prefix":
+        elif prompts == "prefix":
             ids = torch.cat([tok(1, P - 2).expand(B, -1), tok(B, 2)], 1)
-        elif s.prompts == "pairs":
+        elif prompts == "pairs":
             ids = tok((B + 1) // 2, P).repeat_interleave(2, 0)[:B]
+        elif prompts == "templated":  # pairs of prompts that differ but end alike (a chat template's tail)
+            n = (B + 1) // 2
+            ids = torch.cat([tok(n, P - 2), tok(1, 2).expand(n, 2)], 1).repeat_interleave(2, 0)[:B]
         else:
             ids = tok(B, P)
         pads = torch.zeros(B, dtype=torch.long)
@@ -214,7 +218,9 @@ def _step(plain, fast, s: Session, st_: Stream, what: str) -> torch.Tensor:
 def run_session(plain, fast, s: Session) -> None:
     g = torch.Generator().manual_seed(s.seed)
     cache_cls = transformers.DynamicCache
-    streams = [Stream(s, g, cache_cls) for _ in range(s.streams)]
+    # a second stream gets other prompts: sharing found at its prefill must not leak into the first one's decode
+    other = "distinct" if s.prompts == "shared" else "shared"
+    streams = [Stream(s, g, cache_cls, s.prompts if i == 0 else other) for i in range(s.streams)]
     last = []
     for i, st_ in enumerate(streams):  # prefill every stream first: a later stream must not reuse an older plan
         last.append(_step(plain, fast, s, st_, f"prefill of stream {i}"))
@@ -290,6 +296,26 @@ def _expects_shared_prefix(s: Session) -> bool:
     return False
 
 
+def _session(**kw) -> Session:
+    base = dict(model="llama-sdpa", batch=3, prompts="shared", prompt_len=8, padding="none", positions="none",
+                mask=True, call=CACHE_KEYWORDS[0], streams=1, ops=(("decode", 0, 2),), threads=False, lean=False,
+                min_prefix=3, seed=1)
+    return Session(**{**base, **kw})
+
+
+# Sessions that run in every profile besides the drawn ones: each once found a wrong answer or a
+# silently skipped fast path (issue 8 and tests/fuzz findings).
+EXAMPLES = (
+    _session(call="positional"),  # the cache passed positionally: shared-prefix decode must still engage
+    _session(positions="offset"),  # identical ids at different positions must not share K/V
+    _session(streams=2, prompts="distinct"),  # a plan from another request's prefill must not be used
+    _session(prompts="templated", batch=4, ops=(("reorder", 0, 1), ("decode", 0, 1)), seed=2),  # rows moved
+    _session(ops=(("crop", 0, 6), ("decode", 0, 2))),  # rollback into the prompt
+    _session(model="qwen2-eager", padding="left", lean=True, prompts="pairs", batch=4),  # fully masked pad rows
+    _session(streams=2, threads=True, lean=True, padding="left-equal", ops=(("adopt", 1, 1),)),
+)
+
+
 def test_random_request_sequences_match_the_plain_model(models):
     names = tuple(models)
     HITS.clear()
@@ -305,8 +331,10 @@ def test_random_request_sequences_match_the_plain_model(models):
         new = HITS - before
         note(f"fast paths: {dict(new)}")
         if _expects_shared_prefix(s):
-            assert new["shared_prefix._impl"] > 0, f"shared prompts never took the shared-prefix decode path: {dict(new)}"
+            assert new["shared_prefix._impl"] > 0, f"shared prompts never took the shared-prefix decode: {dict(new)}"
 
+    for ex in EXAMPLES:
+        fuzz = example(s=ex)(fuzz)
     fuzz()
     assert HITS["shared_prefix._impl"] > 0, f"shared-prefix decode never ran: {dict(HITS)}"
     assert HITS["shared_prefix._dedup_impl"] > 0, f"shared-prefix prefill dedup never ran: {dict(HITS)}"

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import graphtune.codegen
 from graphtune.codegen import registry
 from graphtune.errors import ShapeError
 
-from fuzz_support import (DTYPES, LSE_TOL, OUT_TOL, assert_matches, attn_cases, count_example, fuzz_settings,
-                          lean_cases, merge_cases, ref_attention)
+from fuzz_support import (DTYPES, LSE_TOL, OUT_TOL, AttnCase, assert_matches, attn_cases, count_example,
+                          fuzz_settings, lean_cases, merge_cases, ref_attention)
 
 for _m in pkgutil.iter_modules(graphtune.codegen.__path__):
     importlib.import_module(f"graphtune.codegen.{_m.name}")
@@ -74,7 +74,8 @@ class SuffixCase:
         ok = j < n
         if self.causal and self.lq > 1:
             ok = ok & (j <= n - self.lq + torch.arange(self.lq).view(1, 1, -1, 1))
-        allowed = torch.cat([torch.ones(self.b, 1, self.lq, self.prefix, dtype=torch.bool), ok.expand(-1, 1, self.lq, -1)], -1)
+        prefix_ok = torch.ones(self.b, 1, self.lq, self.prefix, dtype=torch.bool)
+        allowed = torch.cat([prefix_ok, ok.expand(-1, 1, self.lq, -1)], -1)
         want = ref_attention(q, torch.cat([pk, sk], 2), torch.cat([pv, sv], 2), allowed, False, self.scale, True)
         return (q, sk, sv, lens, prior, self.causal, self.scale), want
 
@@ -95,69 +96,91 @@ def suffix_cases(draw, dtypes=tuple(DTYPES)) -> SuffixCase:
                       prefix, ls, lens, causal, draw(st.sampled_from([None, 0.3])), draw(st.integers(0, 2**16)))
 
 
-def _pick_config(data, impl: registry.Impl, args: tuple) -> registry.KernelConfig:
-    cfgs = [impl.default_config(args), *impl.configs(args)]
-    return data.draw(st.sampled_from(cfgs), label="config")
+class _Unsupported(Exception):
+    """The implementation declines these arguments (``supports()`` is False, or a documented refusal)."""
 
 
-def _check_attention_impl(data, impl):
-    case = data.draw(attn_cases(broadcast=True, long_kv=impl.name not in TRITON), label="case")
+def _configs(impl: registry.Impl, args: tuple) -> list[registry.KernelConfig]:
+    return [impl.default_config(args), *impl.configs(args)]
+
+
+def _check_attention_impl(impl, case, choose):
     args = case.build()
-    assume(impl.supports(args))
-    cfg = _pick_config(data, impl, args)
-    out, lse = impl.fn(*args, config=cfg)
+    if not impl.supports(args):
+        raise _Unsupported
     want_o, want_l = ref_attention(*args)
-    assert_matches(out, want_o, OUT_TOL[case.torch_dtype], f"{impl.name}[{cfg}] out", case)
-    assert_matches(lse, want_l, LSE_TOL[case.torch_dtype], f"{impl.name}[{cfg}] lse", case)
+    for cfg in choose(_configs(impl, args)):
+        out, lse = impl.fn(*args, config=cfg)
+        assert_matches(out, want_o, OUT_TOL[case.torch_dtype], f"{impl.name}[{cfg}] out", case)
+        assert_matches(lse, want_l, LSE_TOL[case.torch_dtype], f"{impl.name}[{cfg}] lse", case)
 
 
-def _check_merge_impl(data, impl):
-    case = data.draw(merge_cases(), label="case")
+def _check_merge_impl(impl, case, choose):
     outs, lses, want_o, want_l = case.build()
-    assume(impl.supports((outs, lses)))
-    cfg = _pick_config(data, impl, (outs, lses))
-    out, lse = impl.fn(outs, lses, config=cfg)
+    if not impl.supports((outs, lses)):
+        raise _Unsupported
     dt = outs[0].dtype
-    assert_matches(out, want_o, OUT_TOL[dt], f"{impl.name}[{cfg}] out", case)
-    assert_matches(lse, want_l, LSE_TOL[dt], f"{impl.name}[{cfg}] lse", case)
+    for cfg in choose(_configs(impl, (outs, lses))):
+        out, lse = impl.fn(outs, lses, config=cfg)
+        assert_matches(out, want_o, OUT_TOL[dt], f"{impl.name}[{cfg}] out", case)
+        assert_matches(lse, want_l, LSE_TOL[dt], f"{impl.name}[{cfg}] lse", case)
 
 
-def _check_lean_impl(data, impl):
-    case = data.draw(lean_cases(), label="case")
+def _check_lean_impl(impl, case, choose):
     args = case.build()
-    assume(impl.supports(args))
-    cfg = _pick_config(data, impl, args)
+    if not impl.supports(args):
+        raise _Unsupported
+    want_o, want_l = ref_attention(*args)
     # lean decode serves padding (+ causal over each row's real keys) masks only; HF's causal mask over
     # right/window padding (aligned to the last key, not the row's) may be refused with ShapeError
     not_lean_mask = case.causal_abs and case.padding in ("right", "window")
-    try:
-        out, lse = impl.fn(*args, config=cfg)
-    except ShapeError:
-        if not not_lean_mask:
-            raise
-        assume(False)
-    want_o, want_l = ref_attention(*args)
-    assert_matches(out, want_o, OUT_TOL[case.torch_dtype], f"{impl.name}[{cfg}] out", case)
-    assert_matches(lse, want_l, LSE_TOL[case.torch_dtype], f"{impl.name}[{cfg}] lse", case)
+    for cfg in choose(_configs(impl, args)):
+        try:
+            out, lse = impl.fn(*args, config=cfg)
+        except ShapeError:
+            if not not_lean_mask:
+                raise
+            raise _Unsupported from None
+        assert_matches(out, want_o, OUT_TOL[case.torch_dtype], f"{impl.name}[{cfg}] out", case)
+        assert_matches(lse, want_l, LSE_TOL[case.torch_dtype], f"{impl.name}[{cfg}] lse", case)
 
 
-def _check_suffix_merge_impl(data, impl):
-    case = data.draw(suffix_cases(), label="case")
+def _check_suffix_merge_impl(impl, case, choose):
     (q, k, v, lens, prior, causal, scale), (want_o, want_l) = case.build()
     args = (q, k, v, lens, None if prior is None else prior[0], None if prior is None else prior[1], causal, scale)
-    assume(impl.supports(args))
-    cfg = _pick_config(data, impl, args)
-    out, lse = impl.fn(*args, config=cfg)
-    assert_matches(out, want_o, OUT_TOL[q.dtype], f"{impl.name}[{cfg}] out", case)
-    assert_matches(lse, want_l, LSE_TOL[q.dtype], f"{impl.name}[{cfg}] lse", case)
+    if not impl.supports(args):
+        raise _Unsupported
+    for cfg in choose(_configs(impl, args)):
+        out, lse = impl.fn(*args, config=cfg)
+        assert_matches(out, want_o, OUT_TOL[q.dtype], f"{impl.name}[{cfg}] out", case)
+        assert_matches(lse, want_l, LSE_TOL[q.dtype], f"{impl.name}[{cfg}] lse", case)
 
 
-# op -> how to fuzz one of its implementations (a new op needs an entry here)
+def _attn(**kw) -> AttnCase:
+    base = dict(dtype="float32", q_batch=(1,), kv_batch=(1,), hq=2, hkv=1, lq=1, s=257, d=4, dv=4, gqa=True,
+                is_causal=False, mask="none", mask_shape="BHLS", mask_rank=4, padding="none", causal_mask=False,
+                empty=(), fill="-inf", bias=False, scale=None, seed=0)
+    return AttnCase(**{**base, **kw})
+
+
+# Cases every implementation of the op runs with every one of its configs, in every profile: each once
+# found a wrong answer or a crash (issue 8 item 5; /tmp/fuzz_findings.md F1-F4).
+ATTENTION_REGRESSIONS = (
+    _attn(q_batch=(2,), kv_batch=(1,), s=3),  # SDPA batch broadcasting: supports() must decline or compute it
+    _attn(q_batch=(1,), kv_batch=(2,), s=3),
+    _attn(q_batch=(), kv_batch=(1,), s=3),
+    _attn(mask="additive", empty=(0,), fill="min"),  # a row fully masked by finfo.min: SDPA's mean of V
+    _attn(mask="additive", empty=(0,), fill="min", s=10, d=16, dv=16),
+    _attn(mask="bool", mask_shape="S", lq=2, s=3),  # a key mask broadcast over the queries, GQA
+)
+
+# op -> (case strategy for an implementation, check, regression cases); a new op needs an entry here
 OP_CHECKS = {
-    "attention_with_lse": _check_attention_impl,
-    "merge_states": _check_merge_impl,
-    "lean_decode": _check_lean_impl,
-    "shared_prefix_suffix_merge": _check_suffix_merge_impl,
+    "attention_with_lse": (lambda impl: attn_cases(broadcast=True, long_kv=impl.name not in TRITON),
+                           _check_attention_impl, ATTENTION_REGRESSIONS),
+    "merge_states": (lambda impl: merge_cases(), _check_merge_impl, ()),
+    "lean_decode": (lambda impl: lean_cases(), _check_lean_impl, ()),
+    "shared_prefix_suffix_merge": (lambda impl: suffix_cases(), _check_suffix_merge_impl, ()),
 }
 
 
@@ -171,15 +194,24 @@ def test_every_registered_op_has_a_fuzz_generator():
 def test_registered_impl_with_any_of_its_configs_matches_fp64(impl_name):
     op, name = impl_name.split(":")
     impl = registry.get_impl(op, name)
-    check = OP_CHECKS.get(op)
-    if check is None:
+    if op not in OP_CHECKS:
         pytest.fail(f"no fuzz case generator for op {op!r}")
+    cases, check, regressions = OP_CHECKS[op]
+    for case in regressions:
+        count_example(f"impl {impl_name}")
+        try:
+            check(impl, case, lambda cfgs: cfgs)
+        except _Unsupported:
+            pass
 
     @fuzz_settings(_examples(name, 15))
-    @given(data=st.data())
-    def run(data):
+    @given(case=cases(impl), data=st.data())
+    def run(case, data):
         count_example(f"impl {impl_name}")
-        check(data, impl)
+        try:
+            check(impl, case, lambda cfgs: [data.draw(st.sampled_from(cfgs), label="config")])
+        except _Unsupported:
+            assume(False)
 
     run()
 
@@ -202,6 +234,10 @@ def _sdpa_rejects(args) -> bool:
 
 @fuzz_settings(30)
 @given(case=attn_cases(broadcast=True, long_kv=True))
+@example(case=_attn(q_batch=(2,), kv_batch=(1,), s=3))  # issue 8 item 5: out-of-bounds reads
+@example(case=_attn(q_batch=(1,), kv_batch=(2,), s=3))  # ... and a shape other than SDPA's
+@example(case=_attn(q_batch=(), kv_batch=(2,), s=3))  # ... and ShapeError for q of rank 3, kv of rank 4
+@example(case=_attn(mask="additive", empty=(0,), fill="min", s=10))
 def test_canonical_attention_ops_match_sdpa_semantics_in_fp64(case):
     count_example("op graphtune.attention(_with_lse)")
     args = case.build()
