@@ -36,9 +36,11 @@ test: $(STAMP)
 test-hf-lowest: $(LOW_STAMP)
 	$(LOW_VENV)/bin/python -m pytest -q -m hf tests
 
-# Long differential fuzzing run (tests/fuzz, hypothesis profile "long"); prints examples run and failures.
+# Long differential fuzzing run (tests/fuzz, profile "long": FUZZ_SCALE x the ci example counts, random
+# seeds, failures kept in .hypothesis/graphtune-fuzz/); prints examples run and failures, minimized.
+FUZZ_SCALE ?= 25
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q tests/fuzz --hypothesis-show-statistics -p no:randomly
+	GRAPHTUNE_FUZZ_PROFILE=long GRAPHTUNE_FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest -q tests/fuzz --hypothesis-show-statistics
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name

@@ -10,7 +10,9 @@ are read once per group.
 Semantics are exactly :func:`graphtune.ir.reference.attention_ref`: SDPA's ``is_causal``
 (top-left) or bottom-right causal alignment, GQA, additive or bool masks broadcastable to
 ``[B, Hq, L, S]``, head dims up to 256 (non-powers of two padded with masked loads), fp32
-accumulation, natural-log fp32 LSE, and ``out = 0, lse = -inf`` for rows that see no key.
+accumulation, natural-log fp32 LSE, and ``out = 0, lse = -inf`` for rows that see no key (every
+key ``-inf`` or ``False``; a row whose keys all carry one finite fill, e.g. HF's ``finfo.min``, is
+SDPA's softmax of scores + fill: the mean of V).
 
 Layout: kernel -> config space + prune -> launcher -> public op ->
 registration in :mod:`graphtune.codegen.registry` -> cross-compilation spec.
@@ -65,7 +67,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
     H_KV, GROUP, L, S, D, DV,
-    qk_scale,  # softmax scale * log2(e): scores live in the log2 domain (exp2 is the fast path)
+    qk_scale,  # softmax scale, * log2(e) unless MASK_KIND == 1 (scores' domain, see the loop)
     causal_offset,  # key j is visible to query i iff j <= i + causal_offset
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -121,11 +123,17 @@ def _attn_fwd_kernel(
             qk = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
         else:
             qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-        qk = qk * qk_scale  # [BLOCK_M, BLOCK_N]
         # -- user mask, broadcast through zero strides ------------------------------------
+        # Without an additive mask, scores live in the log2 domain (qk_scale = scale * log2(e)) and
+        # exp2 takes them directly. With one, they stay in the natural domain, s * scale + bias as
+        # SDPA rounds it: bias * log2(e) overflows to -inf at finfo.min (a row of such fills, SDPA's
+        # mean of V, came out empty), and s + fill must round like SDPA's for fills like -1e4.
+        # The conversion to log2 then applies to differences from the row max only (always finite).
         if MASK_KIND == 1:
             bias = tl.load(m_base + cols[None, :] * stride_mn, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            qk += bias.to(tl.float32) * 1.4426950408889634
+            qk = qk * qk_scale + bias.to(tl.float32)  # [BLOCK_M, BLOCK_N], natural domain
+        else:
+            qk = qk * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         if MASK_KIND == 2:
             keep = tl.load(m_base + cols[None, :] * stride_mn, mask=row_ok[:, None] & col_ok[None, :], other=0)
             qk = tl.where(keep != 0, qk, float("-inf"))
@@ -135,10 +143,15 @@ def _attn_fwd_kernel(
             visible = visible & (cols[None, :] <= i_pos[:, None] + causal_offset)
         qk = tl.where(visible, qk, float("-inf"))
         # -- online softmax; a row that has seen no key keeps m = -inf, l = 0 -------------
+        # (a row whose keys all carry one finite fill has m = fill, p = 1 per key: not empty)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoids (-inf) - (-inf) = nan
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        if MASK_KIND == 1:
+            p = tl.math.exp2((qk - m_safe[:, None]) * 1.4426950408889634)
+            alpha = tl.math.exp2((m_i - m_safe) * 1.4426950408889634)
+        else:
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- acc = acc * alpha + P @ V ----------------------------------------------------
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
@@ -150,11 +163,14 @@ def _attn_fwd_kernel(
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # -- epilogue: normalize; empty rows -> out 0, lse -inf; lse back to natural log -------
+    # -- epilogue: normalize; empty rows (every key -inf) -> out 0, lse -inf; natural-log lse --
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    if MASK_KIND == 1:
+        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe) * 0.6931471805599453)
+    else:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     o_base = O + b * stride_ob + h0 * stride_oh
     o_ptrs = o_base + g[:, None] * stride_oh + i_pos[:, None] * stride_om + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
@@ -366,7 +382,7 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: boo
         q, k, v, mask_t, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *ms, *o.stride(), *lse.stride(),
         Hkv, group, L, S, D, DV,
-        scale * _LOG2E, causal_offset,
+        scale if mask_kind == 1 else scale * _LOG2E, causal_offset,  # additive masks: natural domain
         BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
         IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind,

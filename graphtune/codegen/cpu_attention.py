@@ -16,7 +16,9 @@ Every implementation takes the op's exact argument tuple
     folds the chunks into the head dimension so one kernel call parallelises over
     ``heads x SPLITS`` work items (pays for long-KV decode with few heads, where ATen's kernel
     only has ``B*H`` items to spread over cores); ``BATCHED=0`` runs the chunks one after another
-    (cache-sized chunks). ``FOLD=1`` also folds the GQA query group into rows.
+    (cache-sized chunks). ``FOLD=1`` also folds the GQA query group into rows. Rows whose LSE is
+    too large for an fp32 chunk LSE to keep the chunk's key count (a row of HF's ``finfo.min``
+    fill: SDPA's mean of V) are recomputed in one piece (``_exact_rows``).
 ``cpu.gqa_fold``
     Grouped-query decode: the ``G = Hq/Hkv`` query heads sharing a kv head become ``G*L`` rows of
     one head, so K/V are streamed once per kv head instead of once per query head. ``THREADS``.
@@ -220,6 +222,7 @@ def split_kv_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, ena
     splits = max(1, min(splits, S))
     chunk = -(-S // splits)
     mask = _mask_ls(additive_mask4(_additive(attn_mask, is_causal, L, S, q.dtype), q.dtype), L, S)  # [Bm, Hm, L, S]
+    q_rows, mask_rows = q4, mask  # unfolded, for _exact_rows
     fold = fold and Hq != Hkv
     if fold:
         q4, mask = _fold_q(q4, Hkv), _fold_mask(mask, Hq, Hkv)
@@ -236,7 +239,49 @@ def split_kv_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, ena
     out = out.to(q.dtype)
     if fold:
         out, lse = out.reshape(B, Hq, L, -1), lse.reshape(B, Hq, L)
+    _exact_rows(q_rows, k4, v4, mask_rows, scale, out, lse)
     return _squeeze_back(q, out, lse)
+
+
+# Merging chunks by their LSEs is exact only while an fp32 LSE resolves the chunks' key counts and
+# sums: a chunk's lse = m + log(l) keeps log(l) to ulp(m). Above 2^8 (ulp 2^-15) the weights could
+# be off by more than fp32 attention's own rounding; at a huge finite fill (HF's finfo.min masks: a
+# row whose every key carries it is SDPA's mean of V) log(l) is lost entirely and uneven chunks came
+# out weighted equally. Rows whose merged |lse| reaches this are recomputed in one piece instead.
+_EXACT_LSE = 2.0 ** 8
+
+
+def _exact_rows(q4: Tensor, k4: Tensor, v4: Tensor, mask: Tensor | None, scale: float | None,
+                out: Tensor, lse: Tensor) -> None:
+    """Recompute, in place, the rows of a split-KV result whose LSE is too large for the merge.
+
+    q4: [B, Hq, L, E]  k4, v4: [B, Hkv, S, E]  mask: [Bm, Hm, L, S] additive (causality included) or
+    None  out: [B, Hq, L, Ev]  lse: [B, Hq, L]. Each affected (batch, kv head) runs through
+    :func:`math_attention` over all keys (SDPA's fp32 arithmetic: scores + mask, max-shifted, so a
+    row of one fill averages V), blocked so that its score buffer stays within ``_MAX_TMP_BYTES``.
+    Rows with no keys (lse = -inf) are left alone. Typically no row qualifies: one vectorised test.
+    """
+    bad = torch.isfinite(lse) & (lse.abs() >= _EXACT_LSE)
+    if not bool(bad.any()):
+        return
+    B, Hq, L, _ = q4.shape
+    Hkv, S = k4.shape[1], k4.shape[2]
+    G = Hq // Hkv
+    bad_g = bad.view(B, Hkv, G * L)  # row g*L + l of kv head hk is query head hk*G + g, position l
+    step = max(1, _MAX_TMP_BYTES // (4 * S))
+    for b, hk in bad_g.any(-1).nonzero().tolist():
+        rows = bad_g[b, hk].nonzero().squeeze(1)
+        for r0 in range(0, rows.numel(), step):
+            r = rows[r0:r0 + step]
+            h, i = hk * G + r // L, r % L
+            m = None
+            if mask is not None:
+                m = mask[b if mask.shape[0] > 1 else 0, h if mask.shape[1] > 1 else 0, i]  # [n, S]
+                m = m.expand(r.numel(), S)[None, None]
+            o, l = math_attention(q4[b, h, i][None, None], k4[b, hk][None, None], v4[b, hk][None, None], m,
+                                  False, scale, False, config=KernelConfig.make(BLOCK_M=step))
+            out[b, h, i] = o[0, 0].to(out.dtype)
+            lse[b, h, i] = l[0, 0]
 
 
 def _split_batched(q4, k4, v4, mask, scale, splits, chunk):
@@ -426,7 +471,8 @@ register_impl(Impl(_ATTN, "cpu.flash", "cpu", flash_attention, KernelConfig.make
                    source_hash(flash_attention, *_HELPERS), _flash_supports))
 register_impl(Impl(_ATTN, "cpu.split_kv", "cpu", split_kv_attention,
                    KernelConfig.make(SPLITS=4, BATCHED=1, FOLD=0), _split_configs,
-                   source_hash(split_kv_attention, _split_batched, *_HELPERS), _split_supports))
+                   source_hash(split_kv_attention, _split_batched, _exact_rows, math_attention, *_HELPERS),
+                   _split_supports))
 register_impl(Impl(_ATTN, "cpu.gqa_fold", "cpu", gqa_fold_attention, KernelConfig.make(THREADS=0),
                    _flash_configs, source_hash(gqa_fold_attention, *_HELPERS), _fold_supports))
 register_impl(Impl(_ATTN, "cpu.math", "cpu", math_attention, KernelConfig.make(BLOCK_M=256), _math_configs,

@@ -42,6 +42,33 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     )
 
 
+# Values of nodes that compute no tensor but feed computation: ``x.dtype``, ``x.device``, ``x.layout``
+# (``x.shape`` / ``x.size()`` are tuples of ints, which FakeTensorProp already records).
+_PLAIN_VALUES = (torch.dtype, torch.device, torch.layout, torch.memory_format, str, type(None))
+
+
+def _plain_value(obj: Any) -> bool:
+    if isinstance(obj, (tuple, list)):
+        return all(_plain_value(x) for x in obj)
+    return isinstance(obj, _PLAIN_VALUES)
+
+
+class _MetaProp(FakeTensorProp):
+    """FakeTensorProp that also records non-tensor values in ``meta["val"]``.
+
+    FakeTensorProp keeps only tensors, SymInts and Python numbers: a ``getattr(q, "dtype")`` node
+    (HF's ``softmax(...).to(q.dtype)``) would carry no metadata, and the IR contract (every value
+    node has ``meta["val"]``, checked by the verifier) would fail. Other objects stay unrecorded, so
+    the verifier still rejects them where they feed computation.
+    """
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if "val" not in n.meta and _plain_value(result):
+            n.meta["val"] = result
+        return result
+
+
 class CaptureResult(list):
     """The graphs of one capture (Dynamo may produce several, one per graph-break region)."""
 
@@ -60,7 +87,7 @@ def capture_fx(model: torch.nn.Module, example_inputs: Any) -> IRGraph:
         raise CaptureError(f"torch.fx cannot trace {type(model).__name__}: {e}") from e
     fake_args, mode = fakeify(args)
     try:
-        FakeTensorProp(gm, mode).propagate(*fake_args)
+        _MetaProp(gm, mode).propagate(*fake_args)
     except Exception as e:
         raise CaptureError(f"shape propagation failed on the fx graph of {type(model).__name__}: {e}") from e
     return IRGraph(gm, "fx", args)
@@ -78,7 +105,7 @@ def capture_export(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: 
     fake_args, mode = fakeify(args)
     if not kwargs:
         try:
-            FakeTensorProp(gm, mode).propagate(*fake_args)
+            _MetaProp(gm, mode).propagate(*fake_args)
         except Exception as e:  # keep export's own metadata
             log.debug("fake propagation on the exported graph failed: %s", e)
     return IRGraph(gm, "export", args)

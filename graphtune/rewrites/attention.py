@@ -7,8 +7,8 @@ Forms matched (see ``docs/canonical-attention.md``), in all three capture vocabu
 * eager attention ``PV(softmax(mask(scale(QK(q, k)))), v)`` with ``QK`` a matmul/bmm of q and
   kᵀ, a ``baddbmm`` adding a bias (BLOOM's ALiBi) or an ``einsum`` in any index layout, ``PV``
   a matmul/bmm or ``einsum`` (:mod:`.attention_forms`); the scale a div or mul on the scores or
-  pre-applied to q or k; the mask additive / ``masked_fill`` / ``torch.where`` (only fills that
-  are exact, :mod:`.attention_masks`); casts around the softmax, eval-mode dropout on the
+  pre-applied to q or k; the mask additive (added in fp32, not in half precision) /
+  ``masked_fill`` / ``torch.where`` (only fills that are exact; :mod:`.attention_masks`); casts around the softmax, eval-mode dropout on the
   probabilities and reshapes of the batch dims in between (BLOOM's ``[B*H, L, S]`` views);
 * in both, k/v that went through HF ``repeat_kv`` (unsqueeze-expand-reshape) or
   ``repeat_interleave(n, dim=-3)`` are replaced by the un-repeated tensors plus ``enable_gqa``.
@@ -250,7 +250,7 @@ def _plan_eager(m: Match, pv: fx.Node, qk: fx.Node, softmax: fx.Node, qkf: QK, p
     if not shape_eq(out_shape, tuple(outv.shape)):
         return None
     scale = _scale_factor(m, c)
-    mask = plan_mask(m, c, ss, const)
+    mask = plan_mask(m, c, ss, const, qv.dtype)
     if scale is None or mask is None:
         return None
     post, scale_how = scale
@@ -276,7 +276,14 @@ def rewrite_eager(m: Match, pv: fx.Node, q: object, kt: object, v: object, qk: f
     to the dtype it is written in, must be ``-inf`` or at most ``-finfo.max / 2`` there (e.g.
     ``finfo.min``); the stage becomes a bool mask, and rows with every key masked get eager's
     result back (mean of v for a finite fill, NaN for ``-inf``). Other fills (``-1e4``, ``-1e9``
-    in fp32, fp16's minimum written into fp32 scores) are left to eager. A baddbmm bias joins the
+    in fp32, fp16's minimum written into fp32 scores) are left to eager.
+
+    Exactness rule for additive masks: eager must add them in the op's accumulation dtype (fp32, or
+    fp64 for fp64 q); the mask is then passed in that dtype, not rounded to q's (an fp32
+    ``finfo.min`` would overflow to ``-inf`` in fp16/bf16 and empty a fully masked row). An add in
+    fp16/bf16 (HF's half-precision eager idiom) stays eager: there eager's rounding of ``s + mask``
+    decides fully masked rows, and no rewrite can reproduce it without eager's scores for those
+    rows (:mod:`.attention_masks` explains why a fix-up is not an option). A baddbmm bias joins the
     additive mask (times ``beta`` and any constant scale after it); batch reshapes between the
     products run the op on the masked scores' batch dims.
     """

@@ -24,8 +24,32 @@ scores' dtype at that point) and ``f_D`` the fill rounded to ``D``. Per query ro
 
 So a single ``masked_fill``/``where`` stage becomes a bool ``attn_mask`` (True = attend) plus the
 fix-up. A ``where`` stage followed by an additive mask (older GPT-2) is one additive mask whose
-fill is ``-inf`` or the most negative finite value of ``q``'s dtype; its fully masked rows follow
-the additive arithmetic of the kernel, as for any additive mask.
+fill is ``-inf`` or the most negative finite value of the mask dtype below; its fully masked rows
+follow the additive arithmetic, as for any additive mask.
+
+When is an additive mask exact?
+-------------------------------
+``softmax(scores + mask)``: the op adds the mask to the scores in its accumulation dtype ``A``
+(fp32 for fp16/bf16/fp32 queries, fp64 for fp64; every kernel, SDPA's included, does so), and
+accepts a float32 mask with half queries. The rewrite is exact when eager adds in ``A`` too (the
+add node's dtype, i.e. the masked scores' dtype, is ``A``); the mask then goes to the op in ``A``
+(a widening cast at most), never rounded to ``q``'s dtype: an fp32 ``finfo.min`` mask over scores
+upcast to fp32 would overflow to ``-inf`` in bf16/fp16 and turn a fully masked row (eager: the
+uniform average) into an "empty" one (tests/fuzz findings F8).
+
+An add in half precision (fp16 or bf16 scores, HF's eager idiom ``softmax(w + mask,
+dtype=float32)``) is left in eager form. Rows with a visible key agree either way, but in a row
+whose every key is masked eager's half add absorbs the scores: ``s - 65504`` rounds to
+multiples of 32 in fp16 (or overflows to ``-inf`` for ``s <= -16``), ``s - 65536`` to multiples
+of 512 in bf16, so eager's result there depends on how each score rounds, while the op's fp32
+add keeps the scores and gives ``softmax(s)`` (tests/fuzz findings F9). Only masks at
+``<= -finfo(bf16).max / 2`` saturate both arithmetics; the mask's values are not known when
+rewriting, and a fix-up would need each such row's scores in eager's rounding (eager attention
+for those rows: a data-dependent gather, not cheaper than eager, and only as exact as the
+matmul's rounding), so there is no exact rewrite. Coverage: half-precision models using eager
+attention with an additive mask keep that attention eager (HF models with
+``attn_implementation="sdpa"`` call SDPA and are rewritten as such; so are code paths that upcast
+the scores before the mask, and ``masked_fill``/``where`` masks).
 """
 from __future__ import annotations
 
@@ -38,7 +62,7 @@ import torch.fx as fx
 from graphtune.rewrites.attention_forms import size_eq, tv
 from graphtune.rewrites.pattern import Match
 
-__all__ = ["MaskPlan", "plan_mask", "emit_mask", "emit_empty_rows", "fill_is_exact"]
+__all__ = ["MaskPlan", "plan_mask", "emit_mask", "emit_empty_rows", "fill_is_exact", "accumulation_dtype"]
 
 aten = torch.ops.aten
 
@@ -49,15 +73,18 @@ _FILL_FORMS = (("mask_fill", "masked_fill", False), ("mask_where", "where", True
 class MaskPlan:
     """How the mask stage(s) become the op's ``attn_mask``.
 
-    ``additive``: float masks to cast to the query dtype and add, in order; ``fill``: a bool
+    ``additive``: float masks to cast to ``dtype`` and add, in order; ``fill``: a bool
     stage ``(cond, cond_is_keep, f_D)`` (``cond_is_keep``: True where ``cond`` marks the keys to
-    attend); ``detail``: the site's ``details["mask"]``. With ``fill`` and no ``additive`` the
-    stage becomes a bool mask and fully masked rows need :func:`emit_empty_rows`.
+    attend); ``detail``: the site's ``details["mask"]``; ``dtype``: the dtype of an additive
+    ``attn_mask`` (the op's accumulation dtype, where eager adds; None: q's dtype). With ``fill``
+    and no ``additive`` the stage becomes a bool mask and fully masked rows need
+    :func:`emit_empty_rows`.
     """
 
     additive: tuple = ()
     fill: tuple | None = None
     detail: str | None = None
+    dtype: torch.dtype | None = None
 
     @property
     def bool_stage(self) -> bool:
@@ -77,6 +104,22 @@ def fill_is_exact(fill: float, dtype: torch.dtype) -> float | None:
     if f == -math.inf or (math.isfinite(f) and f <= -torch.finfo(dtype).max / 2):
         return f
     return None
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the op computes scores (and adds an additive mask) in for queries of ``dtype``."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _adds_exactly(c: dict, qdtype: torch.dtype) -> torch.dtype | None:
+    """The additive mask dtype if every mask add of the match runs in the op's accumulation dtype."""
+    acc = accumulation_dtype(qdtype)
+    for key in ("mask_add", "mask_add2"):
+        if key in c:
+            av = tv(c[key])
+            if av is None or av.dtype != acc:
+                return None  # a half-precision add absorbs the scores of fully masked rows (module docstring)
+    return acc
 
 
 def _float_mask(mask: object, scores: tuple) -> bool:
@@ -99,16 +142,18 @@ def _fill_stage(m: Match, c: dict, scores: tuple, const) -> tuple | None:
     return None
 
 
-def plan_mask(m: Match, c: dict, scores: tuple, const) -> MaskPlan | None:
-    """Analyse the captured mask stage(s) against ``scores`` (the masked tensor's shape).
+def plan_mask(m: Match, c: dict, scores: tuple, const, qdtype: torch.dtype) -> MaskPlan | None:
+    """Analyse the captured mask stage(s) against ``scores`` (the masked tensor's shape) for a
+    query of ``qdtype``.
 
     ``const(m, x)`` reads a constant fill. Returns None when no exact translation exists.
     """
     if "mask_add" in c:  # one additive mask, or two stacked
         masks = (c["mask"], c["mask2"]) if "mask_add2" in c else (c["mask"],)
-        if not all(_float_mask(x, scores) for x in masks):
+        dtype = _adds_exactly(c, qdtype)
+        if dtype is None or not all(_float_mask(x, scores) for x in masks):
             return None
-        return MaskPlan(additive=masks, detail="+".join(["additive"] * len(masks)))
+        return MaskPlan(additive=masks, detail="+".join(["additive"] * len(masks)), dtype=dtype)
     detail = next((d for key, d, _ in _FILL_FORMS if key in c), None)
     if detail is None:
         return MaskPlan()
@@ -117,23 +162,28 @@ def plan_mask(m: Match, c: dict, scores: tuple, const) -> MaskPlan | None:
         return None
     if "mask_add2" not in c:
         return MaskPlan(fill=fill, detail=detail)
-    if not _float_mask(c["mask2"], scores):
+    dtype = _adds_exactly(c, qdtype)
+    if dtype is None or not _float_mask(c["mask2"], scores):
         return None
-    return MaskPlan(additive=(c["mask2"],), fill=fill, detail=f"{detail}+additive")
+    return MaskPlan(additive=(c["mask2"],), fill=fill, detail=f"{detail}+additive", dtype=dtype)
 
 
 def emit_mask(m: Match, plan: MaskPlan, dtype: torch.dtype) -> object | None:
-    """Insert the nodes computing ``plan``'s ``attn_mask`` for a query of ``dtype``."""
+    """Insert the nodes computing ``plan``'s ``attn_mask`` for a query of ``dtype``.
+
+    An additive mask is built in ``plan.dtype`` (where eager adds it), else in ``dtype``.
+    """
     if plan.fill is None and not plan.additive:
         return None
     if plan.bool_stage:
         cond, keep, _ = plan.fill
         return cond if keep else m.call(aten.logical_not.default, cond)
+    dtype = plan.dtype or dtype
     parts = []
     if plan.fill is not None:
         cond, keep, f = plan.fill
         masked = m.call(aten.logical_not.default, cond) if keep else cond
-        # most negative value of the query dtype: masks the key in any row with an unmasked key
+        # most negative value of the mask dtype: masks the key in any row with an unmasked key
         f = f if f == -math.inf else torch.finfo(dtype).min
         parts.append(m.call(aten.masked_fill.Scalar, m.call(aten.zeros_like.default, cond, dtype=dtype), masked, f))
     for a in plan.additive:

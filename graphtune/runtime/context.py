@@ -202,6 +202,9 @@ class RequestStates:
     weak reference) and only while that cache holds exactly the tokens it held after the last
     forward that used the state: a cache prefilled elsewhere, rolled back, or grown by someone
     else gets a fresh, empty state. Thread safe: concurrent requests have distinct caches.
+    A change that keeps the length (HF's ``reorder_cache`` / ``batch_select_indices``, which move
+    rows in place, as beam search does) is not seen here: a feature whose state describes the
+    cache's rows checks them itself (shared-prefix: every forward, before first use).
 
     >>> import torch
     >>> class Cache:

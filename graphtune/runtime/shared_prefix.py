@@ -15,7 +15,10 @@ that cache holds what the request put in it. On every later step of that request
 queries) is that cache with :func:`run_dense`: every shared segment
 is read once from one representative row, with all sharing rows' queries batched, each row's
 suffix separately, merged by log-sum-exp. It declines (so the default path runs) whenever the
-decomposition would not be exact or would not pay.
+decomposition would not be exact or would not pay, in particular when the cache's rows no longer
+hold what the plan says: beam search's ``reorder_cache`` moves rows in place, unseen by the cache's
+length, so each forward first compares every row of every segment with its representative
+(:func:`_rows_still_share`, once per forward) and drops the plan if they differ.
 
 >>> import torch
 >>> from graphtune.runtime.context import batch_context
@@ -508,7 +511,7 @@ def select(op: str, args: tuple, ctx: BatchContext | None) -> Callable[..., Any]
     # anything else (cross-attention, static or sliding caches) is left to the default path.
     if S - lq != ctx.past_length or plan.max_end > S - lq:
         return None
-    if not _rows_still_share(plan, k, ctx):
+    if not _rows_still_share(plan, k, v, ctx):
         return None
     key_masks = _mask_plan(plan, attn_mask, ctx.plans.get(STATE_KEY + ".masks"))
     if key_masks is None:
@@ -516,24 +519,94 @@ def select(op: str, args: tuple, ctx: BatchContext | None) -> Callable[..., Any]
     return functools.partial(_impl, plan, key_masks)
 
 
-def _rows_still_share(plan: SharedPrefixPlan, k: Tensor, ctx: BatchContext) -> bool:
-    """Spot check, once per forward: each segment's last key is identical in all its rows.
+def _rows_still_share(plan: SharedPrefixPlan, k: Tensor, v: Tensor, ctx: BatchContext) -> bool:
+    """Whether every row of every shared segment still holds its representative's K and V there.
 
-    Cheap (one key per segment) and catches a cache whose rows were reordered or rewritten since
-    the plan was made (e.g. a reorder by index that moved rows between groups).
+    Checked on the first attention call of each forward that would use the plan (layer 0 in a
+    decoder), the verdict kept for the forward's other layers. HF's ``reorder_cache`` /
+    ``batch_select_indices`` (beam search) permute a cache's rows in place without changing its
+    length, so :class:`~graphtune.runtime.context.RequestStates` cannot see it; rows moved between
+    groups must make the selector decline (the default path runs), or the decomposition would
+    read one row's prefix for another.
+
+    The comparison covers each segment's WHOLE key range ``[start, end)``, K and V, for one kv head
+    (all head dims): at layer 0 a key's K/V depend only on its token and position (and V on the
+    token alone), so rows equal there hold the same tokens at the same positions over the range;
+    with the mask over the range checked per layer (:func:`_mask_plan`) and every row sharing its
+    tree path from key 0, causal attention makes them equal at every layer. (Comparing only the
+    last key is not enough: prompts that differ but end alike, a chat template's tail, pass it.)
+    A different token with bit-identical K and V on a whole head does not happen in practice. (If
+    layer 0's call is declined before this point, e.g. a sliding-window layer, the first layer that
+    would use the plan is checked: equal K/V over a whole head there means equal inputs in practice.)
+
+    Cost: one read of ``R x n x D`` elements of K and of V per segment (R rows, n keys) per forward,
+    i.e. ``1 / Hkv`` of ONE layer's duplicated read, against the ``(R - 1) x n x Hkv x D x 2``
+    elements per layer, every layer, that the decomposition saves: ``R / ((R - 1) x Hkv x layers)``
+    of the saving in traffic (8 rows, 8 kv heads, 32 layers: 0.45%). Measured on this CPU (1 thread,
+    fp32, decode, suffix 32, one segment of all B rows; best of 5 x 30 calls): the check vs one
+    layer's SDPA over the duplicated cache vs the saving (SDPA - :func:`run_dense`) over 32 layers:
+      B=8,  Hkv=Hq=8,  D=64,  P=256:   60 us,  18.6% of a layer,  5.4% of the saving (the threshold)
+      B=8,  Hkv=Hq=8,  D=64,  P=512:  103 us,  27.7% of a layer,  2.1% of the saving
+      B=32, Hkv=Hq=8,  D=64,  P=256:  214 us,  10.4% of a layer,  0.4% of the saving
+      B=8,  Hkv=8, Hq=32, D=128, P=1024: 505 us, 4.7% of a layer, 0.2% of the saving
+    (a float ``eq().all()`` instead of the bitwise ``torch.equal`` cost 4x more). Devices other than
+    the CPU: one host sync per forward, all segments reduced to one flag before it.
     """
     key = STATE_KEY + ".checked"
     ok = ctx.plans.get(key)
     if ok is None:
-        ok = True
-        for seg in plan.segments:
-            if len(seg.rows) > 1 and seg.length:
-                col = k[list(seg.rows), :, seg.end - 1]  # [R, Hkv, D]
-                if not bool((col == col[:1]).all()):
-                    ok = False
-                    break
+        ok = _segments_hold_equal_rows(plan, k, v)
         ctx.plans[key] = ok
+        if not ok:  # rows moved (or were rewritten) since the plan was made: never use it again
+            ctx.plans.pop(STATE_KEY, None)
+            ctx.state.pop(STATE_KEY, None)
     return ok
+
+
+def _segments_hold_equal_rows(plan: SharedPrefixPlan, k: Tensor, v: Tensor) -> bool:
+    """Bitwise comparison, per segment, of head 0 of K and V over ``[start, end)``: rows vs the first row.
+
+    The rows of a segment are copies of one computation, so they are bitwise equal; comparing the
+    bits (viewed as int64 where the layout allows) is exact for NaN/-0 too and twice as fast as a
+    float comparison. CPU: ``torch.equal`` per block (a single pass, no temporaries); other devices:
+    one flag per block, all reduced before ONE host sync.
+    """
+    if k.dim() != 4 or v.dim() != 4 or k.shape[0] != plan.batch_size or v.shape[0] != plan.batch_size:
+        return False
+    eager = _compare_eagerly(k.device)
+    pending: list[Tensor] = []
+    for seg in plan.segments:
+        if len(seg.rows) < 2 or not seg.length:
+            continue
+        r0, rest = seg.rows[0], seg.rows[1:]
+        contiguous = list(rest) == list(range(rest[0], rest[-1] + 1))
+        idx = None if contiguous else torch.tensor(rest, dtype=torch.long, device=k.device)
+        for x in (k, v):
+            ref = x[r0, 0, seg.start : seg.end]  # [n, D], a view
+            blk = x[rest[0] : rest[-1] + 1, 0, seg.start : seg.end] if idx is None \
+                else x[:, 0, seg.start : seg.end].index_select(0, idx)  # [R - 1, n, D]
+            blk, ref = _bits(blk, ref)
+            if eager:
+                if not torch.equal(blk, ref.expand_as(blk)):
+                    return False
+            else:
+                pending.append(torch.ne(blk, ref).any())
+    return not pending or not bool(torch.stack(pending).any())  # the one host sync
+
+
+def _compare_eagerly(device: torch.device) -> bool:
+    """Whether a Python bool per block is free (no host sync): the CPU."""
+    return device.type == "cpu"
+
+
+def _bits(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``a`` and ``b`` viewed as int64 (or int32) elements where both layouts allow it, else as they are."""
+    for dt in (torch.int64, torch.int32):
+        try:
+            return a.view(dt), b.view(dt)
+        except RuntimeError:
+            continue
+    return a, b
 
 
 def _select_dedup(plan: SharedPrefixPlan, q: Tensor, k: Tensor, attn_mask: Tensor | None,

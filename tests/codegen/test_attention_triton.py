@@ -261,3 +261,66 @@ def test_rows_emptied_by_mask_and_causality_together_are_empty():
     m = torch.tensor([[False, False, True]] * 3)  # with top-left causal, rows 0 and 1 see nothing
     out, lse = _check(q, k, k, m, causal=True)
     assert torch.isneginf(lse[..., :2]).all() and (out[..., :2, :] == 0).all()
+
+
+def _lse64(q, k, mask, scale=None):
+    # fp64 LSE of the scores plus the (rounded) additive mask, cast to fp32: a row of one huge finite
+    # fill f has lse = f + max(s) + log(n), which rounds to f itself in fp32
+    qd, kd = q.double(), k.double().repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    s = (qd @ kd.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    return torch.logsumexp(s + mask.double(), dim=-1).float()
+
+
+def _fill_rows_problem(dtype, fill, S=257, L=3):
+    # batch 0: row 1 at the fill for every key; batch 1: rows 0 and 2, and row 1 with a few fill keys
+    f = torch.finfo(dtype).min if fill == "min" else fill
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, L, 16, generator=g).to(dtype)
+    k, v = torch.randn(2, 2, S, 16, generator=g).to(dtype), torch.randn(2, 2, S, 16, generator=g).to(dtype)
+    m = torch.randn(2, 1, L, S, generator=g).to(dtype)
+    m[0, :, 1] = f
+    m[1, :, 0::2] = f
+    m[1, :, 1, :5] = f
+    return q, k, v, m
+
+
+def _check_fill_rows(q, k, v, m, config=None):
+    # target: SDPA's fp32 arithmetic, softmax(s + fill) max-shifted (finfo.min: the mean of V); lse:
+    # the fp64 reference's (finite), never treated as an empty row
+    out, lse = attention_fwd(q, k, v, m, enable_gqa=True, config=config)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+    atol, rtol, _ = TOL[q.dtype]
+    torch.testing.assert_close(out.float(), want.float(), atol=atol, rtol=rtol, msg=lambda s: f"{config}: {s}")
+    assert torch.isfinite(lse).all(), config
+    torch.testing.assert_close(lse, _lse64(q, k, m), atol=1e-4 if q.dtype == torch.float32 else 2e-3, rtol=1e-6,
+                               msg=lambda s: f"{config} lse: {s}")
+
+
+@pytest.mark.parametrize("dtype,fill", [(torch.float32, "min"), (torch.float32, -1e4), (torch.float16, "min"),
+                                        (torch.float16, -1e4), (torch.bfloat16, "min"), (torch.bfloat16, -1e4)],
+                         ids=lambda x: str(x).replace("torch.", ""))
+def test_rows_at_one_finite_fill_match_sdpa_not_empty(dtype, fill):
+    # F2: fill * log2(e) overflowed to -inf for finfo.min (fp32/bf16): the row came out empty (0)
+    q, k, v, m = _fill_rows_problem(dtype, fill)
+    _check_fill_rows(q, k, v, m, config=attention_default_config((q, k, v, m, False, None, True)))
+
+
+def test_rows_at_finfo_min_match_sdpa_with_every_config_of_the_space():
+    # fp32 (fill * log2(e) overflows); rows = 2 * 20 > 32 and S = 70 > 64 exercise every tile
+    q, k, v, m = _fill_rows_problem(torch.float32, "min", S=70, L=20)
+    for cfg in sorted(ATTN_CONFIG_SPACE, key=str):
+        _check_fill_rows(q, k, v, m, config=cfg)
+
+
+def test_truly_empty_rows_stay_empty_next_to_finite_fill_rows():
+    # empty = every key -inf (additive) or False (bool): out 0, lse -inf; a finfo.min row is not empty
+    q, k, v = _qkv(1, 4, 2, 4, 70, 16)
+    m = torch.randn(1, 1, 4, 70)
+    m[..., 1, :] = float("-inf")
+    m[..., 2, :] = torch.finfo(torch.float32).min
+    b = torch.rand(1, 1, 4, 70) > 0.5
+    b[..., 3, :] = False
+    for mask, empty_row in ((m, 1), (b, 3)):
+        out, lse = _check(q, k, v, mask)
+        assert torch.isneginf(lse[..., empty_row]).all() and (out[..., empty_row, :] == 0).all()
+        assert torch.isfinite(lse[..., [i for i in range(4) if i != empty_row]]).all()

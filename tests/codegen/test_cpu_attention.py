@@ -201,3 +201,69 @@ def test_rows_at_finfo_min_average_uniformly_like_sdpa(name):
     impl = get_impl("attention_with_lse", name)
     for cfg in {impl.default, *impl.configs(args)}:
         torch.testing.assert_close(impl.fn(*args, config=cfg)[0], want, atol=1e-5, rtol=1e-5)
+
+
+def _lse64(q, k, mask, scale=None):
+    # the fp64 reference LSE of the scores plus the (rounded) additive mask, cast to fp32: a row of
+    # one huge finite fill f has lse = f + max(s) + log(n), which rounds to f in fp32
+    qd, kd = q.double(), k.double().repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    s = (qd @ kd.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    return torch.logsumexp(s + mask.double(), dim=-1).float()
+
+
+FILL_CASES = [(torch.float32, "min"), (torch.float32, -1e4), (torch.float16, "min"), (torch.bfloat16, "min"),
+              (torch.bfloat16, -1e4)]
+# out vs SDPA in the same dtype (fp32: SDPA's own arithmetic, so tight); lse vs fp64 (atol, rtol)
+FILL_TOL = {torch.float32: ((1e-5, 1e-5), (1e-4, 1e-6)), torch.float16: ((2e-3, 4e-3), (2e-3, 1e-6)),
+            torch.bfloat16: ((1.6e-2, 2e-2), (2e-3, 1e-6))}
+
+
+@pytest.mark.parametrize("name", ATTN_IMPLS)
+@pytest.mark.parametrize("S", [257, 517])
+@pytest.mark.parametrize("dtype,fill", FILL_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_rows_at_one_finite_fill_match_sdpa_over_uneven_chunks(name, S, dtype, fill):
+    # F2: a row whose every key carries one finite fill is softmax(s + fill) in fp32, as SDPA computes
+    # it (for finfo.min: the mean of V), not an empty row. cpu.split_kv's chunks of unequal length
+    # (S=257: 129+128 or 4x65-ish) each had lse = fill + log(n) rounded to the fill, so the merge
+    # weighed them equally (1e-3 off)
+    import torch.nn.functional as F
+
+    f = torch.finfo(dtype).min if fill == "min" else fill
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 3, 16).to(dtype), torch.randn(2, 2, S, 16).to(dtype), torch.randn(2, 2, S, 16).to(dtype)
+    m = torch.randn(2, 1, 3, S).to(dtype)
+    m[0, :, 1] = f  # batch 0: row 1 at the fill everywhere; batch 1: rows 0 and 2
+    m[1, :, 0::2] = f
+    m[1, :, 1, :5] = f  # a row with a few fill keys among ordinary ones
+    args = (q, k, v, m, False, None, True)
+    impl = get_impl("attention_with_lse", name)
+    if not impl.supports(args):
+        pytest.skip(f"{name} declines")
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+    want_lse = _lse64(q, k, m)
+    (oa, orr), (la, lr) = FILL_TOL[dtype]
+    for cfg in {impl.default, *impl.configs(args)}:
+        out, lse = impl.fn(*args, config=cfg)
+        torch.testing.assert_close(out.float(), want.float(), atol=oa, rtol=orr, msg=lambda s: f"{cfg}: {s}")
+        assert torch.isfinite(lse).all(), cfg
+        torch.testing.assert_close(lse, want_lse, atol=la, rtol=lr, msg=lambda s: f"{cfg} lse: {s}")
+
+
+@pytest.mark.parametrize("name", ATTN_IMPLS)
+def test_truly_empty_rows_stay_empty_next_to_finite_fill_rows(name):
+    # empty = every key -inf (additive) or False (bool): out 0, lse -inf; a finfo.min row is not empty
+    q, k, v = torch.randn(1, 4, 4, 16), torch.randn(1, 2, 257, 16), torch.randn(1, 2, 257, 16)
+    m = torch.randn(1, 1, 4, 257)
+    m[..., 1, :] = float("-inf")
+    m[..., 2, :] = torch.finfo(torch.float32).min
+    b = torch.rand(1, 1, 4, 257) > 0.5
+    b[..., 3, :] = False
+    impl = get_impl("attention_with_lse", name)
+    for mask, empty_row in ((m, 1), (b, 3)):
+        args = (q, k, v, mask, False, None, True)
+        for cfg in {impl.default, *impl.configs(args)}:
+            out, lse = impl.fn(*args, config=cfg)
+            assert torch.isneginf(lse[..., empty_row]).all() and (out[..., empty_row, :] == 0).all(), cfg
+            others = [i for i in range(4) if i != empty_row]
+            assert torch.isfinite(lse[..., others]).all(), cfg
+            _check((out, lse), attention_ref(*args), atol=1e-5, rtol=1e-5)

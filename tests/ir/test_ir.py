@@ -125,6 +125,41 @@ def test_verifier_rejects_missing_metadata_on_a_node_feeding_computation():
         verify(ir.gm)
 
 
+class ReadsTensorAttributes(torch.nn.Module):
+    """HF's eager idiom ``softmax(...).to(q.dtype)``, plus device and shape reads (tests/fuzz findings F7)."""
+
+    def forward(self, q, k, v):
+        w = torch.matmul(q, k.transpose(-2, -1)) / q.shape[-1] ** 0.5
+        p = F.softmax(w, dim=-1).to(q.dtype).to(q.device)
+        return torch.matmul(p, v)
+
+
+def test_capture_fx_records_non_tensor_values_and_the_ir_verifies():
+    ir = capture_fx(ReadsTensorAttributes(), qkv())
+    attrs = {n.args[1]: n for n in ir.nodes() if n.op == "call_function" and n.target is getattr}
+    assert attrs["dtype"].meta["val"] == torch.float32
+    assert attrs["device"].meta["val"] == torch.device("cpu")
+    assert tuple(attrs["shape"].meta["val"]) == (1, 2, 5, 8)
+    ir.verify()
+
+
+def test_optimize_with_fx_capture_and_spec_accepts_a_dtype_read():
+    from graphtune import flags
+
+    q, k, v = qkv()
+    with flags.Context(SPEC=True), torch.no_grad():
+        fast = graphtune.optimize(ReadsTensorAttributes(), (q, k, v), capture="fx")
+        torch.testing.assert_close(fast(q, k, v), ReadsTensorAttributes()(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_verifier_still_rejects_a_metadata_less_attribute_read_feeding_computation():
+    ir = capture_fx(ReadsTensorAttributes(), qkv())
+    node = next(n for n in ir.nodes() if n.op == "call_function" and n.target is getattr and n.args[1] == "dtype")
+    del node.meta["val"]
+    with pytest.raises(VerificationError, match="no metadata"):
+        verify(ir.gm)
+
+
 def test_verifier_rejects_invalid_op_inputs():
     ir = capture_fx(SDPA(), qkv())
     node = _insert_attention(ir)

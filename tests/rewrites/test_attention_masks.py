@@ -127,3 +127,69 @@ def test_two_stacked_additive_masks_are_both_kept(rewrite_and_check, how):
     pad[1, ..., :3] = -1e4
     _, res = rewrite_and_check(TwoAdditiveMasks(), (q, k, v, causal, pad), how, expected=1)
     assert res.sites[0].details["mask"] == "additive+additive"
+
+
+class AdditiveMask(nn.Module):
+    """Eager attention with an additive mask; ``upcast`` casts the scores to fp32 before the add
+    (the mask is then added in fp32), else the add runs in q's dtype and only the softmax upcasts
+    (HF's eager idiom: ``softmax(w + mask, dtype=float32).to(q.dtype)``)."""
+
+    def __init__(self, upcast):
+        super().__init__()
+        self.upcast = upcast
+
+    def forward(self, q, k, v, mask):
+        s = torch.matmul(q, k.transpose(-1, -2))
+        if self.upcast:
+            s = s.float()
+        s = s / 4.0 + mask
+        p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(p, v)
+
+
+def _additive_inputs(dtype, mask_dtype, fill, seed=0, qscale=3.0):
+    q, k, v, masked = _inputs(dtype, seed)
+    q = (q.float() * qscale).to(dtype)  # scores beyond fp16's absorption threshold (|s| >= 16 at -65504)
+    mask = torch.zeros(masked.shape).masked_fill(masked, fill).to(mask_dtype)
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_additive_min_over_upcast_half_scores_keeps_uniform_rows(capture, clone_gm, dtype):
+    # tests/fuzz findings F8: eager adds the fp32 mask to fp32 scores, so a row at finfo(fp32).min
+    # everywhere is the uniform average of v. Cast to q's dtype the fill overflows to -inf and the
+    # row would become "empty" (0): the mask must stay in fp32, where the eager add happens.
+    fill = torch.finfo(torch.float32).min
+    inputs = _additive_inputs(dtype, torch.float32, fill, qscale=1.0)
+    res, *_, eager, got = _run(capture, clone_gm, AdditiveMask(True), inputs)
+    assert res.count("canonicalize_attention") == 1
+    assert res.sites[0].details["mask"] == "additive"
+    torch.testing.assert_close(eager[0, :, 1].float(), inputs[2][0].float().mean(-2), rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(got, eager, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype,fill", [
+    (torch.float16, float(torch.finfo(torch.float16).min)),  # HF's fp16 eager mask
+    (torch.float16, -1e4),
+    (torch.bfloat16, float(torch.finfo(torch.float16).min)),  # -65536 in bf16: absorbs the scores too
+    (torch.bfloat16, -1e4),
+])
+def test_additive_mask_added_in_half_precision_is_left_eager(capture, clone_gm, dtype, fill):
+    # tests/fuzz findings F9: eager's half-precision add absorbs the scores of a fully masked row
+    # (or overflows them to -inf); the op adds in fp32. No rewrite can know the mask's values, so
+    # the form stays eager and keeps eager's result exactly.
+    inputs = _additive_inputs(dtype, dtype, fill)
+    res, *_, eager, got = _run(capture, clone_gm, AdditiveMask(False), inputs)
+    assert res.count("canonicalize_attention") == 0
+    torch.testing.assert_close(got, eager, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_additive_mask_added_to_upcast_scores_is_rewritten(capture, clone_gm, dtype):
+    # The same half-precision mask added to scores already cast to fp32: the add runs in fp32,
+    # as in the op, so fully masked rows agree.
+    fill = float(torch.finfo(dtype).min)
+    inputs = _additive_inputs(dtype, dtype, fill)
+    res, *_, eager, got = _run(capture, clone_gm, AdditiveMask(True), inputs)
+    assert res.count("canonicalize_attention") == 1
+    torch.testing.assert_close(got, eager, rtol=TOL[dtype], atol=TOL[dtype])

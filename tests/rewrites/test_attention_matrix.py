@@ -1,4 +1,5 @@
-"""Every combination of scale x mask x GQA x precision in one eager module: one match each,
+"""Every combination of scale x mask x GQA x precision in one eager module: one match each (an
+additive mask added to half-precision scores: none, it stays eager),
 numerics equal to the original graph and to eager within per-dtype tolerances; then every
 ``masked_fill``/``where`` fill x score dtype, with fully masked rows: rewritten exactly when the
 fill is exact in the score dtype, eager's result kept either way. Captured with torch.fx (cheap);
@@ -96,6 +97,11 @@ def _check(capture, clone_gm, model, inputs, expected, tol):
                          list(itertools.product(SCALES, MASKS, GQAS, PRECISIONS)))
 def test_every_combination_matches_once_with_equal_numerics(capture, clone_gm, scale, mask, gqa, precision):
     model = Configurable(scale, mask, gqa, precision)
+    # an additive mask added to half-precision scores stays eager (graphtune.rewrites.attention_masks:
+    # the half add's rounding decides fully masked rows, the op adds in fp32)
+    if mask == "additive" and model.score_dtype in (torch.float16, torch.bfloat16):
+        _check(capture, clone_gm, model, _inputs(gqa, precision), 0, TOL[model.dtype])
+        return
     res = _check(capture, clone_gm, model, _inputs(gqa, precision), 1, TOL[model.dtype])
     d = res.sites[0].details
     assert d["scale"] == scale and d["mask"] == mask and d["gqa"] == gqa

@@ -295,6 +295,62 @@ def test_other_per_row_inputs_turn_sharing_off():
     torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
 
 
+# -- 4: rows moved in place: beam search's reorder_cache ------------------------------------------
+
+def test_a_reorder_moving_rows_between_groups_of_prompts_that_end_alike_matches(models):
+    """F6 (tests/fuzz): ``reorder_cache`` permutes a cache's rows in place, its length unchanged. Two
+    prompts that differ but end with the same tokens (a chat template's tail) used to pass the plan's
+    spot check (each segment's last key) after rows moved between the groups: logits off by ~3."""
+    plain, fast = models
+    how = _cache_keyword(plain)
+    torch.manual_seed(2)
+    a, b, tail = torch.randint(3, 500, (6,)), torch.randint(3, 500, (6,)), torch.randint(3, 500, (2,))
+    ids = torch.stack([torch.cat([a, tail]), torch.cat([a, tail]), torch.cat([b, tail]), torch.cat([b, tail])])
+    perm = torch.tensor([0, 2, 1, 3])
+    with flags.Context(HYDRAGEN_MIN_PREFIX=3, HYDRAGEN_MIN_ROWS=2), torch.no_grad():
+        results = []
+        for m in (plain, fast):
+            lo, cache = _call(m, ids, _new_cache(plain), how)
+            cache.reorder_cache(perm)
+            lo, cache = _call(m, lo[perm][:, -1:].argmax(-1), cache, how)
+            lo2, _ = _call(m, lo[:, -1:].argmax(-1), cache, how)  # the stale plan stays unused
+            results.append([lo, lo2])
+    _assert_same(results[1], results[0])
+
+
+def test_a_reorder_within_the_groups_keeps_the_plan(models, spy):
+    plain, fast = models
+    how = _cache_keyword(plain)
+    ids = _shared_ids(plain, groups=2)  # rows r and r + 2 share their prompt
+    perm = torch.tensor([2, 3, 0, 1, 6, 7, 4, 5])  # every row moves, each within its group
+    with torch.no_grad():
+        results = []
+        for m in (plain, fast):
+            lo, cache = _call(m, ids, _new_cache(plain), how)
+            cache.reorder_cache(perm)
+            lo, cache = _call(m, lo[perm][:, -1:].argmax(-1), cache, how)
+            results.append([lo])
+    _assert_same(results[1], results[0])
+    assert len(spy.decode) >= plain.config.num_hidden_layers, "a harmless reorder dropped the plan"
+
+
+def test_beam_search_generate_matches_the_plain_model(models, spy):
+    """``generate(num_beams=4)`` reorders the cache's rows at every step (within each prompt's beams):
+    the plan stays valid and in use, and the beams are the plain model's."""
+    plain, fast = models
+    tail = torch.randint(3, 500, (1, 3)).expand(2, -1)  # two prompts that differ but end alike
+    ids = torch.cat([torch.randint(3, 500, (2, PROMPT - 3)), tail], 1)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, num_beams=4, num_return_sequences=4,
+              do_sample=False, early_stopping=False, pad_token_id=0)
+    with torch.no_grad():
+        want = plain.generate(ids, **kw)
+        got = fast.generate(ids, **kw)
+    assert torch.equal(got, want)
+    # every decode step of every layer was decomposed: no reorder made the plan look stale
+    assert len(spy.decode) >= (kw["max_new_tokens"] - 1) * plain.config.num_hidden_layers
+    assert len({tuple(r) for r in want[:4, PROMPT:].tolist()}) > 1  # distinct beams: not a degenerate check
+
+
 # -- threads ----------------------------------------------------------------------------------
 
 def test_two_threads_on_one_optimized_model_match_the_plain_model(models, spy):

@@ -194,7 +194,7 @@ def test_selector_declines_prefill_causal_calls_other_batches_and_unshared_masks
 
 
 def test_selector_declines_a_cache_whose_rows_no_longer_share(installed, monkeypatch):
-    """A plan is spot-checked against the cache it is used on: rows reordered since the prefill
+    """A plan is checked against the cache it is used on: rows reordered since the prefill
     (so that a shared segment's rows now differ) make the selector decline."""
     B, P = 4, 100
     state: dict = {}
@@ -205,6 +205,90 @@ def test_selector_declines_a_cache_whose_rows_no_longer_share(installed, monkeyp
     with batch_context(input_ids=torch.zeros(B, 1, dtype=torch.long), past_length=P, state=state):
         got = torch.ops.graphtune.attention(q, k, v)
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def _templated_cache(ids, Hkv=2, D=16):
+    """A layer-0-like cache: each key's K/V a function of its token and position only."""
+    g = torch.Generator().manual_seed(0)
+    emb_k, emb_v = torch.randn(1000, Hkv, D, generator=g), torch.randn(1000, Hkv, D, generator=g)
+    rot = torch.randn(ids.shape[1], Hkv, D, generator=g)
+    k = (emb_k[ids] + rot).permute(0, 2, 1, 3).contiguous()  # [B, Hkv, S, D]
+    v = emb_v[ids].permute(0, 2, 1, 3).contiguous()
+    return k, v
+
+
+def _templated_ids(B=4, P=100, tail=8):
+    """Pairs of prompts that differ but end alike (a chat template's tail), then one decoded token."""
+    heads = torch.randint(0, 1000, (B // 2, P - tail)).repeat_interleave(2, 0)
+    return torch.cat([heads, torch.randint(0, 1000, (1, tail)).expand(B, -1)], 1)
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["cpu-equal", "one-sync"])
+@pytest.mark.parametrize("perm,moved", [([0, 2, 1, 3], True), ([1, 0, 3, 2], False), ([2, 3, 0, 1], False)])
+def test_rows_moved_between_groups_by_a_reorder_make_the_selector_decline(installed, monkeypatch, perm, moved, eager):
+    """F6 (tests/fuzz): beam search's ``reorder_cache`` permutes the rows in place. Prompts that differ
+    but end alike hold the same LAST key in every row, so the check must compare the whole range; a
+    reorder within the groups keeps the plan (and the decomposition) valid."""
+    monkeypatch.setattr(sp, "_compare_eagerly", lambda device: eager)
+    B, P = 4, 100
+    ids = _templated_ids(B, P)
+    state: dict = {}
+    _prefill(state, ids)
+    assert set(state[sp.STATE_KEY].segments) == {SharedSegment((0, 1), 0, P), SharedSegment((2, 3), 0, P)}
+    nxt = torch.randint(0, 1000, (B, 1))
+    k, v = _templated_cache(torch.cat([ids[perm], nxt], 1))  # the cache after reorder_cache(perm) + 1 token
+    q = torch.randn(B, 4, 1, 16)
+    calls = []
+    monkeypatch.setattr(sp, "run_dense", lambda *a, **kw: calls.append(1) or run_dense(*a, **kw))
+    with batch_context(input_ids=nxt, past_length=P, state=state):
+        got = [torch.ops.graphtune.attention(q, k, v, None, False, None, True) for _ in range(3)]  # 3 "layers"
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    for g in got:
+        torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-5)
+    assert len(calls) == (0 if moved else 3)
+    assert (sp.STATE_KEY in state) != moved  # a plan found stale is dropped for the rest of the request
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["cpu-equal", "one-sync"])
+@pytest.mark.parametrize("where", ["k_middle", "v_only", "first_key", "none"])
+def test_the_check_covers_every_key_of_a_segment_in_k_and_v(installed, monkeypatch, where, eager):
+    """Both forms of the check (CPU: torch.equal per block; elsewhere: flags reduced before one sync)."""
+    monkeypatch.setattr(sp, "_compare_eagerly", lambda device: eager)
+    B, P = 4, 100
+    state: dict = {}
+    _prefill(state, torch.randint(0, 1000, (1, P)).expand(B, -1))
+    k, v = duplicated_cache(state[sp.STATE_KEY], 2, P + 1, 16)
+    if where == "k_middle":
+        k[2, 0, 50] += 1
+    elif where == "v_only":
+        v[3, 0, 10, 5] += 1e-3
+    elif where == "first_key":
+        k[1, 0, 0, 0] = -k[1, 0, 0, 0] - 1
+    else:
+        k, v = k[:, :, :, :15], v[:, :, :, :15]  # odd head dim: compared as int32, not int64
+    q = torch.randn(B, 2, 1, k.shape[-1])
+    calls = []
+    monkeypatch.setattr(sp, "run_dense", lambda *a, **kw: calls.append(1) or run_dense(*a, **kw))
+    with batch_context(input_ids=torch.zeros(B, 1, dtype=torch.long), past_length=P, state=state):
+        got = torch.ops.graphtune.attention(q, k, v)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    assert len(calls) == (where == "none")  # rows that differ anywhere in a segment are never decomposed
+
+
+def test_the_check_runs_once_per_forward(installed, monkeypatch):
+    B, P = 8, 64
+    state: dict = {}
+    _prefill(state, torch.randint(0, 1000, (1, P)).expand(B, -1))
+    k, v = duplicated_cache(state[sp.STATE_KEY], 2, P + 1, 16)
+    q = torch.randn(B, 2, 1, 16)
+    checks = []
+    real = sp._segments_hold_equal_rows
+    monkeypatch.setattr(sp, "_segments_hold_equal_rows", lambda *a: checks.append(1) or real(*a))
+    for step in range(2):
+        with batch_context(input_ids=torch.zeros(B, 1, dtype=torch.long), past_length=P, state=state):
+            for _ in range(4):
+                torch.ops.graphtune.attention(q, k, v)
+        assert len(checks) == step + 1
 
 
 def test_prefill_with_a_4d_mask_or_per_row_positions_plans_accordingly(installed):
