@@ -126,7 +126,10 @@ def _suffix_merge_kernel(
             if MASK_KIND == 1:
                 valid = valid & (mk != 0)
             else:
-                s = s + mk.to(tl.float32) * 1.4426950408889634  # additive mask, to the log2 domain
+                # additive mask, to the log2 domain. Clamped first so that a finite fill such as
+                # finfo.min stays finite there (x log2 e would overflow to -inf and make the row
+                # "empty"): a row at one huge fill then averages uniformly, as in SDPA.
+                s = s + tl.maximum(mk.to(tl.float32), -2.3e38) * 1.4426950408889634
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: avoid -inf - -inf

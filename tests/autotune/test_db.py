@@ -190,6 +190,20 @@ def test_repository_shipped_records_load_through_the_import_path(tmp_path, monke
     assert report.rejected == {} and report.duplicates == len(shipped)
 
 
+def test_repository_shipped_records_name_the_current_kernel_sources():
+    # a stale record is skipped by lookup: after editing a kernel, regenerate the shipped records
+    # (the command is in docs/autotuning.md)
+    from graphtune.codegen.registry import get_impl
+
+    import graphtune.codegen.attention_triton  # noqa: F401  (registers the Triton implementations)
+
+    shipped = [d for f in sorted((dbmod.TUNING_DB_DIR / "records").glob("*.json")) for d in json.loads(f.read_text())]
+    for rec in shipped:
+        impl = get_impl(rec["op"], rec["impl"])
+        h = impl.source_hash() if callable(impl.source_hash) else impl.source_hash
+        assert rec["source_hash"] == h, f"{rec['impl']} record {rec['record_id']} is stale: regenerate shipped.json"
+
+
 def test_cachelevel_zero_disables_the_database(tmp_path):
     with flags.Context(DB=str(tmp_path / "x.db"), CACHELEVEL=0):
         assert get_db() is None

@@ -10,6 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module impor
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from graphtune.codegen.registry import KernelConfig  # noqa: E402
 from graphtune.codegen.shared_prefix import Partial, Segment, merge_partials, shared_prefix_attention  # noqa: E402
@@ -233,3 +234,18 @@ def test_fused_is_the_default_on_cuda_with_a_suffix_mask_too():
     on_cuda = SimpleNamespace(device=torch.device("cuda"))  # stands in for a CUDA query tensor
     assert sp.fused_available(on_cuda, None) and sp.fused_available(on_cuda, mask, passes_mask=True)
     assert not sp.fused_available(on_cuda, mask)  # a caller that would not pass the mask never gets the kernel
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_suffix_merge_rows_at_one_finite_fill_average_like_sdpa(dtype, atol):
+    # An additive mask at finfo.min once overflowed to -inf in the kernel's log2 domain, making the
+    # row "empty" (0) where SDPA averages every value uniformly.
+    q, k, v = (torch.randn(2, 2, 3, 16, dtype=dtype) for _ in range(3))
+    m = torch.zeros(2, 1, 3, 3, dtype=dtype)
+    m[1, :, 0] = torch.finfo(dtype).min  # row 1, query 0: every key at the fill
+    m[0, :, 2, :2] = torch.finfo(dtype).min  # a partly masked row
+    out, lse = suffix_merge(q, k, v, attn_mask=m, fallback=False)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    torch.testing.assert_close(out.float(), want.float(), atol=atol, rtol=atol)
+    torch.testing.assert_close(out[1, :, 0].float(), v[1, :, :].float().mean(-2), atol=atol, rtol=atol)
+    assert torch.isfinite(lse).all()
