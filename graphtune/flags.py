@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from graphtune.errors import OptionError
 
-__all__ = ["Flag", "FLAGS", "get", "Context", "Options", "default_db_path"]
+__all__ = ["Flag", "FLAGS", "DEPRECATED", "get", "Context", "Options", "default_db_path"]
 
 
 def _parse_bool(s: str) -> bool:
@@ -54,7 +55,12 @@ class Flag:
         return _ENV_NAMES.get(self.name) or f"GRAPHTUNE_{self.name}"
 
     def from_env(self) -> Any:
-        raw = os.environ.get(self.env)
+        raw, env = os.environ.get(self.env), self.env
+        if raw is None and self.name in _OLD_ENV:  # the variable of the flag's deprecated name
+            env = _OLD_ENV[self.name]
+            raw = os.environ.get(env)
+            if raw is not None:
+                warnings.warn(f"{env} is deprecated; set {self.env}", DeprecationWarning, stacklevel=4)
         if raw is None:
             return self.default_fn() if self.default_fn else self.default
         try:
@@ -62,7 +68,7 @@ class Flag:
                 return _parse_bool(raw)
             return self.type(raw)
         except ValueError as e:
-            raise OptionError(f"environment variable {self.env}={raw!r} is not a valid {self.type.__name__}") from e
+            raise OptionError(f"environment variable {env}={raw!r} is not a valid {self.type.__name__}") from e
 
 
 FLAGS: dict[str, Flag] = {
@@ -77,13 +83,32 @@ FLAGS: dict[str, Flag] = {
         Flag("DISABLE_TRITON", bool, False, "never use Triton kernels, even on a GPU"),
         Flag("TUNE_TIMEOUT", float, 30.0, "seconds one tuning candidate may run before it scores infinity"),
         Flag("NUM_THREADS", int, 0, "CPU worker threads for graphtune's CPU kernels (0: torch's setting)"),
-        Flag("HYDRAGEN_MIN_PREFIX", int, -1, "shared-prefix decomposition: min shared tokens (-1: measured default)"),
-        Flag("HYDRAGEN_MIN_ROWS", int, -1, "shared-prefix decomposition: min sharing rows (-1: measured default)"),
+        Flag("SHARED_PREFIX_MIN_PREFIX", int, -1,
+             "shared-prefix decomposition: min shared tokens (-1: measured default)"),
+        Flag("SHARED_PREFIX_MIN_ROWS", int, -1, "shared-prefix decomposition: min sharing rows (-1: measured default)"),
         Flag("LEAN_MIN_SKEW", float, -1.0, "lean decode: min max/mean KV-length skew to use it (-1: measured default)"),
+        Flag("LEAN_TRITON_ON_CPU", bool, False,
+             "route CPU tensors through lean decode's Triton path (tests; needs TRITON_INTERPRET=1)"),
     ]
 }
 
+# Old flag name -> new name. The old names (flags and GRAPHTUNE_<OLD> variables) keep working, with
+# a DeprecationWarning; the new variable wins when both are set.
+DEPRECATED: dict[str, str] = {
+    "HYDRAGEN_MIN_PREFIX": "SHARED_PREFIX_MIN_PREFIX",
+    "HYDRAGEN_MIN_ROWS": "SHARED_PREFIX_MIN_ROWS",
+}
+
+
+def _current_name(name: str) -> str:
+    new = DEPRECATED.get(name)
+    if new is None:
+        return name
+    warnings.warn(f"graphtune flag {name} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+    return new
+
 _ENV_NAMES = {name: f"GRAPHTUNE_{name}" for name in FLAGS}
+_OLD_ENV = {new: f"GRAPHTUNE_{old}" for old, new in DEPRECATED.items()}  # new flag -> its old variable
 
 # One ContextVar holding the overrides so a `Context` is visible to the whole task/thread.
 _overrides: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("graphtune_flags", default={})
@@ -105,10 +130,15 @@ def get(name: str) -> Any:
     try:
         flag = FLAGS[name]
     except KeyError:
-        raise OptionError(f"unknown graphtune flag {name!r}; known: {sorted(FLAGS)}") from None
+        if name not in DEPRECATED:
+            raise OptionError(f"unknown graphtune flag {name!r}; known: {sorted(FLAGS)}") from None
+        return get(_current_name(name))
     env = os.environ
     raw = env.get(flag.env)
-    inputs = (raw,) if raw is not None or not flag.default_env else (raw, *(env.get(e) for e in flag.default_env))
+    old = _OLD_ENV.get(name)
+    inputs: tuple[str | None, ...] = (raw,) if old is None else (raw, env.get(old))
+    if raw is None and flag.default_env:
+        inputs += tuple(env.get(e) for e in flag.default_env)
     hit = _parsed.get(name)
     if hit is not None and hit[0] == inputs:
         return hit[1]
@@ -121,6 +151,7 @@ class Context:
     """Override flags for a block: ``with Context(DEBUG=1, SPEC=True): ...``."""
 
     def __init__(self, **overrides: Any) -> None:
+        overrides = {_current_name(k): v for k, v in overrides.items()}
         for k, v in overrides.items():
             if k not in FLAGS:
                 raise OptionError(f"unknown graphtune flag {k!r}; known: {sorted(FLAGS)}")

@@ -264,3 +264,16 @@ def test_recompiles_in_new_threads_keep_running_graphtune():
     assert not errors, errors
     assert all(r.sites for r in fast.forward.backend.results)
     assert len(fast.forward.backend.results) >= 2
+
+
+def test_deprecated_hydragen_flag_names_still_work_and_warn(monkeypatch):
+    with pytest.warns(DeprecationWarning, match="use SHARED_PREFIX_MIN_ROWS"):
+        with Context(HYDRAGEN_MIN_ROWS=3):
+            assert graphtune.flags.get("SHARED_PREFIX_MIN_ROWS") == 3
+    with pytest.warns(DeprecationWarning, match="use SHARED_PREFIX_MIN_PREFIX"):
+        assert graphtune.flags.get("HYDRAGEN_MIN_PREFIX") == graphtune.flags.get("SHARED_PREFIX_MIN_PREFIX")
+    monkeypatch.setenv("GRAPHTUNE_HYDRAGEN_MIN_PREFIX", "77")
+    with pytest.warns(DeprecationWarning, match="GRAPHTUNE_HYDRAGEN_MIN_PREFIX is deprecated"):
+        assert graphtune.flags.get("SHARED_PREFIX_MIN_PREFIX") == 77
+    monkeypatch.setenv("GRAPHTUNE_SHARED_PREFIX_MIN_PREFIX", "12")  # the new name wins
+    assert graphtune.flags.get("SHARED_PREFIX_MIN_PREFIX") == 12

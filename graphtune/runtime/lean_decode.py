@@ -54,7 +54,6 @@ MAX_DECODE_QUERIES = 16  # decode and speculative verification widths
 MEASURED_MIN_SKEW = 1.3
 CALL_OVERHEAD_KEYS = 4096  # one extra flash call ~ the time of this many key-heads of work
 CPU_TILE = DEFAULT_TILE  # the untuned tile (codegen.lean_cpu.DEFAULT_CONFIG)
-TRITON_ON_CPU = False  # tests: route CPU tensors through the Triton path (needs TRITON_INTERPRET=1)
 
 
 @dataclass
@@ -273,7 +272,7 @@ def lean_selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
     q, k, v, attn_mask, is_causal, scale, enable_gqa = args
     if is_causal or q.dim() != 4 or k.dim() != 4 or q.device.type not in ("cpu", "cuda"):
         return None
-    triton_path = (q.device.type == "cuda" or TRITON_ON_CPU) and not flags.get("DISABLE_TRITON")
+    triton_path = (q.device.type == "cuda" or flags.get("LEAN_TRITON_ON_CPU")) and not flags.get("DISABLE_TRITON")
     if q.device.type == "cuda" and not triton_path:
         return None
     B, hq, lq, d = q.shape

@@ -116,7 +116,7 @@ class SharedPrefixPlan:
 
 def thresholds() -> tuple[int, int]:
     """(min shared tokens, min sharing rows) from the flags, -1 meaning the measured default."""
-    p, r = flags.get("HYDRAGEN_MIN_PREFIX"), flags.get("HYDRAGEN_MIN_ROWS")
+    p, r = flags.get("SHARED_PREFIX_MIN_PREFIX"), flags.get("SHARED_PREFIX_MIN_ROWS")
     return (DEFAULT_MIN_PREFIX if p < 0 else p), (DEFAULT_MIN_ROWS if r < 0 else r)
 
 

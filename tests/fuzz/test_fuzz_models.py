@@ -281,7 +281,7 @@ def run_session(plain, fast, s: Session) -> None:
 
 
 def _flags(s: Session) -> dict:
-    return dict(HYDRAGEN_MIN_PREFIX=s.min_prefix, HYDRAGEN_MIN_ROWS=2, LEAN_MIN_SKEW=0.0 if s.lean else -1.0)
+    return dict(SHARED_PREFIX_MIN_PREFIX=s.min_prefix, SHARED_PREFIX_MIN_ROWS=2, LEAN_MIN_SKEW=0.0 if s.lean else -1.0)
 
 
 def _expects_shared_prefix(s: Session) -> bool:

@@ -167,7 +167,7 @@ def _check_shared_prefix(case: PrefixCase) -> None:
     # the selector, as an optimized model drives it: plan at the prompt's prefill, then this call
     P = ids.shape[1]
     state: dict = {}
-    with flags.Context(HYDRAGEN_MIN_PREFIX=case.min_prefix, HYDRAGEN_MIN_ROWS=2):
+    with flags.Context(SHARED_PREFIX_MIN_PREFIX=case.min_prefix, SHARED_PREFIX_MIN_ROWS=2):
         with batch_context(input_ids=ids, attention_mask=pmask, past_length=0, state=state):
             with spying(sp, "run_dedup", DEDUP_HITS):
                 out = torch.ops.graphtune.attention(qp, kp, vp, pre4, False, case.scale, gqa)
@@ -271,18 +271,13 @@ def _fuzz_lean(case, triton, data):
         m4 = {None: None, "bool": torch.ones(B, 1, lq, S, dtype=torch.bool),
               "zeros": torch.zeros(B, 1, lq, S, dtype=q.dtype)}[m4]
     want_o, _ = ref_attention(q, k, v, m4, False, scale, gqa)
-    prev = ld.TRITON_ON_CPU
-    ld.TRITON_ON_CPU = triton
-    try:
-        with flags.Context(LEAN_MIN_SKEW=0.0):
-            with batch_context(input_ids=torch.zeros(B, lq, dtype=torch.long), attention_mask=mask2,
-                               past_length=S - lq, state={}) as ctx:
-                out = torch.ops.graphtune.attention(q, k, v, m4, False, scale, gqa)
-                batch = ctx.plans.get(ld.PLAN_NAME)
-                if batch is not None and batch.calls:
-                    LEAN_CALLS.append("triton" if triton else "cpu")
-    finally:
-        ld.TRITON_ON_CPU = prev
+    with flags.Context(LEAN_MIN_SKEW=0.0, LEAN_TRITON_ON_CPU=triton):
+        with batch_context(input_ids=torch.zeros(B, lq, dtype=torch.long), attention_mask=mask2,
+                           past_length=S - lq, state={}) as ctx:
+            out = torch.ops.graphtune.attention(q, k, v, m4, False, scale, gqa)
+            batch = ctx.plans.get(ld.PLAN_NAME)
+            if batch is not None and batch.calls:
+                LEAN_CALLS.append("triton" if triton else "cpu")
     note(f"mask2: {mask2.tolist()}, lean batch: {batch.describe() if batch is not None else None}")
     assert_matches(out, want_o, OUT_TOL[q.dtype], f"lean selector ({'triton' if triton else 'cpu'}) out", case)
 

@@ -43,7 +43,7 @@ def spy(monkeypatch):
     real, real_dedup = sp.run_dense, sp.run_dedup
     monkeypatch.setattr(sp, "run_dense", lambda *a, **kw: calls.decode.append(a[1].shape) or real(*a, **kw))
     monkeypatch.setattr(sp, "run_dedup", lambda *a, **kw: calls.prefill.append(a[1].shape) or real_dedup(*a, **kw))
-    with flags.Context(HYDRAGEN_MIN_PREFIX=16, HYDRAGEN_MIN_ROWS=2):  # small enough for this model
+    with flags.Context(SHARED_PREFIX_MIN_PREFIX=16, SHARED_PREFIX_MIN_ROWS=2):  # small enough for this model
         yield calls
 
 
@@ -289,7 +289,7 @@ def test_other_per_row_inputs_turn_sharing_off():
     ids = _shared_ids(plain)
     types = torch.zeros_like(ids)
     types[ROWS // 2:, 10:] = 1
-    with torch.no_grad(), flags.Context(HYDRAGEN_MIN_PREFIX=16, HYDRAGEN_MIN_ROWS=2):
+    with torch.no_grad(), flags.Context(SHARED_PREFIX_MIN_PREFIX=16, SHARED_PREFIX_MIN_ROWS=2):
         want = plain(input_ids=ids, token_type_ids=types).logits
         got = fast(input_ids=ids, token_type_ids=types).logits
     torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
@@ -307,7 +307,7 @@ def test_a_reorder_moving_rows_between_groups_of_prompts_that_end_alike_matches(
     a, b, tail = torch.randint(3, 500, (6,)), torch.randint(3, 500, (6,)), torch.randint(3, 500, (2,))
     ids = torch.stack([torch.cat([a, tail]), torch.cat([a, tail]), torch.cat([b, tail]), torch.cat([b, tail])])
     perm = torch.tensor([0, 2, 1, 3])
-    with flags.Context(HYDRAGEN_MIN_PREFIX=3, HYDRAGEN_MIN_ROWS=2), torch.no_grad():
+    with flags.Context(SHARED_PREFIX_MIN_PREFIX=3, SHARED_PREFIX_MIN_ROWS=2), torch.no_grad():
         results = []
         for m in (plain, fast):
             lo, cache = _call(m, ids, _new_cache(plain), how)
@@ -367,7 +367,7 @@ def test_two_threads_on_one_optimized_model_match_the_plain_model(models, spy):
 
     def request(i, wait, done):
         try:
-            with torch.no_grad(), flags.Context(HYDRAGEN_MIN_PREFIX=16, HYDRAGEN_MIN_ROWS=2):
+            with torch.no_grad(), flags.Context(SHARED_PREFIX_MIN_PREFIX=16, SHARED_PREFIX_MIN_ROWS=2):
                 if wait is not None:
                     assert wait.wait(300)
                 lo, cache = _call(fast, prompts[i], None, how)

@@ -14,11 +14,11 @@ from graphtune.runtime import lean_decode as ld  # noqa: E402
 
 
 @pytest.fixture
-def triton_path(monkeypatch):
-    monkeypatch.setattr(ld, "TRITON_ON_CPU", True)
+def triton_path():
     ld.install()
     try:
-        yield
+        with flags.Context(LEAN_TRITON_ON_CPU=True):
+            yield
     finally:
         ld.uninstall()
 

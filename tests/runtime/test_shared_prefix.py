@@ -15,7 +15,7 @@ from graphtune.runtime.shared_prefix import SharedPrefixPlan, SharedSegment, det
 def installed():
     """The runtime feature on, with thresholds low enough for small test shapes."""
     sp.install()
-    with flags.Context(HYDRAGEN_MIN_PREFIX=16, HYDRAGEN_MIN_ROWS=2):
+    with flags.Context(SHARED_PREFIX_MIN_PREFIX=16, SHARED_PREFIX_MIN_ROWS=2):
         yield
     sp.uninstall()
 
@@ -91,11 +91,11 @@ def test_short_shared_ranges_are_pushed_down_to_the_level_below():
 
 def test_detection_respects_flags_and_returns_none_without_sharing():
     ids = torch.randint(0, 1000, (1, 100)).expand(4, -1)
-    with flags.Context(HYDRAGEN_MIN_ROWS=5):
+    with flags.Context(SHARED_PREFIX_MIN_ROWS=5):
         assert detect_shared_prefixes(ids) is None
-    with flags.Context(HYDRAGEN_MIN_PREFIX=101):
+    with flags.Context(SHARED_PREFIX_MIN_PREFIX=101):
         assert detect_shared_prefixes(ids) is None
-    with flags.Context(HYDRAGEN_MIN_PREFIX=100, HYDRAGEN_MIN_ROWS=4):
+    with flags.Context(SHARED_PREFIX_MIN_PREFIX=100, SHARED_PREFIX_MIN_ROWS=4):
         assert detect_shared_prefixes(ids).segments[0].end == 100
     assert detect_shared_prefixes(torch.arange(400).view(4, 100), min_prefix=1) is None
 

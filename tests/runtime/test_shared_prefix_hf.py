@@ -28,7 +28,7 @@ def spy(monkeypatch):
     monkeypatch.setattr(sp, "run_dense", lambda *a, **kw: calls.decode.append(a[1].shape) or real(*a, **kw))
     monkeypatch.setattr(sp, "run_dedup", lambda *a, **kw: calls.prefill.append(a[1].shape) or real_dedup(*a, **kw))
     # thresholds low enough for this small model; the default is measured for real sizes
-    with flags.Context(HYDRAGEN_MIN_PREFIX=16, HYDRAGEN_MIN_ROWS=2):
+    with flags.Context(SHARED_PREFIX_MIN_PREFIX=16, SHARED_PREFIX_MIN_ROWS=2):
         yield calls
 
 
