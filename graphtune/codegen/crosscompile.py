@@ -25,14 +25,19 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import triton
 
 from graphtune import flags
+from graphtune.codegen.compile_spec import CompileSpec, compile_spec_builders, register_compile_spec
 from graphtune.codegen.registry import KernelConfig, all_impls
 from graphtune.errors import KernelError
+
+# impl name -> fn(op_args, config) -> CompileSpec: the registry the kernel modules fill
+# (they import graphtune.codegen.compile_spec, never this module)
+_SPECS = compile_spec_builders()
 
 __all__ = [
     "KernelResources",
@@ -107,34 +112,6 @@ class KernelResources:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class CompileSpec:
-    """How to compile one implementation for given op arguments and config.
-
-    ``args``/``kwargs`` are the kernel launch arguments with every tensor replaced by its
-    ``torch.dtype`` (shapes need not exist: meta or fake tensors are fine). ``programs`` is the
-    grid size, ``tile_efficiency`` the useful fraction of the padded tiles and ``reuse`` how well
-    the tile shares loaded operands relative to the best tile for the problem; all three feed
-    the static ranking.
-    """
-
-    fn: Any  # triton.JITFunction
-    args: tuple
-    kwargs: dict
-    programs: int
-    tile_efficiency: float = 1.0
-    reuse: float = 1.0  # operand reuse vs the best tile for this problem (1: as good as it gets)
-
-
-# impl name -> fn(op_args, config) -> CompileSpec; filled by the kernel modules
-_SPECS: dict[str, Callable[[tuple, KernelConfig], CompileSpec]] = {}
-
-
-def register_compile_spec(impl_name: str, fn: Callable[[tuple, KernelConfig], CompileSpec]) -> None:
-    """Tell :func:`static_rank` how to build launch arguments for ``impl_name``."""
-    _SPECS[impl_name] = fn
 
 
 def cuobjdump_path() -> str:
@@ -401,7 +378,8 @@ def _score(res: KernelResources, spec: CompileSpec, arch: int) -> float:
 
 
 def _ensure_specs() -> None:
-    # kernel modules register their specs on import (they import this module, not the reverse)
+    # kernel modules register their specs (in compile_spec) on import; load them only when
+    # cross-compiling is asked for
     if not _SPECS:
         import graphtune.codegen.attention_triton  # noqa: F401
         import graphtune.codegen.merge_triton  # noqa: F401

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from graphtune.codegen.crosscompile import CompileSpec, register_compile_spec
+from graphtune.codegen.compile_spec import CompileSpec, register_compile_spec
 from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
 from graphtune.codegen.triton_util import interpreting, kernel_for
 from graphtune.errors import KernelError, ShapeError

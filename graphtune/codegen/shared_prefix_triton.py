@@ -24,8 +24,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from graphtune.codegen.crosscompile import CompileSpec, register_compile_spec
+from graphtune.codegen.compile_spec import CompileSpec, register_compile_spec
 from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
+from graphtune.codegen.shared_prefix import Partial, merge_partials, suffix_attention  # torch-only, one way
 from graphtune.codegen.triton_util import interpreting, kernel_for
 from graphtune.errors import KernelError, ShapeError
 
@@ -209,8 +210,6 @@ def suffix_merge_configs(op_args: tuple) -> list[KernelConfig]:
 
 
 def _torch_suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa, attn_mask=None):
-    from graphtune.codegen.shared_prefix import Partial, merge_partials, suffix_attention
-
     parts = [suffix_attention(q, k, v, lens, attn_mask, causal, scale, enable_gqa)]
     if prior is not None:
         parts.insert(0, Partial(None, prior[0], prior[1]))

@@ -1,8 +1,10 @@
 """graphtune's canonical ops: ``torch.ops.graphtune.attention``, ``attention_with_lse``, ``merge_states``.
 
-Every attention form in a captured model is rewritten to ``graphtune::attention``; later
-rewrites (shared prefix, lean decode, ...) split it into partial attentions that return their
-log-sum-exp and recombine them with ``merge_states``.
+Every attention form in a captured model is rewritten to ``graphtune::attention`` (an exact,
+shape-static graph rewrite). Faster variants are *runtime selectors*, not rewrites: per call, the
+shared-prefix and lean-decode selectors (data-dependent: which rows share a prompt, how ragged the
+KV lengths are) split the op into partial attentions that return their log-sum-exp and recombine
+them with ``merge_states``, and decline wherever that would not be exact.
 
 Why ``torch.library.Library`` + ``register_fake`` rather than ``torch.library.custom_op``: the
 latter wraps every call in Python dispatch layers that cost ~50 µs per call on this CPU

@@ -45,6 +45,7 @@ def run_pipeline(gm: fx.GraphModule, options: Options | None = None,
     ctx = PassContext(gm, options or Options(), verify)
     # Every attention form (SDPA, eager matmul/bmm chains, repeat_kv GQA) -> graphtune.attention.
     ctx.run("canonicalize_attention", pm_canonicalize_attention)
-    # Add a pass with one line here, e.g.:
-    #   ctx.run("shared_prefix", shared_prefix_pass, enabled=ctx.options.shared_prefix)
+    # Add a pass with one line here: ctx.run("<name>", <rules or gm -> matches>, enabled=<option>).
+    # Only exact, shape-static transformations belong here; data-dependent or approximate choices
+    # (shared prefix, lean decode, sparsity, speculation) are runtime selectors (graphtune.runtime).
     return PipelineResult(gm, ctx.passes, ctx.sites)
