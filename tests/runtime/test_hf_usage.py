@@ -6,7 +6,6 @@ spies check that graphtune's runtime paths really ran (a test that only ever hit
 path proves nothing)."""
 import inspect
 import threading
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ pytest.importorskip("transformers")
 import graphtune  # noqa: E402
 from graphtune import flags  # noqa: E402
 from graphtune.models import build_model  # noqa: E402
-from graphtune.runtime import shared_prefix as sp  # noqa: E402
 
 ROWS, PROMPT, STEPS = 8, 40, 3
 ATOL = 1e-4
@@ -24,7 +22,7 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def models():
-    torch._dynamo.reset()  # Dynamo's recompile budget is per code object, shared with other modules
+    torch._dynamo.reset()
     plain = build_model("llama", "sdpa")
     yield plain, graphtune.optimize(plain)
     torch._dynamo.reset()
@@ -35,16 +33,6 @@ def _fresh_dynamo():
     # Each test calls forward with other argument sets; past Dynamo's recompile limit the model
     # would run eagerly (exact, but the spies would see no graphtune path).
     torch._dynamo.reset()
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    calls = SimpleNamespace(decode=[], prefill=[])
-    real, real_dedup = sp.run_dense, sp.run_dedup
-    monkeypatch.setattr(sp, "run_dense", lambda *a, **kw: calls.decode.append(a[1].shape) or real(*a, **kw))
-    monkeypatch.setattr(sp, "run_dedup", lambda *a, **kw: calls.prefill.append(a[1].shape) or real_dedup(*a, **kw))
-    with flags.Context(SHARED_PREFIX_MIN_PREFIX=16, SHARED_PREFIX_MIN_ROWS=2):  # small enough for this model
-        yield calls
 
 
 def _cache_keyword(model) -> str:

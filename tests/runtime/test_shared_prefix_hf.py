@@ -1,6 +1,5 @@
 """HF generate on an optimized model: shared prompts are detected and decoded with the
 decomposition, producing exactly the tokens of the plain model."""
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,9 +7,7 @@ import torch
 pytest.importorskip("transformers")
 
 import graphtune  # noqa: E402
-from graphtune import flags  # noqa: E402
 from graphtune.models import build_model  # noqa: E402
-from graphtune.runtime import shared_prefix as sp  # noqa: E402
 
 ROWS, PROMPT, NEW = 32, 40, 6
 
@@ -19,17 +16,6 @@ ROWS, PROMPT, NEW = 32, 40, 6
 def models():
     plain = build_model("llama", "sdpa")
     return plain, graphtune.optimize(plain)
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    calls = SimpleNamespace(decode=[], prefill=[])
-    real, real_dedup = sp.run_dense, sp.run_dedup
-    monkeypatch.setattr(sp, "run_dense", lambda *a, **kw: calls.decode.append(a[1].shape) or real(*a, **kw))
-    monkeypatch.setattr(sp, "run_dedup", lambda *a, **kw: calls.prefill.append(a[1].shape) or real_dedup(*a, **kw))
-    # thresholds low enough for this small model; the default is measured for real sizes
-    with flags.Context(SHARED_PREFIX_MIN_PREFIX=16, SHARED_PREFIX_MIN_ROWS=2):
-        yield calls
 
 
 def test_greedy_generate_of_a_repeated_prompt_gives_identical_tokens(models, spy):
