@@ -28,8 +28,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphtune.codegen.lean_cpu import build_cpu_program, lean_attention_cpu
-from graphtune.codegen.lean_plan import make_plan
+from graphtune.codegen.lean_decode.cpu import build_cpu_program, lean_attention_cpu
+from graphtune.codegen.lean_decode.plan import make_plan
 
 H, D = 8, 64
 THREADS = torch.get_num_threads()

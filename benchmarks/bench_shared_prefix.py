@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphtune.codegen.shared_prefix import suffix_attention
+from graphtune.codegen.shared_prefix.decompose import suffix_attention
 from graphtune.runtime.prefix_cache import SharedPrefixKVCache
 from graphtune.runtime.shared_prefix import SharedPrefixPlan, SharedSegment, run_dense
 

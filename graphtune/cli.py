@@ -10,7 +10,7 @@ Adding a subcommand is one self-contained block::
         ...
         return 0
 
-(in this module, or in another module listed in ``EXTENSIONS``). ``main(argv)``
+(in this module, or in a module ``graphtune/cli_*.py``, found by :func:`extensions`). ``main(argv)``
 returns the exit status: 0 success, 1 the command failed, 2 bad usage or a graphtune error.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import glob
 import importlib
+import pkgutil
 import json
 import sys
 from typing import Callable, Iterator
@@ -41,17 +42,16 @@ def subcommand(name: str, help: str, configure: Configure | None = None) -> Call
     return deco
 
 
-# Modules whose subcommands register themselves on import (a missing one is skipped).
-EXTENSIONS = ["graphtune.cli_explain"]
+def extensions() -> list[str]:
+    """Modules ``graphtune/cli_*.py``: each registers its subcommands on import (found, not listed)."""
+    import graphtune
+
+    return sorted(f"graphtune.{m.name}" for m in pkgutil.iter_modules(graphtune.__path__) if m.name.startswith("cli_"))
 
 
 def _load_extensions() -> None:
-    for mod in EXTENSIONS:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+    for mod in extensions():
+        importlib.import_module(mod)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,24 +371,6 @@ def _stats(db) -> int:
         print(f"  {a}")
     return 0
 
-
-
-# ======================================================================================
-# graphtune lean-plan
-# ======================================================================================
-
-def _lean_plan_args(p: argparse.ArgumentParser) -> None:
-    from graphtune.codegen.lean_plan import add_lean_plan_args
-
-    add_lean_plan_args(p)
-
-
-@subcommand("lean-plan", "lean (stream-K) decode plan of a ragged batch; static H100/A100 view vs FlashDecoding",
-            _lean_plan_args)
-def _lean_plan(args: argparse.Namespace) -> int:
-    from graphtune.codegen.lean_plan import run_lean_plan
-
-    return run_lean_plan(args)
 
 if __name__ == "__main__":
     sys.exit(main())

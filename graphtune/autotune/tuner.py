@@ -27,7 +27,7 @@ DEFAULT_IMPLS = {
     (MERGE_OP, "cpu"): "cpu.torch",
     (ATTENTION_OP, "cuda"): "triton.attention_fwd",
     (MERGE_OP, "cuda"): "triton.merge_states",
-    ("lean_decode", "cpu"): "cpu.lean",  # LeanShape: the lean CPU path's tile/workers (codegen/lean_cpu.py)
+    ("lean_decode", "cpu"): "cpu.lean",  # LeanShape: the lean CPU path's tile/workers (codegen/lean_decode/cpu.py)
 }
 Shape = AttentionShape | MergeShape | LeanShape
 # A challenger must beat the default's median by this factor to displace it, so that re-tuning
@@ -36,8 +36,8 @@ MIN_GAIN = 0.95
 
 # Every module that registers an Impl must be listed here: records of implementations that are not
 # loaded look stale to `db stats` and are skipped by lookups.
-_IMPL_MODULES = ("graphtune.codegen.cpu_attention", "graphtune.codegen.attention_triton",
-                 "graphtune.codegen.merge_triton", "graphtune.codegen.lean_cpu")
+_IMPL_MODULES = ("graphtune.codegen.attention.cpu", "graphtune.codegen.attention.triton_kernels",
+                 "graphtune.codegen.merge_states.triton_kernels", "graphtune.codegen.lean_decode.cpu")
 
 
 def load_impls(device_type: str | None = None) -> None:

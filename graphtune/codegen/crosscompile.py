@@ -198,7 +198,7 @@ def compile_for_target(fn: Any, args: tuple, kwargs: dict, config: KernelConfig 
     Examples
     --------
     >>> import torch
-    >>> from graphtune.codegen.attention_triton import attention_compile_spec, ATTN_DEFAULT_CONFIG
+    >>> from graphtune.codegen.attention.triton_kernels import attention_compile_spec, ATTN_DEFAULT_CONFIG
     >>> from graphtune.codegen.crosscompile import compile_for_target
     >>> q = torch.empty(1, 8, 128, 64, dtype=torch.float16, device="meta")
     >>> spec = attention_compile_spec((q, q, q, None, True, None, False), ATTN_DEFAULT_CONFIG)
@@ -381,8 +381,8 @@ def _ensure_specs() -> None:
     # kernel modules register their specs (in compile_spec) on import; load them only when
     # cross-compiling is asked for
     if not _SPECS:
-        import graphtune.codegen.attention_triton  # noqa: F401
-        import graphtune.codegen.merge_triton  # noqa: F401
+        import graphtune.codegen.attention.triton_kernels  # noqa: F401
+        import graphtune.codegen.merge_states.triton_kernels  # noqa: F401
 
 
 def compile_impl(impl_name: str, op_args_meta: tuple, config: KernelConfig, arch: int) -> KernelResources:
@@ -420,7 +420,7 @@ def static_rank(impl_name: str, op_args_meta: tuple, configs: list[KernelConfig]
     --------
     >>> import torch
     >>> from graphtune.codegen.crosscompile import static_rank
-    >>> from graphtune.codegen.attention_triton import ATTN_DEFAULT_CONFIG
+    >>> from graphtune.codegen.attention.triton_kernels import ATTN_DEFAULT_CONFIG
     >>> q = torch.empty(8, 32, 1, 128, dtype=torch.float16, device="meta")
     >>> kv = torch.empty(8, 8, 4096, 128, dtype=torch.float16, device="meta")
     >>> ranked = static_rank("triton.attention_fwd", (q, kv, kv, None, False, None, True),

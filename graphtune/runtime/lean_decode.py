@@ -7,8 +7,8 @@ reads the HF ``[B, S]`` padding mask, finds each row's real key range and stores
 mask is exactly "padding (+ bottom-right causal for q_len > 1)" and where lean pays, it returns
 the lean implementation, which attends over the real (unpadded) keys only — the same result as
 the masked attention, since masked keys contribute nothing. CPU tensors run
-:func:`graphtune.codegen.lean_cpu.lean_attention_cpu` on worker threads; CUDA tensors run the
-Triton kernels of :mod:`graphtune.codegen.lean_triton` (tables uploaded once per batch).
+:func:`graphtune.codegen.lean_decode.cpu.lean_attention_cpu` on worker threads; CUDA tensors run the
+Triton kernels of :mod:`graphtune.codegen.lean_decode.triton_kernels` (tables uploaded once per batch).
 
 When it pays (measured on this CPU, ``benchmarks/bench_lean_decode.py``, ``docs/lean-decode.md``):
 lean skips padding, so its gain is the padded/real work ratio ``S * B / sum(lengths)``; it costs
@@ -34,13 +34,13 @@ from graphtune.autotune import db as _db
 from graphtune.autotune import fingerprint
 from graphtune.autotune.shapes import lean_key
 from graphtune.autotune.tuner import is_valid
-from graphtune.codegen.lean_cpu import (DEFAULT_CONFIG, DEFAULT_TILE, CpuProgram, build_cpu_program,
+from graphtune.codegen.lean_decode.cpu import (DEFAULT_CONFIG, DEFAULT_TILE, CpuProgram, build_cpu_program,
                                         lean_attention_cpu, resolve_config)
 from graphtune.codegen.registry import KernelConfig, get_impl
 from graphtune.errors import PlanError
 from graphtune.ir.reference import attention_ref
 from graphtune.runtime import context
-from graphtune.codegen.lean_plan import LeanPlan, make_plan, ranges_from_padding_mask
+from graphtune.codegen.lean_decode.plan import LeanPlan, make_plan, ranges_from_padding_mask
 
 __all__ = ["LeanBatch", "plan_batch", "lean_pays", "cpu_config", "tuned_config", "clear_tuned_cache", "lean_selector",
            "install", "uninstall", "lean_for_lengths",
@@ -53,7 +53,7 @@ MAX_DECODE_QUERIES = 16  # decode and speculative verification widths
 # exceed the real work by this factor, and enough real work to amortise its extra calls.
 MEASURED_MIN_SKEW = 1.3
 CALL_OVERHEAD_KEYS = 4096  # one extra flash call ~ the time of this many key-heads of work
-CPU_TILE = DEFAULT_TILE  # the untuned tile (codegen.lean_cpu.DEFAULT_CONFIG)
+CPU_TILE = DEFAULT_TILE  # the untuned tile (codegen.lean_decode.cpu.DEFAULT_CONFIG)
 
 
 @dataclass
@@ -304,8 +304,8 @@ def lean_selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
 
 def _triton_impl(batch: LeanBatch, q: Tensor, k: Tensor, kind: str) -> Callable[..., Any]:
     """The Triton lean path: plan with ORT's tile and CTA rules, tables uploaded once per batch."""
-    from graphtune.codegen import lean_triton as lt  # lazy: CPU-only runs never import triton kernels
-    from graphtune.codegen.lean_plan import default_tile, gpu_num_workers
+    from graphtune.codegen.lean_decode import triton_kernels as lt  # lazy: CPU-only runs never import triton kernels
+    from graphtune.codegen.lean_decode.plan import default_tile, gpu_num_workers
 
     key = ("triton", k.shape[1], q.shape[-1], str(q.device))
     tables = batch.programs.get(key)

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from graphtune.codegen.shared_prefix import Segment, shared_prefix_attention
+from graphtune.codegen.shared_prefix.decompose import Segment, shared_prefix_attention
 from graphtune.errors import PlanError, ShapeError
 from graphtune.runtime.shared_prefix import SharedPrefixPlan, SharedSegment
 

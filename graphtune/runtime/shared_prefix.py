@@ -44,11 +44,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from graphtune.codegen.shared_prefix import Partial, Segment, inside_shared_prefix, merge_partials
-from graphtune.codegen.shared_prefix import fused_available, partial_attention, prefix_attention, suffix_attention
+from graphtune.codegen.shared_prefix.decompose import Partial, Segment, inside_shared_prefix, merge_partials
+from graphtune.codegen.shared_prefix.decompose import fused_available, partial_attention, prefix_attention, suffix_attention
 from graphtune.errors import PlanError
 from graphtune.runtime.context import BatchContext, register_planner, register_selector, unregister_selector
-from graphtune.runtime.shared_prefix_plan import (DEFAULT_MIN_PREFIX, DEFAULT_MIN_ROWS, SharedPrefixPlan,
+from graphtune.codegen.shared_prefix.plan import (DEFAULT_MIN_PREFIX, DEFAULT_MIN_ROWS, SharedPrefixPlan,
                                                   SharedSegment, detect_shared_prefixes, thresholds)
 
 __all__ = [
@@ -263,7 +263,7 @@ def run_dedup(
 
 
 def _suffix_merge(*args: Any) -> tuple[Tensor, Tensor]:
-    from graphtune.codegen.shared_prefix_triton import suffix_merge as kernel  # triton only when used
+    from graphtune.codegen.shared_prefix.triton_kernels import suffix_merge as kernel  # triton only when used
 
     return kernel(*args)
 

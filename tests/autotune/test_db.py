@@ -195,7 +195,7 @@ def test_repository_shipped_records_name_the_current_kernel_sources():
     # (the command is in docs/autotuning.md)
     from graphtune.codegen.registry import get_impl
 
-    import graphtune.codegen.attention_triton  # noqa: F401  (registers the Triton implementations)
+    import graphtune.codegen.attention.triton_kernels  # noqa: F401  (registers the Triton implementations)
 
     shipped = [d for f in sorted((dbmod.TUNING_DB_DIR / "records").glob("*.json")) for d in json.loads(f.read_text())]
     for rec in shipped:

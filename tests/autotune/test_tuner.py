@@ -12,7 +12,7 @@ from graphtune.autotune import (AttentionShape, Budget, MergeShape, TuningDB, ke
 from graphtune.autotune import search
 from graphtune.autotune.measure import Candidate, Measurement, run_with_timeout
 from graphtune.autotune.tuner import default_candidate, is_valid
-from graphtune.codegen.cpu_attention import flash_attention
+from graphtune.codegen.attention.cpu import flash_attention
 from graphtune.codegen.registry import Impl, KernelConfig, get_impl
 from graphtune.errors import OptionError, ShapeError
 from graphtune.ir.reference import attention_ref

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from graphtune import flags  # noqa: E402
-from graphtune.codegen.attention_triton import attention_compile_spec, attention_default_config  # noqa: E402
+from graphtune.codegen.attention.triton_kernels import attention_compile_spec, attention_default_config  # noqa: E402
 from graphtune.codegen.crosscompile import (  # noqa: E402
     ARCH_LIMITS,
     CompileJob,
@@ -29,7 +29,7 @@ from graphtune.codegen.crosscompile import (  # noqa: E402
     occupancy,
     static_rank,
 )
-from graphtune.codegen.merge_triton import MERGE_DEFAULT_CONFIG, merge_compile_spec  # noqa: E402
+from graphtune.codegen.merge_states.triton_kernels import MERGE_DEFAULT_CONFIG, merge_compile_spec  # noqa: E402
 from graphtune.codegen.registry import KernelConfig  # noqa: E402
 from graphtune.errors import KernelError  # noqa: E402
 

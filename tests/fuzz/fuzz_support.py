@@ -64,7 +64,7 @@ def count_example(name: str) -> None:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (atol, rtol) of outputs against the fp64 oracle computed from the same (rounded) inputs. fp32:
 # summation order only. fp16/bf16: P may be rounded before P@V and the output is rounded once more
-# (10 / 7 mantissa bits), as in tests/codegen/test_lean_triton.py.
+# (10 / 7 mantissa bits), as in tests/codegen/lean_decode/test_lean_triton.py.
 OUT_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 2e-2)}
 # LSE is fp32 everywhere; half-precision inputs only change how the scores were accumulated.
 LSE_TOL = {torch.float32: (5e-5, 1e-5), torch.float16: (2e-3, 1e-4), torch.bfloat16: (2e-3, 1e-4)}

@@ -8,8 +8,6 @@ so a new kernel family is fuzzed as soon as it registers; an op without a case g
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
 
 import pytest
@@ -18,15 +16,14 @@ import torch.nn.functional as F
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-import graphtune.codegen
+from graphtune.autotune.tuner import load_impls
 from graphtune.codegen import registry
 from graphtune.errors import ShapeError
 
 from fuzz_support import (DTYPES, LSE_TOL, OUT_TOL, AttnCase, assert_matches, attn_cases, count_example,
                           fill_slack, fuzz_settings, lean_cases, merge_cases, ref_attention)
 
-for _m in pkgutil.iter_modules(graphtune.codegen.__path__):
-    importlib.import_module(f"graphtune.codegen.{_m.name}")
+load_impls()  # every family's implementations, CPU and Triton
 
 IMPLS = sorted(registry.all_impls(), key=lambda i: (i.op, i.name))
 TRITON = {i.name for i in IMPLS if i.name.startswith("triton.")}

@@ -21,7 +21,7 @@ from graphtune.autotune import fingerprint
 from graphtune.autotune.shapes import ATTENTION_OP, MERGE_OP, key_for_args, key_for_merge_args
 from graphtune.autotune.tuner import load_impls
 from graphtune.codegen import registry
-from graphtune.codegen.shared_prefix import Segment, shared_prefix_attention
+from graphtune.codegen.shared_prefix.decompose import Segment, shared_prefix_attention
 from graphtune.runtime import context, dispatch
 from graphtune.runtime import lean_decode as ld
 from graphtune.runtime import shared_prefix as sp

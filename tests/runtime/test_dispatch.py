@@ -9,7 +9,7 @@ from graphtune.autotune import AttentionShape, MergeShape, db as dbmod
 from graphtune.autotune import fingerprint
 from graphtune.autotune.db import Record, get_db
 from graphtune.codegen import registry
-from graphtune.codegen.cpu_attention import gqa_fold_attention
+from graphtune.codegen.attention.cpu import gqa_fold_attention
 from graphtune.codegen.registry import Impl, KernelConfig
 from graphtune.ir.reference import attention_ref, merge_states_ref
 from graphtune.runtime import context, dispatch

@@ -2,7 +2,7 @@
 same result as masked attention, tables built once per batch, fallback with a warning."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before graphtune.codegen.lean_triton is imported
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before graphtune.codegen.lean_decode.triton_kernels is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -48,7 +48,7 @@ def test_triton_lean_path_matches_masked_attention_and_reuses_tables(triton_path
 
 
 def test_triton_lean_path_falls_back_with_a_warning(triton_path, monkeypatch):
-    from graphtune.codegen import lean_triton
+    from graphtune.codegen.lean_decode import triton_kernels as lean_triton
 
     def broken(*a, **kw):
         raise RuntimeError("no kernel today")

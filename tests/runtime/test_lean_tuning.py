@@ -16,8 +16,8 @@ from graphtune.autotune.search import Budget
 from graphtune.autotune.shapes import LEAN_OP, LeanShape, lean_key, parse_lean_shape
 from graphtune.autotune.tuner import tune_shape
 from graphtune.cli import main as cli_main
-from graphtune.codegen import lean_cpu
-from graphtune.codegen.lean_cpu import DEFAULT_CONFIG, IMPL_NAME, lean_decode_cpu, resolve_config
+from graphtune.codegen.lean_decode import cpu as lean_cpu
+from graphtune.codegen.lean_decode.cpu import DEFAULT_CONFIG, IMPL_NAME, lean_decode_cpu, resolve_config
 from graphtune.codegen.registry import KernelConfig, get_impl
 from graphtune.errors import OptionError, ShapeError
 from graphtune.ir.reference import attention_ref

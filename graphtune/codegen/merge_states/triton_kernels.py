@@ -228,7 +228,7 @@ def merge_states(outs: Sequence[Tensor], lses: Sequence[Tensor], *,
     >>> import os; os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: run in the interpreter
     '1'
     >>> import torch
-    >>> from graphtune.codegen.merge_triton import merge_states
+    >>> from graphtune.codegen.merge_states.triton_kernels import merge_states
     >>> o1, o2 = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
     >>> l1, l2 = torch.randn(2, 5), torch.full((2, 5), float("-inf"))
     >>> out, lse = merge_states([o1, o2], [l1, l2])  # partial 2 is empty: result is partial 1

@@ -18,7 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 from graphtune.codegen import registry  # noqa: E402
-from graphtune.codegen.attention_triton import (  # noqa: E402
+from graphtune.codegen.attention.triton_kernels import (  # noqa: E402
     ATTN_CONFIG_SPACE,
     ATTN_DEFAULT_CONFIG,
     AttnProblem,

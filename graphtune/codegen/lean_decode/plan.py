@@ -14,11 +14,10 @@ Plan once per batch on the host (:func:`make_plan`); every layer's attention reu
 
 Also here: the HF padding mask → per-row real key ranges (:func:`ranges_from_padding_mask`),
 the GPU worker-count heuristic and a static per-SM load model comparing the lean schedule to
-a fixed-split FlashDecoding schedule (:func:`static_gpu_view`, printed by ``graphtune lean-plan``).
+a fixed-split FlashDecoding schedule (:func:`static_gpu_view`, printed by ``graphtune lean-plan``, see :mod:`graphtune.cli_lean_plan`).
 """
 from __future__ import annotations
 
-import argparse
 import heapq
 import math
 import numbers
@@ -38,9 +37,6 @@ __all__ = [
     "static_gpu_view",
     "format_static_view",
     "parse_lengths",
-    "lean_plan_main",
-    "add_lean_plan_args",
-    "run_lean_plan",
 ]
 
 
@@ -365,59 +361,3 @@ def parse_lengths(spec: str) -> list[int]:
     if not out:
         raise PlanError(f"lean plan: no lengths in {spec!r}")
     return out
-
-
-_GPUS = {"H100": 132, "A100": 108}
-
-
-def add_lean_plan_args(ap: argparse.ArgumentParser) -> None:
-    """Arguments of ``graphtune lean-plan`` (shared by the CLI and :func:`lean_plan_main`)."""
-    ap.add_argument("--lengths", default="131072,1024x31", help="KV lengths, e.g. 131072,1024x31")
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--tile", type=int, default=0, help="keys per tile (0: by head dim)")
-    ap.add_argument("--gpus", default="H100,A100", help=f"names from {sorted(_GPUS)} or NAME=SMS")
-    ap.add_argument("--splits", default="0,16", help="fixed FlashDecoding split counts to compare (0: FA2 heuristic)")
-    ap.add_argument("--workers", type=int, default=0, help="also print the CPU plan for this many workers")
-
-
-def run_lean_plan(args: argparse.Namespace) -> int:
-    """Print the static GPU view (and optionally a CPU plan) for parsed ``lean-plan`` arguments."""
-    try:
-        lengths = parse_lengths(args.lengths)
-        tile = args.tile or default_tile(args.head_dim)
-        rows = []
-        for g in args.gpus.split(","):
-            name, _, sms = g.partition("=")
-            if not sms and name not in _GPUS:
-                raise PlanError(f"lean plan: unknown GPU {name!r}; use one of {sorted(_GPUS)} or NAME=SMS")
-            splits = [int(x) or None for x in args.splits.split(",") if x]
-            v = static_gpu_view(lengths, args.kv_heads, int(sms) if sms else _GPUS[name], tile, splits)
-            v["name"] = name
-            rows.append(v)
-    except (PlanError, ValueError) as e:
-        print(f"error: {e}")
-        return 2
-    print(f"batch: {len(lengths)} sequences, {sum(lengths)} keys (max {max(lengths)}), "
-          f"{args.kv_heads} kv heads, tile {tile} keys")
-    print(format_static_view(rows))
-    if args.workers:
-        print(make_plan(lengths, args.kv_heads, tile, args.workers).summary())
-    return 0
-
-
-def lean_plan_main(argv: Sequence[str] | None = None) -> int:
-    """``graphtune lean-plan``: print the lean plan of a ragged batch and the static GPU view.
-
-    >>> lean_plan_main(["--lengths", "4096,512x3", "--kv-heads", "2", "--gpus", "H100"])  # doctest: +ELLIPSIS
-    batch: 4 sequences, 5632 keys (max 4096), 2 kv heads, tile 128 keys
-    ...
-    0
-    """
-    ap = argparse.ArgumentParser(prog="graphtune lean-plan", description=lean_plan_main.__doc__)
-    add_lean_plan_args(ap)
-    return run_lean_plan(ap.parse_args(argv))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(lean_plan_main())

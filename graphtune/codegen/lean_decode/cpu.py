@@ -1,6 +1,6 @@
 """Lean-attention decode on the CPU: plan ranges run by real worker threads, then an exact merge.
 
-A :class:`~graphtune.codegen.lean_plan.LeanPlan` gives each worker a contiguous range of KV
+A :class:`~graphtune.codegen.lean_decode.plan.LeanPlan` gives each worker a contiguous range of KV
 tiles that may cross head and sequence boundaries. Here a worker's range becomes a short list
 of calls to ATen's CPU flash kernel (which returns the LSE and releases the GIL), on *views*
 of the unpadded keys — no gather, no padding work:
@@ -37,7 +37,7 @@ from graphtune import flags
 from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
 from graphtune.errors import PlanError, ShapeError
 
-from graphtune.codegen.lean_plan import LeanPlan, make_plan
+from graphtune.codegen.lean_decode.plan import LeanPlan, make_plan
 
 __all__ = ["CpuCall", "CpuProgram", "build_cpu_program", "lean_attention_cpu", "merge_partials", "MODES",
            "lean_decode_cpu", "resolve_config", "DEFAULT_TILE", "DEFAULT_CONFIG", "LEAN_OP", "IMPL_NAME"]
@@ -221,7 +221,7 @@ def lean_attention_cpu(
         ``[B, Hkv, S, D]`` key/value cache, possibly padded; sequence ``b``'s real keys are
         ``[starts[b], starts[b] + plan.lengths[b])``. ``Hq`` must be a multiple of ``Hkv`` (GQA).
     plan : LeanPlan
-        From :func:`graphtune.codegen.lean_plan.make_plan` (``plan.num_workers`` threads).
+        From :func:`graphtune.codegen.lean_decode.plan.make_plan` (``plan.num_workers`` threads).
     starts : sequence of int, optional
         First real key of each row (left padding); default 0.
     is_causal : bool
@@ -240,7 +240,7 @@ def lean_attention_cpu(
     Examples
     --------
     >>> import torch
-    >>> from graphtune.codegen.lean_plan import make_plan
+    >>> from graphtune.codegen.lean_decode.plan import make_plan
     >>> q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 300, 16)
     >>> plan = make_plan([300, 7], num_kv_heads=2, tile=64, num_workers=2)
     >>> out, lse = lean_attention_cpu(q, k, k, plan, starts=[0, 293])

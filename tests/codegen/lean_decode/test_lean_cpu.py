@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphtune.codegen.lean_cpu import build_cpu_program, lean_attention_cpu, merge_partials
+from graphtune.codegen.lean_decode.cpu import build_cpu_program, lean_attention_cpu, merge_partials
 from graphtune.errors import PlanError, ShapeError
 from graphtune.ir.reference import attention_ref, merge_states_ref
-from graphtune.codegen.lean_plan import make_plan
+from graphtune.codegen.lean_decode.plan import make_plan
 
 LENGTHS = [300, 7, 1, 64, 64, 129, 1, 1]  # ragged, length-1 rows, runs of equal rows (batched calls)
 
@@ -137,7 +137,7 @@ def test_lean_cpu_threads_run_in_a_forked_child_after_the_parent_used_them():
     import signal
     import time
 
-    from graphtune.codegen import lean_cpu
+    from graphtune.codegen.lean_decode import cpu as lean_cpu
 
     q, k, v, starts = _batch(LENGTHS, hkv=2, group=2, lq=1, d=16)
     plan = make_plan(LENGTHS, 2, 16, 3)
@@ -177,7 +177,7 @@ def test_lean_cpu_threads_run_in_a_forked_child_after_the_parent_used_them():
 def test_lean_decode_cpu_honours_start_and_length_of_each_row(pad, lq):
     # right padding: keys at j >= start + len are padding and must weigh nothing (not only j < start);
     # lq = 3: bottom-right causal among each row's real keys
-    from graphtune.codegen.lean_cpu import lean_decode_cpu
+    from graphtune.codegen.lean_decode.cpu import lean_decode_cpu
     from graphtune.codegen.registry import KernelConfig
 
     lengths, S = [5, 40, 3, 33], 48
@@ -207,7 +207,7 @@ def test_lean_decode_cpu_honours_start_and_length_of_each_row(pad, lq):
 def test_lean_pools_leave_torchs_thread_count_alone_for_threads_started_later():
     import threading
 
-    from graphtune.codegen import lean_cpu
+    from graphtune.codegen.lean_decode import cpu as lean_cpu
 
     want = torch.get_num_threads()
     pool = lean_cpu._pool(3)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from graphtune.codegen.compile_spec import CompileSpec, register_compile_spec
 from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
-from graphtune.codegen.shared_prefix import Partial, merge_partials, suffix_attention  # torch-only, one way
+from graphtune.codegen.shared_prefix.decompose import Partial, merge_partials, suffix_attention  # torch-only, one way
 from graphtune.codegen.triton_util import interpreting, kernel_for
 from graphtune.errors import KernelError, ShapeError
 

@@ -5,10 +5,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from graphtune.cli_lean_plan import lean_plan_main
 from graphtune.errors import PlanError
-from graphtune.codegen.lean_plan import (
+from graphtune.codegen.lean_decode.plan import (
     flashdecoding_splits,
-    lean_plan_main,
     make_plan,
     parse_lengths,
     ranges_from_padding_mask,

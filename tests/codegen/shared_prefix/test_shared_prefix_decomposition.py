@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from graphtune.codegen.shared_prefix import (
+from graphtune.codegen.shared_prefix.decompose import (
     Partial,
     Segment,
     merge_partials,

@@ -12,7 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module impor
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from graphtune.codegen.lean_triton import (  # noqa: E402
+from graphtune.codegen.lean_decode.triton_kernels import (  # noqa: E402
     LEAN_CONFIG_SPACE,
     LEAN_DEFAULT_CONFIG,
     build_tables,
@@ -23,7 +23,7 @@ from graphtune.codegen.lean_triton import (  # noqa: E402
 from graphtune.codegen.registry import KernelConfig  # noqa: E402
 from graphtune.errors import PlanError, ShapeError  # noqa: E402
 from graphtune.ir.reference import attention_ref  # noqa: E402
-from graphtune.codegen.lean_plan import make_plan  # noqa: E402
+from graphtune.codegen.lean_decode.plan import make_plan  # noqa: E402
 
 LENGTHS = [70, 1, 33, 5]  # ragged, one length-1 row
 SMALL = KernelConfig.make(BLOCK_N=16)  # keeps interpreter loops short

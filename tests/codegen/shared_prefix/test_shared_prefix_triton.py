@@ -13,9 +13,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from graphtune.codegen.registry import KernelConfig  # noqa: E402
-from graphtune.codegen.shared_prefix import Partial, Segment, merge_partials, shared_prefix_attention  # noqa: E402
-from graphtune.codegen.shared_prefix import suffix_attention  # noqa: E402
-from graphtune.codegen.shared_prefix_triton import (  # noqa: E402
+from graphtune.codegen.shared_prefix.decompose import Partial, Segment, merge_partials, shared_prefix_attention  # noqa: E402
+from graphtune.codegen.shared_prefix.decompose import suffix_attention  # noqa: E402
+from graphtune.codegen.shared_prefix.triton_kernels import (  # noqa: E402
     SUFFIX_MERGE_CONFIG_SPACE,
     SUFFIX_MERGE_DEFAULT_CONFIG,
     _suffix_merge_kernel,
@@ -227,7 +227,7 @@ def test_suffix_masks_that_do_not_broadcast_raise_shape_error_on_both_paths():
 def test_fused_is_the_default_on_cuda_with_a_suffix_mask_too():
     from types import SimpleNamespace
 
-    from graphtune.codegen import shared_prefix as sp
+    from graphtune.codegen.shared_prefix import decompose as sp
 
     mask = torch.ones(1, 1, 1, 4, dtype=torch.bool)
     assert not sp.fused_available(torch.empty(1, 2, 1, 16), mask)  # CPU: only when forced

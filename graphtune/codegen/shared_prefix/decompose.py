@@ -17,7 +17,7 @@ The sharing description here is low level (tensors + row indices); plans live in
 :mod:`graphtune.runtime.shared_prefix`, which builds :class:`Segment` lists from them.
 
 >>> import torch
->>> from graphtune.codegen.shared_prefix import Segment, shared_prefix_attention
+>>> from graphtune.codegen.shared_prefix.decompose import Segment, shared_prefix_attention
 >>> q = torch.randn(4, 8, 1, 64)                               # 4 rows decoding
 >>> pk, pv = torch.randn(2, 100, 64), torch.randn(2, 100, 64)  # prefix KV stored once, 2 kv heads
 >>> sk, sv = torch.randn(4, 2, 5, 64), torch.randn(4, 2, 5, 64)
@@ -365,7 +365,7 @@ def shared_prefix_attention(
         How ragged suffixes are computed (see :func:`suffix_attention`).
     fused : bool, optional
         Suffix attention and merge in one Triton kernel
-        (:func:`graphtune.codegen.shared_prefix_triton.suffix_merge`, which applies ``suffix_mask``
+        (:func:`graphtune.codegen.shared_prefix.triton_kernels.suffix_merge`, which applies ``suffix_mask``
         too). Default: on CUDA unless ``GRAPHTUNE_DISABLE_TRITON``; ``True`` on CPU needs
         ``TRITON_INTERPRET=1``.
 
@@ -423,7 +423,7 @@ def fused_available(q: Tensor, suffix_mask: Tensor | None = None, *, passes_mask
 
 
 def _fused_suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa, mask=None) -> tuple[Tensor, Tensor]:
-    from graphtune.codegen.shared_prefix_triton import suffix_merge  # triton only when used
+    from graphtune.codegen.shared_prefix.triton_kernels import suffix_merge  # triton only when used
 
     return suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa, mask)
 

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from graphtune.codegen import cpu_attention as C
+from graphtune.codegen.attention import cpu as C
 from graphtune.codegen.registry import KernelConfig, get_impl, impls_for
 from graphtune.errors import ShapeError
 from graphtune.ir.ops import attention_cpu

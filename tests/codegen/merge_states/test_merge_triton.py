@@ -13,8 +13,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from graphtune.codegen import registry  # noqa: E402
-from graphtune.codegen.attention_triton import attention_fwd  # noqa: E402
-from graphtune.codegen.merge_triton import (  # noqa: E402
+from graphtune.codegen.attention.triton_kernels import attention_fwd  # noqa: E402
+from graphtune.codegen.merge_states.triton_kernels import (  # noqa: E402
     MERGE_CONFIG_SPACE,
     MERGE_DEFAULT_CONFIG,
     merge_configs,

@@ -457,7 +457,7 @@ def attention_fwd(
     >>> import os; os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: run in the interpreter
     '1'
     >>> import torch
-    >>> from graphtune.codegen.attention_triton import attention_fwd
+    >>> from graphtune.codegen.attention.triton_kernels import attention_fwd
     >>> q, k, v = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
     >>> out, lse = attention_fwd(q, k, v, is_causal=True, enable_gqa=True, causal_bottom_right=True)
     >>> out.shape, lse.shape

@@ -1,7 +1,7 @@
 """Lean-attention decode as Triton kernels: stream-K partial attention + exact reduction.
 
 ``_lean_partial_kernel`` is a persistent kernel: program ``w`` is worker ``w`` of a
-:class:`~graphtune.codegen.lean_plan.LeanPlan` and walks its segments (its contiguous range of
+:class:`~graphtune.codegen.lean_decode.plan.LeanPlan` and walks its segments (its contiguous range of
 KV tiles, cut at output boundaries). Each segment is one (sequence, kv head) over a key
 sub-range, with the GQA group's query heads *folded into rows* (row ``r`` = query head
 ``h * G + r // Lq`` at position ``r % Lq``), so K/V tiles are read once per group. A segment
@@ -34,7 +34,7 @@ from graphtune.codegen.registry import KernelConfig
 from graphtune.codegen.triton_util import interpreting
 from graphtune.errors import KernelError, PlanError, ShapeError
 
-from graphtune.codegen.lean_plan import LeanPlan
+from graphtune.codegen.lean_decode.plan import LeanPlan
 
 __all__ = [
     "lean_attention_triton",
@@ -210,7 +210,7 @@ def _cfg(bn: int, w: int, s: int) -> KernelConfig:
 LEAN_CONFIG_SPACE: tuple[KernelConfig, ...] = tuple(
     _cfg(bn, w, s) for bn in (32, 64, 128) for w in (2, 4, 8) for s in (1, 2, 3)
 )
-# Fallback: no spills on sm_80/sm_90 for head dims <= 128 (tests/codegen/test_lean_triton.py).
+# Fallback: no spills on sm_80/sm_90 for head dims <= 128 (tests/codegen/lean_decode/test_lean_triton.py).
 LEAN_DEFAULT_CONFIG = _cfg(64, 4, 2)
 
 
@@ -305,7 +305,7 @@ def lean_attention_triton(
     k, v : Tensor
         ``[B, Hkv, S, D]`` (padded) cache; row ``b``'s real keys start at ``starts[b]``.
     plan : LeanPlan
-        :func:`graphtune.codegen.lean_plan.make_plan`; one program per worker. Its tile should be
+        :func:`graphtune.codegen.lean_decode.plan.make_plan`; one program per worker. Its tile should be
         a multiple of ``BLOCK_N``.
     starts : sequence of int, optional
         First real key of each row (left padding), default 0.
@@ -329,7 +329,7 @@ def lean_attention_triton(
     later ("Cannot call @triton.jit'd outside of the scope of a kernel", not investigated).
 
     >>> import torch  # doctest: +SKIP
-    >>> from graphtune.codegen.lean_plan import make_plan  # doctest: +SKIP
+    >>> from graphtune.codegen.lean_decode.plan import make_plan  # doctest: +SKIP
     >>> q, k = torch.randn(2, 4, 1, 16, device="cuda"), torch.randn(2, 2, 100, 16, device="cuda")  # doctest: +SKIP
     >>> plan = make_plan([100, 9], num_kv_heads=2, tile=32, num_workers=3)  # doctest: +SKIP
     >>> out, lse = lean_attention_triton(q, k, k, plan, starts=[0, 91])  # doctest: +SKIP
