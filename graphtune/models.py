@@ -5,13 +5,16 @@ optional dependency: importing this module without it raises a clear error.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from graphtune.errors import OptionError
 
-__all__ = ["FAMILIES", "ATTN_IMPLEMENTATIONS", "build_model", "demo_model", "model_config"]
+if TYPE_CHECKING:  # imported on first use, by __getattr__ below
+    from graphtune.models_smollm2 import smollm2
+
+__all__ = ["FAMILIES", "ATTN_IMPLEMENTATIONS", "build_model", "demo_model", "model_config", "smollm2"]
 
 # family -> (config class name, model class name, config kwargs for a small model)
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -86,3 +89,12 @@ def build_model(family: str, attn_implementation: str = "eager", seed: int = 0, 
 def demo_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any) -> torch.nn.Module:
     """graphtune's built-in default model: a 4-layer Llama (GQA 8/4 heads, head dim 32)."""
     return build_model("llama", attn_implementation, seed, **{**_DEMO, **overrides})
+
+
+def __getattr__(name: str) -> Any:
+    # smollm2, a real trained model, lives in graphtune.models_smollm2; imported on first use
+    if name == "smollm2":
+        from graphtune.models_smollm2 import smollm2
+
+        return smollm2
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
