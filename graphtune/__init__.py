@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 from graphtune import errors, flags  # noqa: E402
 from graphtune.ir import ops as _ops  # noqa: E402,F401  (registers torch.ops.graphtune.*)
 
-__all__ = ["optimize", "explain", "Report", "errors", "flags", "__version__"]
+__all__ = ["optimize", "explain", "Report", "Engine", "errors", "flags", "__version__"]
 
 
 def __getattr__(name: str):
@@ -21,4 +21,8 @@ def __getattr__(name: str):
         from graphtune import api
 
         return getattr(api, name)
+    if name == "Engine":
+        from graphtune.runtime.engine import Engine
+
+        return Engine
     raise AttributeError(f"module 'graphtune' has no attribute {name!r}")

@@ -1,35 +1,35 @@
 """graphtune's runtime: per-batch plans, implementation selection, KV caches, generation.
 
-:func:`install` activates every runtime feature (tuned dispatch, shared-prefix attention, lean
-decode) by registering its planner/selector in :mod:`graphtune.runtime.context`. Entry points
-call it; it is idempotent, and re-activates a feature someone uninstalled.
+:func:`install` activates every runtime feature: the selector of each op family that declares
+one (:class:`graphtune.codegen.family.OpFamily`, ``selector=`` and ``priority=``), and the tuned
+dispatch (priority 0: the tuned implementation and config of any op, else its default path).
+Nothing is listed here: the features are derived from the family declarations. Entry points
+call :func:`install`; it is idempotent, and re-activates a feature someone uninstalled.
 """
 from __future__ import annotations
 
 import importlib
-import logging
+from types import ModuleType
 
-__all__ = ["install", "FEATURES"]
+from graphtune.codegen.family import families
 
-log = logging.getLogger("graphtune.runtime")
+__all__ = ["install", "features"]
 
-# Runtime features, highest selector priority first; each module exposes `install()` (and
-# optionally `describe(site, q_shape, k_shape)` for explain).
-FEATURES = (
-    "graphtune.runtime.shared_prefix",  # priority 10
-    "graphtune.runtime.lean_decode",  # priority 5
-    "graphtune.runtime.dispatch",  # priority 0: tuned implementation + config, else default
-)
+DISPATCH = "graphtune.runtime.dispatch"  # the generic tuned dispatch: not a family, serves every family's ops
+
+
+def features() -> list[tuple[str, int]]:
+    """``(selector module, priority)`` of every runtime feature, highest priority first."""
+    declared = [(f.selector, f.priority) for f in families() if f.selector]
+    return sorted(declared, key=lambda t: -t[1]) + [(DISPATCH, 0)]
+
+
+def feature_modules() -> list[ModuleType]:
+    """The feature modules (imported), highest priority first."""
+    return [importlib.import_module(name) for name, _ in features()]
 
 
 def install() -> None:
     """Register all runtime features' planners and selectors (each feature's install is idempotent)."""
-    for name in FEATURES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            log.debug("runtime feature %s not available", name)
-            continue
-        mod.install()
+    for name, priority in features():
+        importlib.import_module(name).install(priority)

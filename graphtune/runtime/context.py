@@ -10,6 +10,11 @@ wins, otherwise the op's default path runs.
 
 Why a chain rather than one selector: features (tuned dispatch, shared prefix, lean decode)
 are independent and each owns its own selector; priorities make their order explicit.
+
+The protocol is :class:`Feature` + :func:`register_feature` / :func:`unregister_feature`: a
+feature is a name, a selector, an optional planner, a priority and whether its implementations
+re-enter the op (then the chain skips the feature while its own implementation runs: the
+re-entry guard is generic, no feature keeps its own). No module touches another's lists.
 """
 from __future__ import annotations
 
@@ -30,9 +35,11 @@ __all__ = [
     "cache_length",
     "find_cache",
     "current",
-    "register_planner",
-    "register_selector",
-    "unregister_selector",
+    "Feature",
+    "register_feature",
+    "unregister_feature",
+    "feature_registered",
+    "registered_features",
 ]
 
 
@@ -82,8 +89,40 @@ Planner = Callable[[BatchContext], None]
 Selector = Callable[[str, tuple, Optional[BatchContext]], Optional[Callable[..., Any]]]
 
 _current: contextvars.ContextVar[BatchContext | None] = contextvars.ContextVar("graphtune_batch", default=None)
-_planners: dict[str, Planner] = {}
-_selectors: list[tuple[int, str, Selector]] = []  # sorted by priority, descending
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A runtime feature: a per-call implementation selector and, optionally, a per-forward planner.
+
+    Parameters
+    ----------
+    name : str
+        Unique name (also the key of its plans in :attr:`BatchContext.plans`, by convention).
+    select : Selector
+        ``select(op, args, ctx) -> callable or None``: the implementation for this call, or None
+        to let lower-priority features (and finally the op's default path) decide.
+    priority : int
+        Higher is asked first. Op families declare it (:class:`graphtune.codegen.family.OpFamily`).
+    plan : Planner or None
+        ``plan(ctx)``, run once at the start of every optimized forward.
+    reenters : bool
+        The implementations this feature returns call graphtune ops themselves (e.g. the
+        shared-prefix decomposition's partial attentions). While one runs, this feature is not
+        asked again, so the inner calls go to the features below it.
+    """
+
+    name: str
+    select: Selector
+    priority: int = 0
+    plan: Planner | None = None
+    reenters: bool = False
+
+
+_features: dict[str, Feature] = {}
+_chain: tuple[Feature, ...] = ()  # by priority, highest first
+_running: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("graphtune_running_features",
+                                                                          default=frozenset())
 
 
 def current() -> BatchContext | None:
@@ -91,30 +130,62 @@ def current() -> BatchContext | None:
     return _current.get()
 
 
-def register_planner(name: str, planner: Planner) -> None:
-    """Run ``planner(ctx)`` once at the start of every optimized forward (replaces same name)."""
-    _planners[name] = planner
+def register_feature(feature: Feature) -> None:
+    """Add (or replace, by name) a runtime feature; the op's selector chain is rebuilt."""
+    global _chain
+    _features[feature.name] = feature
+    _chain = tuple(sorted(_features.values(), key=lambda f: -f.priority))
+    set_impl_selector(_select)
 
 
-def register_selector(name: str, selector: Selector, priority: int = 0) -> None:
-    """Add (or replace) an implementation selector; higher priority is asked first."""
-    unregister_selector(name)
-    _selectors.append((priority, name, selector))
-    _selectors.sort(key=lambda t: -t[0])
-    set_impl_selector(_select if _selectors else None)
+def unregister_feature(name: str) -> None:
+    """Remove a feature (its selector and its planner); unknown names are ignored."""
+    global _chain
+    _features.pop(name, None)
+    _chain = tuple(sorted(_features.values(), key=lambda f: -f.priority))
+    set_impl_selector(_select if _chain else None)
 
 
-def unregister_selector(name: str) -> None:
-    _selectors[:] = [t for t in _selectors if t[1] != name]
-    set_impl_selector(_select if _selectors else None)
+def feature_registered(name: str) -> bool:
+    return name in _features
+
+
+def registered_features() -> list[str]:
+    """Names of the registered features, highest priority first."""
+    return [f.name for f in _chain]
+
+
+@contextlib.contextmanager
+def running(name: str) -> Iterator[None]:
+    """Mark feature ``name`` as running: the selector chain skips it until the block ends.
+
+    Features with ``reenters=True`` get this automatically around the implementations they
+    return; code that calls a feature's implementation directly (not through the op) uses it.
+    """
+    tok = _running.set(_running.get() | {name})
+    try:
+        yield
+    finally:
+        _running.reset(tok)
+
+
+def _guarded(name: str, impl: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(impl)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with running(name):
+            return impl(*args, **kwargs)
+    return call
 
 
 def _select(op: str, args: tuple) -> Callable[..., Any] | None:
     ctx = _current.get()
-    for _, _, sel in _selectors:
-        impl = sel(op, args, ctx)
+    busy = _running.get()
+    for f in _chain:
+        if busy and f.name in busy:
+            continue
+        impl = f.select(op, args, ctx)
         if impl is not None:
-            return impl
+            return _guarded(f.name, impl) if f.reenters else impl
     return None
 
 
@@ -131,8 +202,9 @@ def batch_context(
     """Plan once for this batch, then run the forward inside the context."""
     ctx = BatchContext(input_ids, attention_mask, past_length, state=state if state is not None else {},
                        options=options, position_ids=position_ids, other_inputs=tuple(other_inputs))
-    for planner in list(_planners.values()):
-        planner(ctx)
+    for f in _chain:
+        if f.plan is not None:
+            f.plan(ctx)
     token = _current.set(ctx)
     try:
         yield ctx

@@ -1,10 +1,9 @@
 """Human-readable description of which implementation serves an attention site (for explain)."""
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-from graphtune.runtime import FEATURES
+from graphtune.runtime import feature_modules
 
 __all__ = ["implementation"]
 
@@ -17,11 +16,7 @@ def implementation(site: Any, q_shape: tuple | None, k_shape: tuple | None) -> s
     dispatch says which implementation serves the call otherwise.
     """
     notes = []
-    for name in FEATURES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError:
-            continue
+    for mod in feature_modules():
         fn = getattr(mod, "describe", None)
         note = fn(site, q_shape, k_shape) if callable(fn) else None
         if note:
