@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from graphtune.backend import GraphtuneBackend, copy_graph_module, rewrite_graph
+from graphtune.codegen.family import families
 from graphtune.errors import CaptureError, OptionError
 from graphtune.flags import Options
 from graphtune.ir.capture import capture, capture_export, capture_fx, normalize_inputs
@@ -156,6 +157,11 @@ def _optimize_dynamo(model: nn.Module, options: Options) -> nn.Module:
     new = _module_tree_copy(model)
     forward = _own_code(type(model).forward).__get__(new)
     new.forward = _OptimizedForward(forward, options)
+    if options.engine and callable(getattr(type(model), "generate", None)):
+        from graphtune.runtime.engine.hf_generate import EngineGenerate
+
+        # generate through graphtune's engine where it supports the call, HF's loop otherwise
+        new.generate = EngineGenerate(new, type(model).generate.__get__(new))
     return new
 
 
@@ -277,6 +283,8 @@ class Report:
     graph_breaks: int
     passes: dict[str, int] = field(default_factory=dict)
     sites: list[SiteReport] = field(default_factory=list)
+    families: dict[str, str] = field(default_factory=dict)  # op family -> how it serves this model
+    engine: str = ""  # generation models: the engine's plan for the example batch, or why generate is not routed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -294,6 +302,12 @@ class Report:
         for i, s in enumerate(self.sites):
             det = ", ".join(f"{k}={v}" for k, v in s.details.items() if v not in (None, False))
             lines.append(f"  [{i:2d}] {(s.module_path or s.node):<{w}}  {s.form:<12} {det:<40} -> {s.implementation}")
+        if self.engine:
+            lines.extend("  " + line for line in self.engine.splitlines())
+        if self.families:
+            lines.append("  op families:")
+            w = max(len(n) for n in self.families)
+            lines.extend(f"    {n:<{w}}  {text}" for n, text in self.families.items())
         lines.append("  note: shared-prefix and lean decode are per-batch runtime features of graphtune.optimize(); "
                      "torch.compile(backend='graphtune') gets the rewrites and tuned dispatch only")
         return "\n".join(lines)
@@ -303,6 +317,39 @@ def _implementation_of(site: AttentionSite, q: tuple | None, k: tuple | None) ->
     from graphtune.runtime import describe
 
     return describe.implementation(site, q, k)
+
+
+def _family_lines(opts: Options) -> dict[str, str]:
+    # one line per declared op family: what it is and how this model's options use it
+    out = {}
+    for f in families():
+        if f.selector:
+            on = getattr(opts, f.option) if f.option else True
+            how = f"runtime selector, priority {f.priority}, {'on' if on else 'off'}" + (
+                f" (option {f.option})" if f.option else "")
+        else:
+            how = "served per call by tuned dispatch" if f.graph_ops else "used by other families"
+        out[f.name] = f"{f.summary} [{how}]"
+    return out
+
+
+def _engine_text(model: nn.Module, args: tuple, kwargs: dict, opts: Options) -> str:
+    # the engine's plan for the example batch (its rows: input_ids without the padding)
+    if not (_is_generation_model(model) and opts.engine):
+        return ""
+    from graphtune.runtime.engine import Engine
+    from graphtune.runtime.engine.hf_model import unsupported_reason
+
+    reason = unsupported_reason(model)
+    if reason:
+        return f"generate: Hugging Face's loop ({reason})"
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return "generate: graphtune engine"
+    mask = kwargs.get("attention_mask")
+    rows = [ids[b][mask[b].bool()].tolist() if isinstance(mask, torch.Tensor) else ids[b].tolist()
+            for b in range(ids.shape[0])]
+    return "generate: graphtune engine\n" + str(Engine(model).plan(rows))
 
 
 def explain(model: nn.Module, example_inputs: Any, **options: Any) -> Report:
@@ -331,7 +378,8 @@ def explain(model: nn.Module, example_inputs: Any, **options: Any) -> Report:
         method = "dynamo"
     args, kwargs = normalize_inputs(example_inputs)
     graphs = capture(model, kwargs if kwargs else args, method)
-    report = Report(type(model).__name__, graphs.method, len(graphs), graphs.graph_breaks)
+    report = Report(type(model).__name__, graphs.method, len(graphs), graphs.graph_breaks,
+                    families=_family_lines(opts), engine=_engine_text(model, args, kwargs, opts))
     for gi, ir in enumerate(graphs):
         gm = copy_graph_module(ir.gm)
         result: PipelineResult = rewrite_graph(gm, ir.example_inputs, opts)

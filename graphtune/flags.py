@@ -89,6 +89,9 @@ FLAGS: dict[str, Flag] = {
         Flag("SHARED_PREFIX_MIN_PREFIX", int, -1,
              "shared-prefix decomposition: min shared tokens (-1: measured default)"),
         Flag("SHARED_PREFIX_MIN_ROWS", int, -1, "shared-prefix decomposition: min sharing rows (-1: measured default)"),
+        Flag("ENGINE_MAX_KV_TOKENS", int, 0, "engine: KV budget in tokens (0: no bound); rows beyond it wait"),
+        Flag("ENGINE_MIN_SHARED", int, 16, "engine: shortest shared prompt prefix stored once"),
+        Flag("ENGINE_MAX_BATCH_TOKENS", int, 2048, "engine: most tokens per prefill forward (longer prompts are chunked)"),
         Flag("LEAN_MIN_SKEW", float, -1.0, "lean decode: min max/mean KV-length skew to use it (-1: measured default)"),
         Flag("LEAN_TRITON_ON_CPU", bool, False,
              "route CPU tensors through lean decode's Triton path (tests; needs TRITON_INTERPRET=1)"),
@@ -202,6 +205,9 @@ class Options:
         Enable the shared-prefix (Hydragen) and lean-decode runtime selectors. They are not graph
         rewrites: each decides per batch, from the data (which rows share a prompt, how ragged the
         KV lengths are), and declines wherever it would not be exact or would not pay.
+    engine : bool
+        Generation models: ``generate`` runs graphtune's engine (its own KV cache and decode
+        loop) for every configuration it supports, and Hugging Face's loop otherwise.
     tune : bool
         Consult the tuning database for implementation and configuration choices (tuned dispatch).
         ``False`` runs every op on its default implementation.
@@ -215,6 +221,7 @@ class Options:
     dynamic: bool | None = None
     shared_prefix: bool = True
     lean_decode: bool = True
+    engine: bool = True
     tune: bool = True
     rtol: float = 1e-5
     atol: float = 1e-5

@@ -21,7 +21,7 @@ import torch
 
 from graphtune import flags
 from graphtune.codegen.registry import Impl, KernelConfig
-from graphtune.ir.reference import attention_ref, merge_states_ref
+from graphtune.codegen.family import family_of_op, tolerance
 
 __all__ = ["Candidate", "Measurement", "Bench", "run_with_timeout", "tolerance"]
 
@@ -112,15 +112,9 @@ def run_with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
     return val
 
 
-def tolerance(dtype: torch.dtype) -> tuple[float, float]:
-    """(atol, rtol) a candidate must meet against the fp32 reference."""
-    return {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (3e-2, 3e-2)}.get(dtype, (1e-2, 1e-2))
-
-
 def _reference(op: str, args: tuple) -> tuple:
-    if op == "merge_states":
-        return merge_states_ref(*args)
-    return attention_ref(*args)
+    # the op family's declared pure-torch reference
+    return family_of_op(op).reference_fn()(*args)
 
 
 def _compare(got: Any, want: tuple, atol: float, rtol: float) -> str | None:
@@ -146,9 +140,12 @@ class Bench:
         self.op, self.args = op, args
         self.timeout = flags.get("TUNE_TIMEOUT") if timeout is None else timeout
         self.want = _reference(op, args)
-        t0 = args[0][0] if op == "merge_states" else args[0]
+        if op == "merge_states":
+            (t0, *_), _ = args  # outs[0] of (outs, lses)
+        else:
+            t0, *_ = args  # q: the arguments of every attention-like op start (q, k, v, ...)
         self.device = t0.device
-        self.atol, self.rtol = tolerance(t0.dtype)
+        self.atol, self.rtol = tolerance(op, t0.dtype)
 
     def _call(self, c: Candidate) -> Any:
         return c.impl.fn(*self.args, config=c.config)

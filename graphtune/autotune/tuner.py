@@ -2,7 +2,6 @@
 do not have by the cross-compiled resource model), both storing into the tuning database."""
 from __future__ import annotations
 
-import importlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,7 +13,8 @@ from graphtune.autotune import fingerprint
 from graphtune.autotune.db import Record, TuningDB, get_db
 from graphtune.autotune.measure import Bench, Candidate, Measurement
 from graphtune.autotune.search import STRATEGIES, Budget, CostModel, prerank
-from graphtune.autotune.shapes import ATTENTION_OP, MERGE_OP, AttentionShape, LeanShape, MergeShape
+from graphtune.autotune.shapes import AttentionShape, LeanShape, MergeShape
+from graphtune.codegen.family import families, family_of_op, load_impl_modules
 from graphtune.codegen.registry import Impl, get_impl, impls_for
 from graphtune.errors import KernelError, OptionError
 
@@ -22,34 +22,21 @@ __all__ = ["TuneResult", "tune_shape", "tune_shapes", "tune_static", "summary_ta
            "default_candidate", "is_valid", "check_device", "DEFAULT_IMPLS", "MIN_GAIN"]
 
 # What each op runs untuned, per device type: the baseline every tuning run measures first.
-DEFAULT_IMPLS = {
-    (ATTENTION_OP, "cpu"): "cpu.flash",
-    (MERGE_OP, "cpu"): "cpu.torch",
-    (ATTENTION_OP, "cuda"): "triton.attention_fwd",
-    (MERGE_OP, "cuda"): "triton.merge_states",
-    ("lean_decode", "cpu"): "cpu.lean",  # LeanShape: the lean CPU path's tile/workers (codegen/lean_decode/cpu.py)
-}
+# Derived from the op families' declarations (graphtune/codegen/<family>/__init__.py).
+DEFAULT_IMPLS = {(op, dev): name for f in families() for dev, name in f.default_impls.items() for op in f.ops}
 Shape = AttentionShape | MergeShape | LeanShape
 # A challenger must beat the default's median by this factor to displace it, so that re-tuning
 # does not flip the choice on timing noise.
 MIN_GAIN = 0.95
 
-# Every module that registers an Impl must be listed here: records of implementations that are not
-# loaded look stale to `db stats` and are skipped by lookups.
-_IMPL_MODULES = ("graphtune.codegen.attention.cpu", "graphtune.codegen.attention.triton_kernels",
-                 "graphtune.codegen.merge_states.triton_kernels", "graphtune.codegen.lean_decode.cpu")
-
 
 def load_impls(device_type: str | None = None) -> None:
-    """Import the modules that register implementations (CPU ones always; Triton ones unless ``cpu``)."""
-    for mod in _IMPL_MODULES:
-        if device_type == "cpu" and "triton" in mod:
-            continue
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # a module that exists but fails to import is a real error
-                raise
+    """Register the op families' implementations: the CPU ones for ``"cpu"`` (no Triton import), else all.
+
+    Records of implementations that are not loaded look stale to ``db stats`` and are skipped by
+    lookups, so everything that reads the database loads them first.
+    """
+    load_impl_modules("cpu" if device_type == "cpu" else None)
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -81,7 +68,8 @@ def is_valid(rec: Record) -> bool:
 
 
 def default_candidate(op: str, device_type: str, args: tuple | None = None) -> Candidate:
-    name = DEFAULT_IMPLS.get((op, device_type))
+    """The op's untuned implementation on this device type (its family's ``default_impls``) and its default config."""
+    name = family_of_op(op).default_impls.get(device_type)
     impl = get_impl(op, name) if name else None
     if impl is None:
         raise KernelError(f"no default implementation registered for {op} on {device_type}")

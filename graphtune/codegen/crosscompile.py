@@ -32,6 +32,7 @@ import triton
 
 from graphtune import flags
 from graphtune.codegen.compile_spec import CompileSpec, compile_spec_builders, register_compile_spec
+from graphtune.codegen.family import load_impl_modules
 from graphtune.codegen.registry import KernelConfig, all_impls
 from graphtune.errors import KernelError
 
@@ -378,11 +379,9 @@ def _score(res: KernelResources, spec: CompileSpec, arch: int) -> float:
 
 
 def _ensure_specs() -> None:
-    # kernel modules register their specs (in compile_spec) on import; load them only when
-    # cross-compiling is asked for
-    if not _SPECS:
-        import graphtune.codegen.attention.triton_kernels  # noqa: F401
-        import graphtune.codegen.merge_states.triton_kernels  # noqa: F401
+    # the families' Triton modules register their specs (in compile_spec) on import; load them
+    # only when cross-compiling is asked for (importing a loaded module again costs a dict lookup)
+    load_impl_modules("cuda")
 
 
 def compile_impl(impl_name: str, op_args_meta: tuple, config: KernelConfig, arch: int) -> KernelResources:

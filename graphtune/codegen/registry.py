@@ -6,6 +6,13 @@ declares its config space (already pruned for the given arguments), its default 
 mandatory fallback, used when nothing is tuned), and a hash of its source (tuning records made
 with other source are stale). The autotuner searches (implementation, config) pairs; the
 runtime calls the winner.
+
+Every callback receives the op's argument tuple as the op was called: ``fn(*op_args, config=)``,
+``supports(op_args)``, ``configs(op_args)``, ``default_for(op_args)``. For the attention ops that
+is ``(q, k, v, attn_mask, is_causal, scale, enable_gqa)``, read by name after one
+``AttentionArgs.of(op_args)`` (:mod:`graphtune.ir.args`); ops of attention-like families put their
+own tensors after ``q, k, v`` and keep ``attn_mask, is_causal, scale, enable_gqa`` in that order;
+``merge_states`` takes ``(outs, lses)``.
 """
 from __future__ import annotations
 

@@ -17,11 +17,11 @@ from typing import Any, Iterator, Sequence
 import networkx as nx
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from graphtune.errors import VerificationError
 from graphtune.ir import ops as gt_ops
 from graphtune.ir.meta import TensorMeta, fake_mode_of, tensor_meta, val_of
+from graphtune.ir.sizes import shape_compat
 
 __all__ = ["IRGraph", "AttentionView", "verify", "format_graph"]
 
@@ -199,18 +199,11 @@ def format_graph(gm: fx.GraphModule) -> str:
 
 def _same_meta(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.dtype == b.dtype and a.device == b.device and len(a.shape) == len(b.shape) and all(
-            _same_dim(x, y) for x, y in zip(a.shape, b.shape)
-        )
+        # symbolic dims: only a provable difference is a mismatch
+        return a.dtype == b.dtype and a.device == b.device and shape_compat(tuple(a.shape), tuple(b.shape))
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same_meta(x, y) for x, y in zip(a, b))
     return type(a) is type(b)
-
-
-def _same_dim(x: Any, y: Any) -> bool:
-    if isinstance(x, int) and isinstance(y, int):
-        return x == y
-    return not bool(statically_known_true(x != y))  # symbolic: only a provable difference is a mismatch
 
 
 def _no_meta(n: fx.Node) -> bool:

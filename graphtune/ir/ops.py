@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from graphtune.errors import DTypeError, ShapeError
-from graphtune.ir.reference import FLOAT_DTYPES, attention_ref, causal_mask, merge_states_ref, sdpa_shapes
+from graphtune.ir.reference import FLOAT_DTYPES, additive_mask, attention_ref, merge_states_ref, sdpa_shapes
 
 __all__ = [
     "attention",
@@ -34,7 +34,6 @@ __all__ = [
     "broadcast_attention_args",
     "attention_cpu",
     "flash_cpu",
-    "additive_mask4",
     "fix_empty_rows",
     "as_4d",
     "set_impl_selector",
@@ -135,17 +134,6 @@ def as_4d(t: Tensor) -> Tensor:
     return t.unsqueeze(0) if t.dim() == 3 else t
 
 
-def additive_mask4(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """SDPA's bool (True = attend) or float mask as an additive float mask of rank 4."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
-    return mask
-
-
 def fix_empty_rows(out: Tensor, lse: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """ATen's flash kernel returns ``lse = 0`` for a fully masked row; graphtune's convention
     (and ``merge_states``) needs ``lse = -inf`` and ``out = 0`` there."""
@@ -204,9 +192,9 @@ def _cpu_4d(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal
     S, Ev = k.shape[2], v.shape[3]
     if Ev != E or L == 0 or S == 0 or B * H == 0:
         return attention_ref(q, k, v, attn_mask, is_causal, scale, enable_gqa)
-    mask = additive_mask4(attn_mask, q.dtype)
-    if mask is not None and is_causal:  # one mask, so that rows emptied by both get lse = -inf
-        mask = mask + torch.zeros((L, S), dtype=mask.dtype).masked_fill_(~causal_mask(L, S), float("-inf"))
+    mask = None
+    if attn_mask is not None:  # causality joins the mask, so that rows emptied by both get lse = -inf
+        mask = additive_mask(attn_mask, is_causal, L, S, q.dtype, rank=4)
         is_causal = False
     out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
     if lse.dtype != torch.float32:  # fp64 inputs: the op's LSE is fp32 whatever the inputs (as its fake says)
@@ -220,14 +208,15 @@ def _select(name: str, args: tuple) -> Callable[..., object] | None:
 
 
 def _attention_impl(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
-    args = broadcast_attention_args(q, k, v, attn_mask, enable_gqa)
-    impl = _select("attention", (*args[:4], is_causal, scale, args[4]))
+    q4, k4, v4, mask, gqa, out_batch = broadcast_attention_args(q, k, v, attn_mask, enable_gqa)
+    op_args = (q4, k4, v4, mask, is_causal, scale, gqa)
+    impl = _select("attention", op_args)
     if impl is not None or (is_causal and attn_mask is not None):
         # SDPA refuses a mask with is_causal for some ranks; graphtune's ops take their conjunction
         fn = impl or (attention_cpu if q.device.type == "cpu" else attention_ref)
-        out = fn(*args[:4], is_causal, scale, args[4])[0]
-        if args[5] is not None:
-            out = out.reshape(*args[5], q.shape[-2], v.shape[-1])
+        out = fn(*op_args)[0]
+        if out_batch is not None:
+            out = out.reshape(*out_batch, q.shape[-2], v.shape[-1])
     else:
         # No LSE needed and nothing better selected: SDPA itself (on CPU it runs the same flash
         # kernel as attention_cpu, through a cheaper C++ binding, and parallelizes GQA better).
@@ -242,13 +231,14 @@ def _attention_impl(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
 
 def _attention_with_lse_impl(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
     q4, k4, v4, mask, gqa, out_batch = broadcast_attention_args(q, k, v, attn_mask, enable_gqa)
-    impl = _select("attention_with_lse", (q4, k4, v4, mask, is_causal, scale, gqa))
+    op_args = (q4, k4, v4, mask, is_causal, scale, gqa)
+    impl = _select("attention_with_lse", op_args)
     if impl is not None:
-        out, lse = impl(q4, k4, v4, mask, is_causal, scale, gqa)
+        out, lse = impl(*op_args)
     elif q.device.type == "cpu":
-        out, lse = _cpu_4d(q4, k4, v4, mask, is_causal, scale, gqa)
+        out, lse = _cpu_4d(*op_args)
     else:
-        out, lse = attention_ref(q4, k4, v4, mask, is_causal, scale, gqa)
+        out, lse = attention_ref(*op_args)
     if out_batch is not None:
         L = q.shape[-2]
         out, lse = out.reshape(*out_batch, L, v.shape[-1]), lse.reshape(*out_batch, L)

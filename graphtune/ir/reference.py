@@ -1,34 +1,26 @@
 """Pure-torch reference implementations of graphtune's ops.
 
 Every kernel (Triton or CPU fast path) is tested against these. They favour clarity and
-fp32 accuracy over speed and define the semantics the fast paths must reproduce.
+fp32 accuracy over speed and define the semantics the fast paths must reproduce; the LSE merge
+(:func:`merge_lse`, :func:`merge_states_ref`) is also the one torch merge every CPU path calls,
+and :func:`additive_mask` the one conversion of SDPA's masks to the additive form.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from graphtune.errors import DTypeError, ShapeError
+from graphtune.ir.args import softmax_scale
+from graphtune.ir.sizes import size_compat, size_eq
 
-__all__ = ["attention_ref", "merge_states_ref", "causal_mask", "bool_to_additive", "sdpa_shapes", "FLOAT_DTYPES"]
+__all__ = ["attention_ref", "merge_states_ref", "merge_lse", "causal_mask", "additive_mask", "sdpa_shapes",
+           "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-
-
-def _differ(a: object, b: object) -> bool:
-    # Real calls see ints. Under fake tensors with symbolic sizes only a provable difference counts:
-    # comparing SymInts would add guards from inside a backend (and k/v caches get distinct symbols).
-    if isinstance(a, int) and isinstance(b, int):
-        return a != b
-    return bool(statically_known_true(a != b))
-
-
-def _is_one(a: object) -> bool:
-    return a == 1 if isinstance(a, int) else bool(statically_known_true(a == 1))
+_NEG_INF = float("-inf")
 
 
 def _broadcast(a: Sequence, b: Sequence, what: str) -> tuple:
@@ -37,9 +29,10 @@ def _broadcast(a: Sequence, b: Sequence, what: str) -> tuple:
     a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
     out = []
     for i, (x, y) in enumerate(zip(a, b)):
-        if _is_one(x):
+        # symbolic sizes (fake tensors): only a provable difference counts, see graphtune.ir.sizes
+        if size_eq(x, 1):
             out.append(y)
-        elif _is_one(y) or not _differ(x, y):
+        elif size_eq(y, 1) or size_compat(x, y):
             out.append(x)
         else:
             hint = " (pass enable_gqa=True for grouped-query attention)" if i == n - 1 and what == "q and k" else ""
@@ -68,9 +61,9 @@ def sdpa_shapes(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None
         raise DTypeError(f"attention: q, k, v must be floating point, got {q.dtype}")
     if not (q.device == k.device == v.device):
         raise ShapeError(f"attention: q, k, v on different devices ({q.device}, {k.device}, {v.device})")
-    if _differ(q.shape[-1], k.shape[-1]):
+    if not size_compat(q.shape[-1], k.shape[-1]):
         raise ShapeError(f"attention: q head dim {q.shape[-1]} != k head dim {k.shape[-1]}")
-    if _differ(k.shape[-2], v.shape[-2]):
+    if not size_compat(k.shape[-2], v.shape[-2]):
         raise ShapeError(f"attention: k has {k.shape[-2]} keys but v has {v.shape[-2]} values")
     qb, kb, vb = tuple(q.shape[:-2]), tuple(k.shape[:-2]), tuple(v.shape[:-2])
     if enable_gqa:
@@ -79,7 +72,7 @@ def sdpa_shapes(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None
                              f"{q.dim()}, {k.dim()}, {v.dim()}")
         hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
         for name, h in (("key", hk), ("value", hv)):
-            if _differ(hq, h) and ((isinstance(h, int) and h == 0) or _differ(hq % h, 0)):
+            if not size_compat(hq, h) and ((isinstance(h, int) and h == 0) or not size_compat(hq % h, 0)):
                 raise ShapeError(f"attention: {hq} query heads is not a multiple of {h} {name} heads")
         kb, vb = kb[:-1] + (hq,), vb[:-1] + (hq,)  # SDPA repeats k/v heads to q's
     score = _broadcast(qb, kb, "q and k")
@@ -93,7 +86,7 @@ def sdpa_shapes(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None
         want = (*score, q.shape[-2], k.shape[-2])
         ms = tuple(attn_mask.shape)
         if len(ms) < 1 or len(ms) > len(want) or any(
-                not _is_one(m) and _differ(m, w) for m, w in zip(ms, want[len(want) - len(ms):])):
+                not size_eq(m, 1) and not size_compat(m, w) for m, w in zip(ms, want[len(want) - len(ms):])):
             raise ShapeError(f"attention: attn_mask {ms} does not broadcast to the scores {want} ([..., L, S])")
     return score, out
 
@@ -110,9 +103,30 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device | str = "cpu", bot
     return j <= i + offset
 
 
-def bool_to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """SDPA's bool mask (True = attend) as an additive float mask."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+def additive_mask(attn_mask: Tensor | None, is_causal: bool, q_len: int, kv_len: int, dtype: torch.dtype, *,
+                  rank: int = 0, device: torch.device | str | None = None) -> Tensor | None:
+    """SDPA's ``attn_mask`` and top-left ``is_causal`` as one additive float mask (None: neither).
+
+    A bool mask (True = attend) becomes ``0`` / ``-inf`` in ``dtype``; a float mask is already
+    additive and is kept as it is (its dtype too); causality adds a ``[q_len, kv_len]`` ``0`` /
+    ``-inf`` mask in ``dtype``. The result broadcasts like the inputs (to ``[..., q_len, kv_len]``);
+    ``rank`` prepends size-1 dims up to that rank (4 for ATen's flash kernel). ``device``: where a
+    causal-only mask is made (default: the mask's device, else the CPU).
+
+    >>> additive_mask(torch.tensor([True, False]), True, 2, 2, torch.float32, rank=4).shape
+    torch.Size([1, 1, 2, 2])
+    """
+    out = attn_mask
+    if out is not None and out.dtype == torch.bool:
+        out = torch.zeros(out.shape, dtype=dtype, device=out.device).masked_fill_(~out, _NEG_INF)
+    if is_causal:
+        dev = device if device is not None else (out.device if out is not None else "cpu")
+        c = torch.zeros((q_len, kv_len), dtype=dtype, device=dev).masked_fill_(~causal_mask(q_len, kv_len, dev),
+                                                                            _NEG_INF)
+        out = c if out is None else out + c
+    if out is not None and out.dim() < rank:
+        out = out.reshape((1,) * (rank - out.dim()) + tuple(out.shape))
+    return out
 
 
 def attention_ref(
@@ -138,7 +152,7 @@ def attention_ref(
         k = k.repeat_interleave(hq // k.shape[-3], dim=-3) if k.shape[-3] != hq else k
         v = v.repeat_interleave(hq // v.shape[-3], dim=-3) if v.shape[-3] != hq else v
     ct = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    s = softmax_scale(scale, q.shape[-1])
     scores = torch.matmul(q.to(ct), k.to(ct).transpose(-2, -1)) * s  # [*score_batch, L, S]
     L, S = q.shape[-2], k.shape[-2]
     if is_causal:
@@ -161,19 +175,38 @@ def attention_ref(
     return out.to(q.dtype), lse
 
 
+# -- the LSE merge: the one torch implementation --------------------------------------------
+
+
+def merge_lse(out: Tensor, lse: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
+    """Exact merge of ``N >= 1`` partial attentions stacked along ``dim``; returns ``(out, lse)`` in fp32
+    (``out`` in fp64 for fp64 partials).
+
+    ``out``: ``[..., N, ..., L, D]`` (any float dtype), ``lse``: the same without ``D``
+    (``0 <= dim < lse.dim()``). The merged LSE is the log-sum-exp of the partials' LSEs, and each
+    partial weighs ``exp(lse_i - lse)`` (the weights sum to 1): a constant number of ops whatever
+    ``N``. Partials with ``lse = -inf`` (no keys) weigh 0; rows where every partial is empty get
+    ``lse = -inf`` and (``-inf - -inf`` is nan, read as weight 0) ``out = 0``.
+
+    >>> o, l = torch.randn(3, 2, 4), torch.tensor([[0.0, float("-inf")]] * 3)
+    >>> out, lse = merge_lse(o, l)
+    >>> out.shape, lse.tolist(), bool((out[1] == 0).all())
+    (torch.Size([2, 4]), [1.0986123085021973, -inf], True)
+    """
+    lse = lse.float()
+    new = torch.logsumexp(lse, dim, keepdim=True)  # -inf where every partial is empty
+    w = torch.exp(lse - new).nan_to_num_(nan=0.0)  # [.., N, .., L]; all-empty rows: nan -> 0
+    return (w.unsqueeze(-1) * out).sum(dim), new.squeeze(dim)
+
+
 def merge_states_ref(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Exact merge of partial attentions over disjoint key sets.
+    """Exact merge of partial attentions over disjoint key sets (:func:`merge_lse` of the stacked lists).
 
     ``outs[i]``: ``[..., L, D]``; ``lses[i]``: ``[..., L]`` fp32. Returns the attention over the
-    union of the key sets and its LSE. Partials with ``lse = -inf`` (no keys) contribute nothing;
-    a row where every partial is empty gets ``out = 0``, ``lse = -inf``.
+    union of the key sets (in ``outs[0]``'s dtype) and its fp32 LSE. Partials with ``lse = -inf``
+    (no keys) contribute nothing; a row where every partial is empty gets ``out = 0``, ``lse = -inf``.
     """
-    lse = torch.stack([x.float() for x in lses])  # [N, ..., L]
-    o = torch.stack([x.float() for x in outs])  # [N, ..., L, D]
-    m = lse.amax(dim=0)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(lse - m_safe)  # exp(-inf) = 0 for empty partials
-    denom = w.sum(dim=0)
-    out = (w[..., None] * o).sum(dim=0) / torch.where(denom > 0, denom, torch.ones_like(denom))[..., None]
-    new_lse = torch.where(denom > 0, m_safe + torch.log(denom), torch.full_like(m, float("-inf")))
-    return out.to(outs[0].dtype), new_lse
+    dtype = outs[0].dtype
+    out, lse = merge_lse(torch.stack([o if o.dtype == dtype else o.to(dtype) for o in outs]),
+                         torch.stack([x.float() for x in lses]))
+    return out.to(dtype), lse

@@ -1,6 +1,6 @@
 """The attention-canonicalization pass: every attention form becomes ``graphtune.attention``.
 
-Forms matched (see ``docs/canonical-attention.md``), in all three capture vocabularies:
+Forms matched (see ``docs/ops/attention.md``), in all three capture vocabularies:
 
 * ``F.scaled_dot_product_attention`` with any mask / causal / scale / GQA arguments, as long
   as ``dropout_p == 0`` (non-zero dropout is active dropout and is left alone);

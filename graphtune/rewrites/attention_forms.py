@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from graphtune.ir.meta import val_of
+from graphtune.ir.sizes import shape_compat, shape_eq, size_compat, size_eq  # noqa: F401  (re-exported)
 from graphtune.rewrites.kinds import view
 from graphtune.rewrites.pattern import Match, real_users
 
@@ -35,30 +35,6 @@ def tv(x: object) -> torch.Tensor | None:
     """The (fake) tensor value of a node, or None."""
     v = val_of(x) if isinstance(x, fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
-
-
-def size_eq(a: object, b: object) -> bool:
-    # Never guard on symbolic sizes: only what is known without adding guards counts.
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    return bool(statically_known_true(a == b))
-
-
-def size_compat(a: object, b: object) -> bool:
-    """Sizes the original op also requires equal: accept unless known to differ. Under Dynamo's
-    dynamic shapes the k and v caches get separate symbols (s0 + 1 vs s1 + 1) that are equal at
-    run time; the op re-checks real sizes on every call, so nothing wrong slips through."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    return not bool(statically_known_true(a != b))
-
-
-def shape_compat(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(size_compat(x, y) for x, y in zip(a, b))
-
-
-def shape_eq(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(size_eq(x, y) for x, y in zip(a, b))
 
 
 def batch_args(wrappers: list, nbatch: int) -> list | None:

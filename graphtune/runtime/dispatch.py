@@ -23,18 +23,18 @@ import torch
 from graphtune import flags
 from graphtune.autotune import db as _db
 from graphtune.autotune import fingerprint
-from graphtune.autotune.shapes import ATTENTION_OP, MERGE_OP, key_for_args, key_for_merge_args
-from graphtune.autotune.tuner import DEFAULT_IMPLS, is_valid, load_impls
+from graphtune.autotune.tuner import is_valid, load_impls
+from graphtune.codegen.family import OpFamily, families
 from graphtune.codegen.registry import Impl, KernelConfig, get_impl
 from graphtune.errors import GraphtuneError
-from graphtune.ir.ops import attention_cpu
-from graphtune.ir.reference import attention_ref, merge_states_ref
-from graphtune.runtime.context import register_selector, unregister_selector
+from graphtune.ir.args import AttentionArgs
+from graphtune.runtime.context import Feature, feature_registered, register_feature, unregister_feature
 
 __all__ = ["install", "uninstall", "installed", "clear_cache", "resolve", "cache_info"]
 
 SELECTOR_NAME = "tuned"
-_OPS = ("attention", "attention_with_lse", MERGE_OP)
+# graph op -> its family: the ops tuned dispatch serves (the families' declared graph_ops)
+_OPS: dict[str, OpFamily] = {g: f for f in families() for g in f.graph_ops}
 
 # keys start with the database path: answers of one database never serve another
 _cache: dict[tuple, Callable[..., Any] | None] = {}
@@ -56,22 +56,34 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+def _device(op: str, args: tuple) -> torch.device:
+    # per call, before anything is known to be tuned: the first tensor's device (q, or outs[0])
+    o = args[0]
+    return (o[0] if isinstance(o, (list, tuple)) else o).device
+
+
 def _fast_key(op: str, args: tuple) -> tuple:
-    if op == MERGE_OP:
-        o = args[0][0]
-        return (MERGE_OP, len(args[0]), o.shape, o.dtype, o.device)
-    q, k, v, mask, causal = args[:5]
-    m = None if mask is None else (mask.dtype, mask.shape)
-    # both attention ops share a key: `attention` is attention_with_lse's out
-    return (q.shape, k.shape, v.shape[-1], q.dtype, q.device, m, causal, args[6])
+    # what a tuned decision depends on: every tensor's shape, dtype and device, and the flags;
+    # both attention ops share a key (`attention` is attention_with_lse's out)
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append((a.shape, a.dtype, a.device))
+        elif isinstance(a, (list, tuple)):
+            out.append((len(a), a[0].shape, a[0].dtype, a[0].device) if a else 0)
+        else:
+            out.append(a)
+    return (_OPS[op].name, *out)
 
 
-def _default_path(op: str, args: tuple) -> tuple:
-    if op == MERGE_OP:
-        return merge_states_ref(*args)
-    if args[0].device.type == "cpu":
-        return attention_cpu(*args)
-    return attention_ref(*args)
+def _default_path(op: str, args: tuple, failed: Impl) -> tuple:
+    # the family's untuned implementation on this device, or its reference if that one failed
+    fam = _OPS[op]
+    dev = _device(op, args).type
+    impl = get_impl(fam.ops[0], fam.default_impls.get(dev, ""))
+    if impl is not None and impl is not failed:
+        return impl.fn(*args, config=impl.default_config(args))
+    return fam.reference_fn()(*args)
 
 
 def _make_call(op: str, impl: Impl, cfg: KernelConfig, key: tuple) -> Callable[..., Any]:
@@ -88,7 +100,7 @@ def _make_call(op: str, impl: Impl, cfg: KernelConfig, key: tuple) -> Callable[.
             if first:
                 warnings.warn(f"graphtune: tuned implementation {impl.name}[{cfg}] failed "
                               f"({type(e).__name__}: {e}); using the default path for this shape", stacklevel=2)
-            return _default_path(op, args)
+            return _default_path(op, args, impl)
 
     call.impl_name = impl.name  # type: ignore[attr-defined]
     call.config = cfg  # type: ignore[attr-defined]
@@ -106,14 +118,14 @@ def resolve(op: str, args: tuple) -> tuple[Impl, KernelConfig] | None:
     >>> resolve("attention", (q, k, k, None, False, None, False)) is None  # nothing tuned yet
     True
     """
-    if op not in _OPS:
+    fam = _OPS.get(op)
+    if fam is None:
         return None
     store = _db.get_db()  # the DB flag's database, as the selector's cache key
     if store is None:
         return None
-    dev = args[0][0].device if op == MERGE_OP else args[0].device
+    dev = _device(op, args)
     load_impls(dev.type)
-    key = key_for_merge_args(args) if op == MERGE_OP else key_for_args(args, ATTENTION_OP)
     fp = fingerprint.current(dev)
 
     def usable(rec: _db.Record) -> bool:
@@ -122,20 +134,18 @@ def resolve(op: str, args: tuple) -> tuple[Impl, KernelConfig] | None:
         impl = get_impl(rec.op, rec.impl)
         return impl is not None and impl.device == dev.type and impl.supports(args)
 
-    rec = store.lookup(key.op, key.shape_key, key.q_bucket, key.kv_bucket, fp.device, fp.versions,
-                       usable, fp.device_name)
-    if rec is None and op != MERGE_OP and args[3] is not None:
-        # a masked call may use the unmasked shape's winner (masks cost every impl alike, and
-        # the mask a model passes is rarely what was tuned); supports() still has the last word
-        bare = key_for_args((*args[:3], None, *args[4:]), ATTENTION_OP)
-        rec = store.lookup(bare.op, bare.shape_key, bare.q_bucket, bare.kv_bucket, fp.device, fp.versions,
+    rec = None
+    for key in fam.shape_class().keys_of_call(args):
+        rec = store.lookup(key.op, key.shape_key, key.q_bucket, key.kv_bucket, fp.device, fp.versions,
                            usable, fp.device_name)
+        if rec is not None:
+            break
     if rec is None:
         return None
     impl = get_impl(rec.op, rec.impl)
     cfg = KernelConfig.from_dict(rec.config)
-    # on the CPU, cpu.flash's default config *is* the op's untuned path: no need to go through us
-    if impl is None or (op != MERGE_OP and dev.type == "cpu" and impl.name == DEFAULT_IMPLS[(ATTENTION_OP, "cpu")] and cfg == impl.default):
+    # the family's default implementation at its default config *is* the op's untuned path
+    if impl is None or (impl.name == fam.default_impls.get(dev.type) and cfg == impl.default_config(args)):
         return None
     return impl, cfg
 
@@ -169,7 +179,7 @@ def _selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
     if flags.get("CACHELEVEL") <= 0:  # database disabled: defaults only
         return None
     path = _db_path()
-    dev = args[0][0].device if op == MERGE_OP else args[0].device
+    dev = _device(op, args)
     has = _has_records.get((path, dev))
     if has is None:
         # records of other devices (e.g. the shipped static GPU records) do not count
@@ -210,11 +220,10 @@ def describe(site: Any, q_shape: tuple | None, k_shape: tuple | None, dtype: tor
     # zero-stride views: the lookup only reads shapes, dtype and device
     q = torch.zeros((), dtype=dtype).expand(q_shape)
     k = torch.zeros((), dtype=dtype).expand(k_shape)
-    mask = (site.details or {}).get("mask")
-    causal = mask == "causal"
+    is_causal = (site.details or {}).get("mask") == "causal"
     gqa = q_shape[-3] != k_shape[-3] if len(q_shape) >= 3 else False
     try:
-        hit = resolve(ATTENTION_OP, (q, k, k, None, causal, None, gqa))
+        hit = resolve("attention_with_lse", AttentionArgs(q, k, k, is_causal=is_causal, enable_gqa=gqa).op_args())
     except GraphtuneError as e:  # explain reports it; the op itself warns and runs the default
         return f"default: SDPA / ATen flash kernel (tuning database unusable: {e})"
     return f"tuned: {hit[0].name} [{hit[1]}]" if hit else "default: SDPA / ATen flash kernel"
@@ -233,19 +242,17 @@ def install(priority: int = 0) -> None:
     >>> dispatch.uninstall()
     """
     load_impls("cpu")
-    register_selector(SELECTOR_NAME, _selector, priority=priority)
+    register_feature(Feature(SELECTOR_NAME, _selector, priority))
 
 
 def uninstall() -> None:
     """Remove the selector and forget cached decisions."""
-    unregister_selector(SELECTOR_NAME)
+    unregister_feature(SELECTOR_NAME)
     clear_cache()
 
 
 def installed() -> bool:
-    from graphtune.runtime import context
-
-    return any(name == SELECTOR_NAME for _, name, _ in context._selectors)
+    return feature_registered(SELECTOR_NAME)
 
 
 def clear_cache() -> None:

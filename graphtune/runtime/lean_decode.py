@@ -10,7 +10,7 @@ the masked attention, since masked keys contribute nothing. CPU tensors run
 :func:`graphtune.codegen.lean_decode.cpu.lean_attention_cpu` on worker threads; CUDA tensors run the
 Triton kernels of :mod:`graphtune.codegen.lean_decode.triton_kernels` (tables uploaded once per batch).
 
-When it pays (measured on this CPU, ``benchmarks/bench_lean_decode.py``, ``docs/lean-decode.md``):
+When it pays (measured on this CPU, ``benchmarks/bench_lean_decode.py``, ``docs/ops/lean_decode.md``):
 lean skips padding, so its gain is the padded/real work ratio ``S * B / sum(lengths)``; it costs
 one kernel call per (worker, sequence) piece. ``GRAPHTUNE_LEAN_MIN_SKEW=-1`` (default) uses the
 measured rule :func:`lean_pays`; a value >= 0 replaces it by "use lean iff padded/real >= value".
@@ -48,7 +48,7 @@ __all__ = ["LeanBatch", "plan_batch", "lean_pays", "cpu_config", "tuned_config",
 
 PLAN_NAME = "lean_decode"
 MAX_DECODE_QUERIES = 16  # decode and speculative verification widths
-# Measured on this 2-core CPU (fp32, d=64; see docs/lean-decode.md): one flash call costs ~30 µs
+# Measured on this 2-core CPU (fp32, d=64; see docs/ops/lean_decode.md): one flash call costs ~30 µs
 # of fixed overhead; the padded SDPA pays its whole padded length. Lean needs the padded work to
 # exceed the real work by this factor, and enough real work to amortise its extra calls.
 MEASURED_MIN_SKEW = 1.3
@@ -263,7 +263,7 @@ def _mask_kind(batch: LeanBatch, mask: Tensor | None, B: int, lq: int) -> str | 
 
 
 def lean_selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
-    """Selector for :func:`graphtune.runtime.context.register_selector`: the lean impl or None."""
+    """Selector of the lean-decode :class:`~graphtune.runtime.context.Feature`: the lean impl or None."""
     if op not in ("attention", "attention_with_lse") or ctx is None:
         return None
     batch = ctx.plans.get(PLAN_NAME)
@@ -357,13 +357,11 @@ def install(priority: int = 5) -> None:
 
     >>> install(); uninstall()
     """
-    context.register_planner(PLAN_NAME, _planner)
-    context.register_selector(PLAN_NAME, lean_selector, priority)
+    context.register_feature(context.Feature(PLAN_NAME, lean_selector, priority, plan=_planner))
 
 
 def uninstall() -> None:
-    context._planners.pop(PLAN_NAME, None)
-    context.unregister_selector(PLAN_NAME)
+    context.unregister_feature(PLAN_NAME)
 
 
 def lean_for_lengths(lengths: Sequence[int], total_keys: int, starts: Sequence[int] | None = None) -> LeanBatch:

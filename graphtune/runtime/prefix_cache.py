@@ -165,23 +165,23 @@ class SharedPrefixKVCache:
         self,
         q: Tensor,
         layer: int = 0,
-        causal: bool = True,
+        is_causal: bool = True,
         scale: float | None = None,
         enable_gqa: bool = False,
         suffix_mode: str = "padded",
     ) -> Tensor:
         """Attention of ``q`` (``[B, Hq, Lq, D]``, the last ``Lq`` tokens of each row) over the cache.
 
-        Exactly equal to attention over each row's concatenated KV; ``causal`` is bottom-right
+        Exactly equal to attention over each row's concatenated KV; ``is_causal`` is bottom-right
         causal inside the suffix (the new tokens must already be appended).
         """
-        return self.attention_with_lse(q, layer, causal, scale, enable_gqa, suffix_mode)[0]
+        return self.attention_with_lse(q, layer, is_causal, scale, enable_gqa, suffix_mode)[0]
 
     def attention_with_lse(
         self,
         q: Tensor,
         layer: int = 0,
-        causal: bool = True,
+        is_causal: bool = True,
         scale: float | None = None,
         enable_gqa: bool = False,
         suffix_mode: str = "padded",
@@ -196,7 +196,7 @@ class SharedPrefixKVCache:
         lens = None if bool((self._lens == ls).all()) else self._lens.to(self.device)
         sk = self._suf_k[layer, :, :, :ls]
         sv = self._suf_v[layer, :, :, :ls]
-        return shared_prefix_attention(q, segs, sk, sv, suffix_lens=lens, causal=causal, scale=scale,
+        return shared_prefix_attention(q, segs, sk, sv, suffix_lens=lens, is_causal=is_causal, scale=scale,
                                        enable_gqa=enable_gqa, suffix_mode=suffix_mode)
 
     def dense(self, layer: int = 0) -> tuple[Tensor, Tensor, Tensor]:

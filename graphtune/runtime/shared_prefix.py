@@ -44,10 +44,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from graphtune.codegen.shared_prefix.decompose import Partial, Segment, inside_shared_prefix, merge_partials
+from graphtune.codegen.shared_prefix.decompose import Partial, Segment, merge_partials
 from graphtune.codegen.shared_prefix.decompose import fused_available, partial_attention, prefix_attention, suffix_attention
 from graphtune.errors import PlanError
-from graphtune.runtime.context import BatchContext, register_planner, register_selector, unregister_selector
+from graphtune.runtime.context import BatchContext, Feature, register_feature, unregister_feature
 from graphtune.codegen.shared_prefix.plan import (DEFAULT_MIN_PREFIX, DEFAULT_MIN_ROWS, SharedPrefixPlan,
                                                   SharedSegment, detect_shared_prefixes, thresholds)
 
@@ -172,7 +172,7 @@ def run_dense(
         # GPU: the row suffixes and the merge with the prefix state in one Triton kernel
         e = suffix_groups[0][0]
         prior = merge_partials(B, partials) if partials else None
-        return _suffix_merge(q, k[:, :, e:], v[:, :, e:], None, prior, False, scale, enable_gqa)
+        return _suffix_merge(q, k[:, :, e:], v[:, :, e:], None, prior, None, False, scale, enable_gqa)
     for e, rows in suffix_groups:
         # rows whose suffix starts at key e: one batched call over k[rows, :, e:]
         if rows is None:
@@ -258,7 +258,7 @@ def run_dedup(
         if mask.shape[0] > 1:
             mask = mask.index_select(0, reps)
     out, lse = partial_attention(q.index_select(0, reps), k.index_select(0, reps), v.index_select(0, reps), mask,
-                                 scale, enable_gqa, is_causal)
+                                 is_causal, scale, enable_gqa)
     return out.index_select(0, inv), lse.index_select(0, inv)
 
 
@@ -314,7 +314,7 @@ def plan_batch(ctx: BatchContext) -> None:
 
 def select(op: str, args: tuple, ctx: BatchContext | None) -> Callable[..., Any] | None:
     """Selector: the decomposition for attention calls it computes exactly, else None."""
-    if ctx is None or op not in ("attention", "attention_with_lse") or inside_shared_prefix():
+    if ctx is None or op not in ("attention", "attention_with_lse"):
         return None
     plan = ctx.plans.get(STATE_KEY)
     if plan is None:
@@ -464,16 +464,19 @@ def describe(site: Any, q_shape: tuple | None, k_shape: tuple | None) -> str | N
     return f"shared-prefix on decode/append when >= {mr} rows share >= {mp} prompt tokens (+ prefill dedup)"
 
 
-def install() -> None:
-    """Register the planner and the selector (priority 10) with the runtime. Idempotent."""
+def install(priority: int = 10) -> None:
+    """Register the shared-prefix feature (planner + selector) with the runtime. Idempotent.
+
+    Its implementations call graphtune ops for their partial attentions and merges
+    (``reenters``): the runtime keeps this feature from taking those inner calls.
+    """
     global _enabled
     _enabled = True
-    register_planner(STATE_KEY, plan_batch)
-    register_selector(STATE_KEY, select, priority=10)
+    register_feature(Feature(STATE_KEY, select, priority, plan=plan_batch, reenters=True))
 
 
 def uninstall() -> None:
-    """Stop using the decomposition (the planner stays registered but does nothing)."""
+    """Stop using the decomposition (planner and selector are removed)."""
     global _enabled
     _enabled = False
-    unregister_selector(STATE_KEY)
+    unregister_feature(STATE_KEY)

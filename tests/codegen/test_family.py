@@ -51,21 +51,22 @@ def test_every_registered_implementation_belongs_to_a_family_that_declares_its_m
 
 
 def test_every_registered_implementation_is_tunable():
-    """A shape class makes args its implementations support, with a non-empty config space."""
+    """The family's shape class makes args the implementation supports, with a non-empty config space."""
     load_impls()
     for impl in all_impls():
         f = family_of_op(impl.op)
         cls = f.shape_class()
         assert cls is not None, f"{impl.name}: family {f.name} declares no tuning shape"
         assert cls.op == impl.op
-        for attr in ("make_args", "meta_args", "key", "to_dict"):
+        for attr in ("make_args", "meta_args", "key", "to_dict", "examples"):
             assert callable(getattr(cls, attr, None)), f"{cls.__name__} lacks {attr}"
-        example = cls.example() if hasattr(cls, "example") else None
-        if example is None:
-            continue
-        args = example.meta_args() if impl.device == "cuda" else example.make_args(0)
-        assert impl.supports(args), f"{impl.name} does not support its family's example shape {example}"
-        assert impl.configs(args), f"{impl.name} has an empty config space for {example}"
+        supported = []
+        for shape in cls.examples():
+            args = shape.meta_args() if impl.device == "cuda" else shape.make_args(0)
+            if impl.device == "cuda" or impl.supports(args):  # Triton's supports() needs a GPU or the interpreter
+                supported.append(shape)
+                assert impl.configs(args), f"{impl.name} has an empty config space for {shape}"
+        assert supported, f"{impl.name} supports none of {cls.__name__}.examples(): the tuner can never try it"
 
 
 def test_every_triton_implementation_has_a_cross_compile_spec():
@@ -247,3 +248,11 @@ def test_family_declarations_are_plain_data():
     for f in families():
         assert isinstance(f, OpFamily)
         assert all(isinstance(v, tuple) for v in f.impl_modules.values())
+
+
+def test_the_shared_prefix_suffix_merge_is_tuned_on_the_cpu_against_its_reference():
+    from graphtune.codegen.shared_prefix.key import SuffixMergeShape
+
+    for causal in (False, True):
+        res = tune_shape(SuffixMergeShape(4, 4, 2, 2, 96, 32, causal=causal), "exhaustive", device="cpu", db=None)
+        assert res.impl == "cpu.suffix_merge" and res.n_tried == 2 and not res.failures, res

@@ -145,7 +145,8 @@ def _check_lean_impl(impl, case, choose):
 
 def _check_suffix_merge_impl(impl, case, choose):
     (q, k, v, lens, prior, causal, scale), (want_o, want_l) = case.build()
-    args = (q, k, v, lens, None if prior is None else prior[0], None if prior is None else prior[1], causal, scale)
+    args = (q, k, v, lens, None if prior is None else prior[0], None if prior is None else prior[1], None, causal, scale,
+            True)
     if not impl.supports(args):
         raise _Unsupported
     for cfg in choose(_configs(impl, args)):

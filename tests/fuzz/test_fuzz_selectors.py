@@ -229,7 +229,7 @@ def test_shared_prefix_attention_segments_match_fp64(case, data):
     mode = data.draw(st.sampled_from(["padded", "loop"]), label="suffix_mode")
     fused = data.draw(st.sampled_from([False, True]), label="fused")
     note(f"plan: {plan.describe() if plan else None}; suffix mask needed: {needs_mask}")
-    out, lse = shared_prefix_attention(q, segs, sk, sv, lens, smask if use_mask else None, causal=True,
+    out, lse = shared_prefix_attention(q, segs, sk, sv, lens, smask if use_mask else None, is_causal=True,
                                        scale=case.scale, enable_gqa=case.group > 1, suffix_mode=mode, fused=fused)
     # reference mask: padding over all keys + bottom-right causal
     j, i = torch.arange(S), torch.arange(lq)

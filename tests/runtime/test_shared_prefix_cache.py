@@ -40,7 +40,7 @@ def test_cache_attention_equals_attention_over_each_rows_concatenated_kv(G, Lq):
     c.append(*kv(L, 5, Hkv, Lq, D))  # the new tokens, then attend
     q = torch.randn(5, Hkv * G, Lq, D)
     for layer in range(L):
-        out = c.attention(q, layer=layer, causal=True, enable_gqa=G > 1)
+        out = c.attention(q, layer=layer, is_causal=True, enable_gqa=G > 1)
         ref = reference_rows(c, q, layer, True, G > 1)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
@@ -48,7 +48,7 @@ def test_cache_attention_equals_attention_over_each_rows_concatenated_kv(G, Lq):
 def test_cache_with_empty_suffixes_attends_to_the_prefix_only():
     c = build_tree_cache(1)
     q = torch.randn(5, 2, 1, 16)
-    out = c.attention(q, causal=False)
+    out = c.attention(q, is_causal=False)
     torch.testing.assert_close(out, reference_rows(c, q, 0, False, False), atol=1e-5, rtol=1e-5)
 
 
@@ -98,4 +98,4 @@ def test_inconsistent_building_raises_clear_errors():
     with pytest.raises(ShapeError, match="lens"):
         c.append(*kv(1, 3, 2, 1, 8), lens=torch.tensor([1, 2, 0]))
     with pytest.raises(PlanError, match="overlap the shared prefix"):
-        c.attention(torch.randn(3, 2, 2, 8), causal=True)  # 2 queries, 1 suffix token
+        c.attention(torch.randn(3, 2, 2, 8), is_causal=True)  # 2 queries, 1 suffix token

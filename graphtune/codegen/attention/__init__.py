@@ -15,7 +15,7 @@ FAMILY = OpFamily(
     impl_modules={"cpu": ("cpu",), "cuda": ("triton_kernels",)},
     default_impls={"cpu": "cpu.flash", "cuda": "triton.attention_fwd"},
     reference="graphtune.ir.reference:attention_ref",
-    shape="graphtune.autotune.shapes:AttentionShape",
+    shape="graphtune.codegen.attention.key:AttentionShape",
     flags=("DISABLE_TRITON",),
     doc="docs/ops/attention.md",
 )

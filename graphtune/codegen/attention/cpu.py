@@ -27,13 +27,15 @@ Every implementation takes the op's exact argument tuple
     bound the ``[rows, S]`` score buffer. Wins at small shapes where the flash kernel's
     per-call setup dominates; also the only one that takes ``Ev != E``.
 
-and for ``merge_states``: ``cpu.torch`` (knob ``STACKED``: one stacked reduction, or a loop
-over partials that never materialises the ``[N, ...]`` stack).
+Registry callbacks (``supports``, ``configs``) get the op's argument tuple and read it through
+:class:`~graphtune.ir.args.AttentionArgs`. Masks and causality become one additive mask with
+:func:`~graphtune.ir.reference.additive_mask`; split-KV partials merge with
+:func:`~graphtune.ir.reference.merge_lse`. ``merge_states``'s CPU implementation (``cpu.torch``)
+lives in :mod:`graphtune.codegen.merge_states.cpu`.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterator
 
 import torch
@@ -41,15 +43,15 @@ from torch import Tensor
 
 from graphtune import flags
 from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
-from graphtune.ir.ops import additive_mask4, as_4d, attention_cpu, fix_empty_rows, flash_cpu
-from graphtune.ir.reference import causal_mask
+from graphtune.ir.args import AttentionArgs, softmax_scale
+from graphtune.ir.ops import as_4d, attention_cpu, fix_empty_rows, flash_cpu
+from graphtune.ir.reference import additive_mask, merge_lse
 
 __all__ = [
     "flash_attention",
     "split_kv_attention",
     "gqa_fold_attention",
     "math_attention",
-    "merge_states_torch",
     "thread_choices",
 ]
 
@@ -95,17 +97,6 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(prev)
 
 
-def _additive(mask: Tensor | None, is_causal: bool, L: int, S: int, dtype: torch.dtype) -> Tensor | None:
-    """The bool/float mask and top-left causality as one additive mask broadcastable to ``[.., L, S]``."""
-    out = None
-    if mask is not None:
-        out = mask if mask.dtype != torch.bool else torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, _NEG_INF)
-    if is_causal:
-        c = torch.zeros(L, S, dtype=dtype).masked_fill_(~causal_mask(L, S), _NEG_INF)
-        out = c if out is None else out + c
-    return out
-
-
 def _fold_q(q: Tensor, hkv: int) -> Tensor:
     # q: [B, Hq, L, E] -> [B, Hkv, G*L, E]  (row g*L + l is query head hkv*G + g, position l)
     B, Hq, L, E = q.shape
@@ -133,7 +124,8 @@ def _unbroadcast(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 
 def _flash_supports(args: tuple) -> bool:
-    q, k, v = args[0], args[1], args[2]
+    a = AttentionArgs.of(args)
+    q, k, v = a.q, a.k, a.v
     return (q.device.type == "cpu" and q.dim() in (3, 4) and _unbroadcast(q, k, v) and v.shape[-1] == q.shape[-1]
             and q.shape[-2] > 0 and k.shape[-2] > 0 and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
@@ -143,12 +135,13 @@ def _flash_supports(args: tuple) -> bool:
 _MAX_TMP_BYTES = 64 << 20
 
 
-def _mask_fits(args: tuple, limit: int = _MAX_TMP_BYTES) -> bool:
-    q, k, mask, causal = args[0], args[1], args[3], args[4]
-    if mask is None and not causal:
+def _mask_fits(args: tuple | AttentionArgs, limit: int = _MAX_TMP_BYTES) -> bool:
+    a = AttentionArgs.of(args)
+    if a.attn_mask is None and not a.is_causal:
         return True
+    q = a.q
     B = q.shape[0] if q.dim() == 4 else 1
-    return B * q.shape[-3] * q.shape[-2] * k.shape[-2] * 4 <= limit
+    return B * q.shape[-3] * q.shape[-2] * a.k.shape[-2] * 4 <= limit
 
 
 def _squeeze_back(q: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
@@ -174,7 +167,7 @@ def flash_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
         if attn_mask is None:
             return attention_cpu(q, k, v, None, is_causal, scale, enable_gqa)
         # causality joins the mask so that rows emptied by both are found and given lse = -inf
-        m = additive_mask4(_additive(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.dtype), q.dtype)
+        m = additive_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.dtype, rank=4)
         out, lse = flash_cpu(as_4d(q), as_4d(k), as_4d(v), m, False, scale)
         return _squeeze_back(q, out, lse)
 
@@ -188,19 +181,6 @@ def _flash_configs(args: tuple) -> list[KernelConfig]:
 # ----------------------------------------------------------------------------------------
 
 _MIN_CHUNK = 128  # keys per chunk below which the per-chunk overhead dominates (measured)
-
-
-def _merge_dim(out: Tensor, lse: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    # out: [.., N, .., L, D] partials along `dim`; lse: same without D. Empty partials (lse=-inf)
-    # weigh 0; all-empty rows give out 0 / lse -inf (merge_states_ref's convention).
-    m = lse.amax(dim=dim, keepdim=True)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(lse - m_safe)
-    denom = w.sum(dim=dim)
-    o = (w.unsqueeze(-1) * out.float()).sum(dim=dim)
-    o = o / torch.where(denom > 0, denom, torch.ones_like(denom)).unsqueeze(-1)
-    new_lse = torch.where(denom > 0, m_safe.squeeze(dim) + torch.log(denom), torch.full_like(denom, _NEG_INF))
-    return o, new_lse
 
 
 def split_kv_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
@@ -221,7 +201,7 @@ def split_kv_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, ena
     Hkv, S = k4.shape[1], k4.shape[2]
     splits = max(1, min(splits, S))
     chunk = -(-S // splits)
-    mask = _mask_ls(additive_mask4(_additive(attn_mask, is_causal, L, S, q.dtype), q.dtype), L, S)  # [Bm, Hm, L, S]
+    mask = _mask_ls(additive_mask(attn_mask, is_causal, L, S, q.dtype, rank=4), L, S)  # [Bm, Hm, L, S]
     q_rows, mask_rows = q4, mask  # unfolded, for _exact_rows
     fold = fold and Hq != Hkv
     if fold:
@@ -235,7 +215,7 @@ def split_kv_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, ena
             o, l = flash_cpu(q4, k4[:, :, s0:s0 + chunk], v4[:, :, s0:s0 + chunk], mc, False, scale)
             outs.append(o)
             lses.append(l)
-        out, lse = _merge_dim(torch.stack(outs, 2), torch.stack(lses, 2), 2)
+        out, lse = merge_lse(torch.stack(outs, 2), torch.stack(lses, 2), 2)
     out = out.to(q.dtype)
     if fold:
         out, lse = out.reshape(B, Hq, L, -1), lse.reshape(B, Hq, L)
@@ -309,16 +289,18 @@ def _split_batched(q4, k4, v4, mask, scale, splits, chunk):
     o, l = flash_cpu(qs, ks, vs, ms, False, scale)
     o = o.view(B, Hkv, splits, G, R, -1)
     l = l.view(B, Hkv, splits, G, R)
-    out, lse = _merge_dim(o, l, 2)  # [B, Hkv, G, R, Ev]
+    out, lse = merge_lse(o, l, 2)  # [B, Hkv, G, R, Ev]
     return out.reshape(B, H, R, -1), lse.reshape(B, H, R)
 
 
 def _split_supports(args: tuple) -> bool:
-    return _flash_supports(args) and args[1].shape[-2] >= 2 * _MIN_CHUNK and _mask_fits(args)
+    a = AttentionArgs.of(args)
+    return _flash_supports(a) and a.k.shape[-2] >= 2 * _MIN_CHUNK and _mask_fits(a)
 
 
 def _split_configs(args: tuple) -> list[KernelConfig]:
-    q, k = args[0], args[1]
+    a = AttentionArgs.of(args)
+    q, k = a.q, a.k
     S, L = k.shape[-2], q.shape[-2]
     gqa = q.dim() >= 3 and q.shape[-3] != k.shape[-3]
     out = []
@@ -354,15 +336,14 @@ def gqa_fold_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, ena
     Hkv, S = k4.shape[1], k4.shape[2]
     with _threads(config.get("THREADS", 0)):
         # causality is per position l, not per folded row, so it travels as a mask
-        mask = _fold_mask(_mask_ls(additive_mask4(_additive(attn_mask, is_causal, L, S, q.dtype), q.dtype), L, S),
-                          Hq, Hkv)
+        mask = _fold_mask(_mask_ls(additive_mask(attn_mask, is_causal, L, S, q.dtype, rank=4), L, S), Hq, Hkv)
         out, lse = flash_cpu(_fold_q(q4, Hkv), k4, v4, mask, False, scale)
     return _squeeze_back(q, out.reshape(B, Hq, L, -1), lse.reshape(B, Hq, L))
 
 
 def _fold_supports(args: tuple) -> bool:
-    q, k = args[0], args[1]
-    return _flash_supports(args) and bool(args[6]) and q.shape[-3] != k.shape[-3] and _mask_fits(args)
+    a = AttentionArgs.of(args)
+    return _flash_supports(a) and bool(a.enable_gqa) and a.q.shape[-3] != a.k.shape[-3] and _mask_fits(a)
 
 
 # ----------------------------------------------------------------------------------------
@@ -382,8 +363,8 @@ def math_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_
     q4, k4, v4 = as_4d(q), as_4d(k), as_4d(v)
     B, Hq, L, E = q4.shape
     Hkv, S = k4.shape[1], k4.shape[2]
-    s = scale if scale is not None else 1.0 / math.sqrt(E)
-    mask = additive_mask4(_additive(attn_mask, is_causal, L, S, torch.float32), torch.float32)
+    s = softmax_scale(scale, E)
+    mask = additive_mask(attn_mask, is_causal, L, S, torch.float32, rank=4)
     if mask is not None:
         mask = mask.expand(mask.shape[0], Hq, L, S).reshape(mask.shape[0], Hkv, Hq // Hkv, L, S)
     qf = q4.float().reshape(B, Hkv, Hq // Hkv, L, E)  # [B, Hkv, G, L, E]
@@ -407,64 +388,33 @@ def math_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_
     return _squeeze_back(q, out, lse)
 
 
-def _score_bytes(args: tuple, block: int) -> int:
-    q, k = args[0], args[1]
+def _score_bytes(args: tuple | AttentionArgs, block: int) -> int:
+    a = AttentionArgs.of(args)
+    q = a.q
     B = q.shape[0] if q.dim() == 4 else 1
-    return B * q.shape[-3] * min(block, q.shape[-2]) * k.shape[-2] * 4
+    return B * q.shape[-3] * min(block, q.shape[-2]) * a.k.shape[-2] * 4
 
 
 def _math_supports(args: tuple) -> bool:
-    q, k = args[0], args[1]
-    return (q.device.type == "cpu" and q.dim() in (3, 4) and _unbroadcast(q, k, args[2]) and q.shape[-2] > 0
-            and k.shape[-2] > 0 and _score_bytes(args, 1) <= 4 * _MAX_TMP_BYTES and _mask_fits(args, 4 * _MAX_TMP_BYTES))
+    a = AttentionArgs.of(args)
+    q, k = a.q, a.k
+    return (q.device.type == "cpu" and q.dim() in (3, 4) and _unbroadcast(q, k, a.v) and q.shape[-2] > 0
+            and k.shape[-2] > 0 and _score_bytes(a, 1) <= 4 * _MAX_TMP_BYTES and _mask_fits(a, 4 * _MAX_TMP_BYTES))
 
 
 def _math_configs(args: tuple) -> list[KernelConfig]:
-    L = args[0].shape[-2]
+    a = AttentionArgs.of(args)
+    L = a.q.shape[-2]
     blocks = sorted({b for b in (64, 256, 1024) if b < L} | {min(L, 1024)})
-    fits = [b for b in blocks if _score_bytes(args, b) <= 4 * _MAX_TMP_BYTES] or [1]
+    fits = [b for b in blocks if _score_bytes(a, b) <= 4 * _MAX_TMP_BYTES] or [1]
     return [KernelConfig.make(BLOCK_M=b) for b in fits]
-
-
-# ----------------------------------------------------------------------------------------
-# merge_states: cpu.torch
-# ----------------------------------------------------------------------------------------
-
-def merge_states_torch(outs, lses, *, config: KernelConfig = KernelConfig.make(STACKED=1)):
-    """Merge partial attentions ``(outs[i], lses[i])``; returns ``(out, lse)``.
-
-    Examples
-    --------
-    >>> q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 40, 16)
-    >>> parts = [attention_cpu(q, k[:, :, :25], k[:, :, :25]), attention_cpu(q, k[:, :, 25:], k[:, :, 25:])]
-    >>> out, lse = merge_states_torch([p[0] for p in parts], [p[1] for p in parts], config=KernelConfig.make(STACKED=0))
-    >>> torch.allclose(out, attention_cpu(q, k, k)[0], atol=1e-5)
-    True
-    """
-    if config.get("STACKED", 1) or len(outs) == 1:
-        o, l = _merge_dim(torch.stack(list(outs)), torch.stack([x.float() for x in lses]), 0)
-        return o.to(outs[0].dtype), l
-    # running (max, denominator, numerator) over the partials: no [N, ...] stack
-    m = lses[0].float()
-    for x in lses[1:]:
-        m = torch.maximum(m, x.float())
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    denom = torch.zeros_like(m_safe)
-    acc = torch.zeros(outs[0].shape, dtype=torch.float32)
-    for o, l in zip(outs, lses):
-        w = torch.exp(l.float() - m_safe)
-        denom += w
-        acc.addcmul_(w.unsqueeze(-1), o.float())
-    acc /= torch.where(denom > 0, denom, torch.ones_like(denom)).unsqueeze(-1)
-    lse = torch.where(denom > 0, m_safe + torch.log(denom), torch.full_like(denom, _NEG_INF))
-    return acc.to(outs[0].dtype), lse
 
 
 # ----------------------------------------------------------------------------------------
 # registration
 # ----------------------------------------------------------------------------------------
 
-_HELPERS = (_threads, _additive, _fold_q, _mask_ls, _fold_mask, flash_cpu, fix_empty_rows, additive_mask4, _merge_dim)
+_HELPERS = (_threads, additive_mask, _fold_q, _mask_ls, _fold_mask, flash_cpu, fix_empty_rows, merge_lse)
 _ATTN = "attention_with_lse"
 
 register_impl(Impl(_ATTN, "cpu.flash", "cpu", flash_attention, KernelConfig.make(THREADS=0), _flash_configs,
@@ -477,6 +427,3 @@ register_impl(Impl(_ATTN, "cpu.gqa_fold", "cpu", gqa_fold_attention, KernelConfi
                    _flash_configs, source_hash(gqa_fold_attention, *_HELPERS), _fold_supports))
 register_impl(Impl(_ATTN, "cpu.math", "cpu", math_attention, KernelConfig.make(BLOCK_M=256), _math_configs,
                    source_hash(math_attention, *_HELPERS), _math_supports))
-register_impl(Impl("merge_states", "cpu.torch", "cpu", merge_states_torch, KernelConfig.make(STACKED=1),
-                   lambda args: [KernelConfig.make(STACKED=1), KernelConfig.make(STACKED=0)],
-                   source_hash(merge_states_torch, _merge_dim), lambda args: args[0][0].device.type == "cpu"))

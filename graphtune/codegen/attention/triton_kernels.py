@@ -30,8 +30,10 @@ from torch import Tensor
 
 from graphtune.codegen.compile_spec import CompileSpec, register_compile_spec
 from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
+from graphtune.codegen.triton_blocks import LOG2E, jit_deps, online_softmax_step, softmax_epilogue, softmax_init
 from graphtune.codegen.triton_util import interpreting, kernel_for
 from graphtune.errors import KernelError, ShapeError
+from graphtune.ir.args import AttentionArgs, softmax_scale
 from graphtune.ir.ops import broadcast_attention_args
 from graphtune.ir.reference import attention_ref
 
@@ -47,7 +49,6 @@ __all__ = [
     "ATTENTION_IMPL",
 ]
 
-_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 
@@ -103,9 +104,8 @@ def _attn_fwd_kernel(
     v_base = V + b * stride_vb + hk * stride_vh
     m_base = MASK + b * stride_mb + h0 * stride_mh + g[:, None] * stride_mh + i_pos[:, None] * stride_mm  # [BLOCK_M, 1]
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 domain)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(score - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # online-softmax state (graphtune.codegen.triton_blocks): running max, running sum, fp32 accumulator
+    m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_DV)
 
     # -- key range: causal rows never look past their last visible key --------------------
     hi = S
@@ -142,35 +142,14 @@ def _attn_fwd_kernel(
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= i_pos[:, None] + causal_offset)
         qk = tl.where(visible, qk, float("-inf"))
-        # -- online softmax; a row that has seen no key keeps m = -inf, l = 0 -------------
+        # -- online softmax: m, l, acc += P @ V; a row that has seen no key keeps m = -inf, l = 0
         # (a row whose keys all carry one finite fill has m = fill, p = 1 per key: not empty)
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoids (-inf) - (-inf) = nan
-        if MASK_KIND == 1:
-            p = tl.math.exp2((qk - m_safe[:, None]) * 1.4426950408889634)
-            alpha = tl.math.exp2((m_i - m_safe) * 1.4426950408889634)
-        else:
-            p = tl.math.exp2(qk - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # -- acc = acc * alpha + P @ V ----------------------------------------------------
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
-        acc = acc * alpha[:, None]
-        if DOT_UPCAST:
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd  # [BLOCK_N, BLOCK_DV]
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, qk, v_ptrs, col_ok[:, None] & (offs_dv[None, :] < DV),
+                                            MASK_KIND == 1, DOT_PRECISION, DOT_UPCAST)
 
     # -- epilogue: normalize; empty rows (every key -inf) -> out 0, lse -inf; natural-log lse --
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    if MASK_KIND == 1:
-        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe) * 0.6931471805599453)
-    else:
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    out, lse = softmax_epilogue(m_i, l_i, acc, MASK_KIND == 1)
     o_base = O + b * stride_ob + h0 * stride_oh
     o_ptrs = o_base + g[:, None] * stride_oh + i_pos[:, None] * stride_om + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
@@ -218,10 +197,10 @@ class AttnProblem:
 
     @classmethod
     def from_args(cls, args: tuple) -> "AttnProblem":
-        """From the op's argument tuple ``(q, k, v, attn_mask, is_causal, scale, enable_gqa)``."""
-        q, k, v = args[0], args[1], args[2]
-        attn_mask = args[3] if len(args) > 3 else None
-        is_causal = bool(args[4]) if len(args) > 4 else False
+        """From the op's argument tuple ``(q, k, v, attn_mask, is_causal, scale, enable_gqa)`` (trailing ones
+        optional)."""
+        a = AttentionArgs.of(args)
+        q, k, v, attn_mask, is_causal = a.q, a.k, a.v, a.attn_mask, bool(a.is_causal)
         qs, ks, vs = tuple(q.shape), tuple(k.shape), tuple(v.shape)
         hq = qs[-3] if len(qs) >= 3 else 1
         hkv = ks[-3] if len(ks) >= 3 else 1
@@ -382,7 +361,7 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: boo
         q, k, v, mask_t, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *ms, *o.stride(), *lse.stride(),
         Hkv, group, L, S, D, DV,
-        scale if mask_kind == 1 else scale * _LOG2E, causal_offset,  # additive masks: natural domain
+        scale if mask_kind == 1 else scale * LOG2E.value, causal_offset,  # additive masks: natural domain
         BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
         IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind,
@@ -480,7 +459,7 @@ def _attention_fwd_4d(q, k, v, attn_mask, is_causal, scale, enable_gqa, causal_b
     if not all(isinstance(b, int) and b >= 16 and b & (b - 1) == 0 for b in (bm, bn)):
         raise KernelError(f"attention_fwd: config {cfg} needs power-of-two BLOCK_M, BLOCK_N >= 16")
     L, S, D = q.shape[-2], k.shape[-2], q.shape[-1]
-    s = scale if scale is not None else 1.0 / math.sqrt(D)
+    s = softmax_scale(scale, D)
     batch_shape = tuple(q.shape[:-3]) if q.dim() > 3 else ()
     hq = q.shape[-3] if q.dim() >= 3 else 1
     q4, k4, v4 = _to_4d(q), _to_4d(k), _to_4d(v)
@@ -514,7 +493,8 @@ def _op_fn(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=Fals
 
 
 def _supports(args: tuple) -> bool:
-    q, v = args[0], args[2]
+    a = AttentionArgs.of(args)
+    q, v = a.q, a.v
     dev_ok = q.device.type == "cuda" or (q.device.type == "cpu" and interpreting())
     return (dev_ok and q.dtype in _SUPPORTED_DTYPES and q.dim() >= 2
             and q.shape[-1] <= _MAX_HEAD_DIM and v.shape[-1] <= _MAX_HEAD_DIM)
@@ -527,7 +507,8 @@ ATTENTION_IMPL = register_impl(Impl(
     fn=_op_fn,
     default=ATTN_DEFAULT_CONFIG,
     configs=attention_configs,
-    source_hash=source_hash(_attn_fwd_kernel.fn),  # the python source: same hash compiled or interpreted
+    # the python sources of the kernel and the blocks it calls: same hash compiled or interpreted
+    source_hash=source_hash(_attn_fwd_kernel.fn, *jit_deps(_attn_fwd_kernel)),
     supports=_supports,
     default_for=attention_default_config,  # per problem: never a spilling tile (fp32, head dim 256)
 ))

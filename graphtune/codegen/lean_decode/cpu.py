@@ -9,9 +9,9 @@ of the unpadded keys — no gather, no padding work:
   (the GQA group of each kv head are that call's query heads), and consecutive sequences whose
   every head is whole and that share length and first key fold into one batched call;
 * a head cut by a worker boundary is one call over its key sub-range, writing a partial
-  ``(out, lse)`` that :func:`merge_partials` reduces exactly afterwards.
+  ``(out, lse)`` that :func:`graphtune.ir.reference.merge_states_ref` reduces exactly afterwards.
 
-Modes (measured in ``benchmarks/bench_lean_decode.py``, see ``docs/lean-decode.md``):
+Modes (measured in ``benchmarks/bench_lean_decode.py``, see ``docs/ops/lean_decode.md``):
 ``"threads"`` runs each worker on a pool thread with ``torch.set_num_threads(1)`` (per-thread
 OpenMP setting; the caller's thread count is untouched); ``"serial"`` runs the workers' calls
 one after another on the calling thread, leaving parallelism to ATen's intra-op threads.
@@ -36,11 +36,14 @@ from torch import Tensor
 from graphtune import flags
 from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
 from graphtune.errors import PlanError, ShapeError
+from graphtune.ir.args import AttentionArgs
+from graphtune.ir.reference import merge_lse, merge_states_ref
 
 from graphtune.codegen.lean_decode.plan import LeanPlan, make_plan
 
-__all__ = ["CpuCall", "CpuProgram", "build_cpu_program", "lean_attention_cpu", "merge_partials", "MODES",
-           "lean_decode_cpu", "resolve_config", "DEFAULT_TILE", "DEFAULT_CONFIG", "LEAN_OP", "IMPL_NAME"]
+__all__ = ["CpuCall", "CpuProgram", "build_cpu_program", "lean_attention_cpu", "MODES",
+           "lean_decode_cpu", "lean_args_supported", "resolve_config", "DEFAULT_TILE", "DEFAULT_CONFIG", "LEAN_OP",
+           "IMPL_NAME"]
 
 MODES = ("threads", "serial")
 LEAN_OP, IMPL_NAME = "lean_decode", "cpu.lean"
@@ -115,22 +118,6 @@ def _fold_sequences(calls: list[CpuCall], plan: "LeanPlan", starts: Sequence[int
         else:
             out.append(c)
     return out
-
-
-def merge_partials(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Exact merge of partial attentions over disjoint key sets (``merge_states`` semantics).
-
-    ``outs[i]``: ``[..., L, D]``, ``lses[i]``: fp32 ``[..., L]``; empty partials have ``lse=-inf``.
-    """
-    lse = torch.stack(list(lses))  # [N, ..., L]
-    m = lse.amax(dim=0)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(lse - m)  # [N, ..., L]
-    denom = w.sum(dim=0)
-    acc = (w.unsqueeze(-1) * torch.stack([o.float() for o in outs])).sum(dim=0)
-    out = acc / torch.where(denom > 0, denom, torch.ones_like(denom)).unsqueeze(-1)
-    new_lse = torch.where(denom > 0, m + torch.log(denom), torch.full_like(m, float("-inf")))
-    return out.to(outs[0].dtype), new_lse
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -298,7 +285,7 @@ def lean_attention_cpu(
             run_worker(c)
 
     for b, h, slots in program.merges:
-        o, l = merge_partials([parts[s][0] for s in slots], [parts[s][1] for s in slots])  # type: ignore[index]
+        o, l = merge_states_ref([parts[s][0] for s in slots], [parts[s][1] for s in slots])  # type: ignore[index]
         out[b, h * G:(h + 1) * G].copy_(o)
         lse[b, h * G:(h + 1) * G].copy_(l)
     return out, lse
@@ -407,19 +394,26 @@ def lean_decode_cpu(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
     return lean_attention_cpu(q, k, v, program.plan, starts, is_causal=causal, scale=scale, program=program, mode=mode)
 
 
-def _lean_supports(args: tuple) -> bool:
-    q, k, v, mask, is_causal, _, gqa = args[:7]
-    return (q.device.type == "cpu" and q.dim() == 4 and k.dim() == 4 and not is_causal and 1 <= q.shape[2] <= 16
+def lean_args_supported(args: tuple) -> bool:
+    """Whether op ``lean_decode``'s args are a call lean decode serves, on any device (the CPU and Triton impls)."""
+    a = AttentionArgs.of(args)
+    q, k, v, mask = a.q, a.k, a.v, a.attn_mask
+    return (q.dim() == 4 and k.dim() == 4 and not a.is_causal and 1 <= q.shape[2] <= 16
             and k.shape[2] >= 1 and v.shape[-1] == q.shape[-1] and q.shape[1] % k.shape[1] == 0
-            and (gqa or q.shape[1] == k.shape[1])
+            and (a.enable_gqa or q.shape[1] == k.shape[1])
             and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[-1] == k.shape[2])))
+
+
+def _lean_supports(args: tuple) -> bool:
+    a = AttentionArgs.of(args)
+    return a.q.device.type == "cpu" and lean_args_supported(a)
 
 
 def _lean_configs(args: tuple) -> list[KernelConfig]:
     # TILE: powers of two 64..2048, no larger than the padded length (beyond it every tile count is 1
     # per output, the same plan); WORKERS: 1..2x cores, no more than there are tiles; SERIAL only
     # means something with several workers.
-    k = args[1]
+    k = AttentionArgs.of(args).k
     B, hkv, S = k.shape[0], k.shape[1], k.shape[2]
     cores = os.cpu_count() or 1
     out = []
@@ -437,5 +431,5 @@ def _lean_configs(args: tuple) -> list[KernelConfig]:
 
 register_impl(Impl(LEAN_OP, IMPL_NAME, "cpu", lean_decode_cpu, DEFAULT_CONFIG, _lean_configs,
                    source_hash(lean_decode_cpu, resolve_config, _padding_of, _program_for, build_cpu_program,
-                               _fold_sequences, lean_attention_cpu, merge_partials),
+                               _fold_sequences, lean_attention_cpu, merge_states_ref, merge_lse),
                    _lean_supports))

@@ -17,24 +17,31 @@ Semantics: :func:`graphtune.ir.reference.attention_ref` over each row's real key
 ``[start_b, start_b + len_b)``, bottom-right causal when ``is_causal`` (query ``i`` sees real
 keys ``j <= len - Lq + i``); rows that see no key get ``out = 0, lse = -inf``.
 
-Layout: kernels -> config space + prune -> tables + launcher -> public op -> compile spec.
+Registered as implementation ``triton.lean_decode`` of op ``lean_decode`` (the op arguments of the
+CPU implementation ``cpu.lean``: attention's, with a padding mask the plan is built from).
+
+Layout: kernels -> config space + prune -> tables + launcher -> public op -> registry -> compile spec.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Sequence
+import functools
+from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime import JITFunction
 
-from graphtune.codegen.registry import KernelConfig
-from graphtune.codegen.triton_util import interpreting
+from graphtune.codegen.compile_spec import CompileSpec, register_compile_spec
+from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
+from graphtune.codegen.triton_blocks import (LOG2E, finite_or_zero, jit_deps, lse_merge_epilogue, lse_merge_step,
+                                             online_softmax_step, softmax_epilogue, softmax_init)
+from graphtune.codegen.triton_util import interpreting, kernel_for
 from graphtune.errors import KernelError, PlanError, ShapeError
+from graphtune.ir.args import AttentionArgs, softmax_scale
 
-from graphtune.codegen.lean_decode.plan import LeanPlan
+from graphtune.codegen.lean_decode.cpu import LEAN_OP, _padding_of, lean_args_supported
+from graphtune.codegen.lean_decode.plan import LeanPlan, default_tile, gpu_num_workers, make_plan
 
 __all__ = [
     "lean_attention_triton",
@@ -44,10 +51,14 @@ __all__ = [
     "LEAN_DEFAULT_CONFIG",
     "prune_lean_configs",
     "lean_compile_args",
+    "lean_decode_triton",
+    "lean_configs",
+    "gpu_plan",
+    "lean_compile_spec",
+    "LEAN_IMPL",
+    "LEAN_IMPL_NAME",
 ]
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 _SEG_FIELDS = 6  # seq, kv head, key_lo, key_hi, partial slot, first real key (start)
 _RED_FIELDS = 4  # seq, kv head, first slot, last slot + 1
 
@@ -103,9 +114,7 @@ def _lean_partial_kernel(
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
         k_base = K + b * stride_kb + hk * stride_kh + start * stride_kn
         v_base = V + b * stride_vb + hk * stride_vh + start * stride_vn
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_D)
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n  # [BLOCK_N] real-key index
             col_ok = cols < hi
@@ -121,26 +130,12 @@ def _lean_partial_kernel(
             if IS_CAUSAL:
                 visible = visible & (cols[None, :] <= n - LQ + i_pos[:, None])
             qk = tl.where(visible, qk, float("-inf"))
-            # -- online softmax; a row that has seen no key keeps m = -inf, l = 0 -----------
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            # -- acc = acc * alpha + P @ V ------------------------------------------------
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-            acc = acc * alpha[:, None]
-            if DOT_UPCAST:
-                acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-            m_i = m_new
+            # -- online softmax: m, l, acc += P @ V; a row that has seen no key keeps m = -inf, l = 0
+            v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd  # [BLOCK_N, BLOCK_D]
+            m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, qk, v_ptrs, col_ok[:, None] & d_ok[None, :], False,
+                                                DOT_PRECISION, DOT_UPCAST)
         # -- epilogue: normalise, lse to natural log; whole outputs go straight to O -------
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        out, lse = softmax_epilogue(m_i, l_i, acc, False)
         if slot < 0:
             tl.store(O + b * stride_ob + h[:, None] * stride_oh + i_pos[:, None] * stride_om + offs_d[None, :] * stride_od,
                      out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -176,21 +171,16 @@ def _lean_reduce_kernel(
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for s in range(s_lo, s_hi):
         m = tl.maximum(m, tl.load(LSEP + s * stride_qs + rows * stride_qr, mask=row_ok, other=float("-inf")))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    # -- pass 2: out = sum_i exp(lse_i - m) o_i / sum_i exp(lse_i - m) ----------------------
+    m_safe = finite_or_zero(m)
+    # -- pass 2: out = sum_i exp(lse_i - m) o_i / sum_i exp(lse_i - m) (empty partials weigh 0) --
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     den = tl.zeros([BLOCK_M], dtype=tl.float32)
     for s in range(s_lo, s_hi):
         ls = tl.load(LSEP + s * stride_qs + rows * stride_qr, mask=row_ok, other=float("-inf"))
-        wgt = tl.exp(ls - m_safe)  # exp(-inf) = 0: empty partials contribute nothing
         o = tl.load(OP + s * stride_ps + rows[:, None] * stride_pr + offs_d[None, :] * stride_pd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += wgt[:, None] * o
-        den += wgt
-    empty = den == 0.0
-    den_safe = tl.where(empty, 1.0, den)
-    out = acc / den_safe[:, None]
-    lse = tl.where(empty, float("-inf"), m_safe + tl.log(den_safe))
+        acc, den = lse_merge_step(acc, den, m_safe, ls, o, False)
+    out, lse = lse_merge_epilogue(acc, den, m_safe)
     h = hk * G + rows // LQ
     i_pos = rows % LQ
     tl.store(O + b * stride_ob + h[:, None] * stride_oh + i_pos[:, None] * stride_om + offs_d[None, :] * stride_od,
@@ -265,25 +255,6 @@ def build_tables(plan: "LeanPlan", starts: Sequence[int] | None, device: torch.d
     return LeanTables(plan, starts if starts is not None else (0,) * len(plan.lengths), device)
 
 
-_interp: dict[str, Any] = {}
-
-
-def _kernel(fn: Any, device: torch.device) -> Any:
-    """The jitted kernel, or an interpreter twin for CPU tensors under ``TRITON_INTERPRET=1``."""
-    if device.type == "cuda":
-        return fn
-    if not interpreting():
-        raise KernelError(f"lean Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
-    if not isinstance(fn, JITFunction):
-        return fn  # already interpreted (module imported with TRITON_INTERPRET=1)
-    name = fn.fn.__name__
-    if name not in _interp:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        _interp[name] = InterpretedFunction(fn.fn)
-    return _interp[name]
-
-
 def lean_attention_triton(
     q: Tensor,
     k: Tensor,
@@ -324,9 +295,8 @@ def lean_attention_triton(
 
     Examples
     --------
-    On a CPU, run it in the interpreter: set ``TRITON_INTERPRET=1`` *before* this module is
-    imported; the lazily built interpreter twin fails on this kernel when the variable is set
-    later ("Cannot call @triton.jit'd outside of the scope of a kernel", not investigated).
+    On a CPU, run it in the interpreter: set ``TRITON_INTERPRET=1`` *before* triton is first
+    imported (:func:`graphtune.codegen.triton_util.kernel_for` raises a ``KernelError`` otherwise).
 
     >>> import torch  # doctest: +SKIP
     >>> from graphtune.codegen.lean_decode.plan import make_plan  # doctest: +SKIP
@@ -355,23 +325,23 @@ def lean_attention_triton(
     G = hq // plan.num_kv_heads
     rows = G * lq
     bm, bd = max(16, triton.next_power_of_2(rows)), max(16, triton.next_power_of_2(d))
-    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    scale = softmax_scale(scale, d)
     out = torch.empty((B, hq, lq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, hq, lq), dtype=torch.float32, device=q.device)
     n_part = max(1, plan.num_partials)
     op = torch.empty((n_part, rows, d), dtype=torch.float32, device=q.device)
     lsep = torch.empty((n_part, rows), dtype=torch.float32, device=q.device)
-    _kernel(_lean_partial_kernel, q.device)[(plan.num_workers,)](
+    kernel_for(_lean_partial_kernel, q.device, "lean decode")[(plan.num_workers,)](
         q, k, v, out, lse, op, lsep, tables.seg, tables.wseg, tables.lens,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *op.stride(), *lsep.stride(),
-        G, lq, d, scale * _LOG2E,
+        G, lq, d, scale * LOG2E.value,
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd, IS_CAUSAL=bool(is_causal and lq > 1),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_UPCAST=q.dtype == torch.bfloat16 and q.device.type == "cpu",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if tables.num_red:
-        _kernel(_lean_reduce_kernel, q.device)[(tables.num_red,)](
+        kernel_for(_lean_reduce_kernel, q.device, "lean decode")[(tables.num_red,)](
             op, lsep, out, lse, tables.red,
             *op.stride(), *lsep.stride(), *out.stride(), *lse.stride(),
             G, lq, d, BLOCK_M=bm, BLOCK_D=bd, num_warps=4, num_stages=1,
@@ -380,19 +350,108 @@ def lean_attention_triton(
 
 
 # ======================================================================================
+# Registry: implementation "triton.lean_decode" of op "lean_decode" (the CPU impl's op arguments)
+# ======================================================================================
+
+LEAN_IMPL_NAME = "triton.lean_decode"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# the SM count the plan assumes for CPU tensors under the interpreter (as the runtime does)
+_STAND_IN_SMS = 4
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _STAND_IN_SMS
+
+
+def gpu_plan(lengths: Sequence[int], num_kv_heads: int, head_dim: int, num_sms: int) -> LeanPlan:
+    """The GPU schedule of a batch: ORT's tile for the head dim (:func:`~.plan.default_tile`) and 2
+    persistent programs per SM, fewer for little work (:func:`~.plan.gpu_num_workers`)."""
+    tile = default_tile(head_dim)
+    tiles = [-(-n // tile) for n in lengths]
+    return make_plan(lengths, num_kv_heads, tile, gpu_num_workers(sum(tiles) * num_kv_heads, num_sms, max(tiles)))
+
+
+@functools.lru_cache(maxsize=16)
+def _tables_for(lengths: tuple[int, ...], starts: tuple[int, ...], num_kv_heads: int, head_dim: int,
+                device: torch.device) -> LeanTables:
+    # plan once per batch, run per layer: the tuner times the per-layer launch (like cpu.lean's caches)
+    return build_tables(gpu_plan(lengths, num_kv_heads, head_dim, _num_sms(device)), starts, device)
+
+
+def lean_decode_triton(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
+                       config: KernelConfig | None = None):
+    """The lean Triton path on attention's arguments, as implementation ``triton.lean_decode`` of op ``lean_decode``.
+
+    Same contract as :func:`graphtune.codegen.lean_decode.cpu.lean_decode_cpu`: ``attn_mask`` (bool
+    or 0/-inf additive, ``[B, 1, q_len, S]``) allows one contiguous range of real keys per row,
+    optionally bottom-right causal among them; the plan (:func:`gpu_plan`) and its device tables
+    are built from it once and cached. ``config``: ``BLOCK_N``, warps, stages of the partial
+    kernel. Bad arguments raise :class:`ShapeError`; a kernel failure raises :class:`KernelError`.
+    """
+    if not lean_args_supported((q, k, v, attn_mask, is_causal, scale, enable_gqa)):
+        raise ShapeError(f"lean_decode: not a decode call lean decode serves: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"is_causal={is_causal}, enable_gqa={enable_gqa}, mask "
+                         f"{None if attn_mask is None else tuple(attn_mask.shape)}")
+    starts, lengths, causal = _padding_of(attn_mask, q.shape[0], q.shape[2], k.shape[2])
+    tables = _tables_for(lengths, starts, k.shape[1], q.shape[-1], q.device)
+    try:
+        return lean_attention_triton(q, k, v, tables.plan, starts, is_causal=causal, scale=scale, tables=tables,
+                                     config=config)
+    except (ShapeError, PlanError, KernelError):
+        raise
+    except Exception as e:  # compile error, OutOfResources, no device/interpreter...
+        raise KernelError(f"lean_decode_triton[{config}] failed: {type(e).__name__}: {e}") from e
+
+
+def _supports(args: tuple) -> bool:
+    a = AttentionArgs.of(args)
+    q, k, v = a.q, a.k, a.v
+    dev_ok = q.device.type == "cuda" or (q.device.type == "cpu" and interpreting())
+    return (dev_ok and q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype and q.dim() == 4
+            and q.shape[-1] <= 256 and lean_args_supported(args))
+
+
+def lean_configs(op_args: tuple) -> list[KernelConfig]:
+    """Pruned config space (:func:`prune_lean_configs`, plan tile of :func:`gpu_plan`) for the op
+    arguments ``(q, k, v, attn_mask, is_causal, scale, enable_gqa)``; always has the default."""
+    a = AttentionArgs.of(op_args)
+    q, k = a.q, a.k
+    rows = q.shape[1] // k.shape[1] * q.shape[2]
+    keep = prune_lean_configs(LEAN_CONFIG_SPACE, rows, q.shape[-1], q.dtype, default_tile(q.shape[-1]))
+    return keep if LEAN_DEFAULT_CONFIG in keep else [LEAN_DEFAULT_CONFIG, *keep]
+
+
+LEAN_IMPL = register_impl(Impl(
+    op=LEAN_OP,
+    name=LEAN_IMPL_NAME,
+    device="cuda",
+    fn=lean_decode_triton,
+    default=LEAN_DEFAULT_CONFIG,
+    configs=lean_configs,
+    # the python sources of both kernels, the blocks they call and the host planning: same hash compiled
+    # or interpreted
+    source_hash=source_hash(_lean_partial_kernel.fn, _lean_reduce_kernel.fn,
+                            *dict.fromkeys(jit_deps(_lean_partial_kernel) + jit_deps(_lean_reduce_kernel)),
+                            lean_decode_triton, gpu_plan, _padding_of, LeanTables),
+    supports=_supports,
+))
+
+
+# ======================================================================================
 # Cross-compilation arguments (graphtune.codegen.crosscompile.compile_for_target)
 # ======================================================================================
 
 
 def lean_compile_args(dtype: torch.dtype, group: int, q_len: int, head_dim: int, config: KernelConfig,
-                      is_causal: bool = False) -> dict[str, tuple]:
+                      is_causal: bool = False, *, num_kv_heads: int = 8, kv_len: int = 4096) -> dict[str, tuple]:
     """``{kernel name: (fn, args, kwargs)}`` for cross-compiling both lean kernels, tensors as dtypes.
 
     Strides of a contiguous ``[B, H, S, D]`` layout (unit last stride, as a real launch would
-    specialise), a 4K-key cache and 8 kv heads.
+    specialise), by default a 4K-key cache and 8 kv heads.
     """
     bm, bd = max(16, triton.next_power_of_2(group * q_len)), max(16, triton.next_power_of_2(head_dim))
-    hq, hkv, S, d, rows = group * 8, 8, 4096, head_dim, group * q_len
+    hkv, S, d, rows = num_kv_heads, kv_len, head_dim, group * q_len
+    hq = group * hkv
     qs = (hq * q_len * d, q_len * d, d, 1)
     ks = (hkv * S * d, S * d, d, 1)
     os_ = qs
@@ -401,7 +460,7 @@ def lean_compile_args(dtype: torch.dtype, group: int, q_len: int, head_dim: int,
     i32, f32 = torch.int32, torch.float32
     partial = (
         (dtype, dtype, dtype, dtype, f32, f32, f32, i32, i32, i32, *qs, *ks, *ks, *os_, *ls, *ps, *pl,
-         group, q_len, d, 0.125 * _LOG2E),
+         group, q_len, d, 0.125 * LOG2E.value),
         dict(BLOCK_M=bm, BLOCK_N=config["BLOCK_N"], BLOCK_D=bd, IS_CAUSAL=bool(is_causal and q_len > 1),
              DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", DOT_UPCAST=False),
     )
@@ -410,3 +469,27 @@ def lean_compile_args(dtype: torch.dtype, group: int, q_len: int, head_dim: int,
         dict(BLOCK_M=bm, BLOCK_D=bd),
     )
     return {"partial": (_lean_partial_kernel, *partial), "reduce": (_lean_reduce_kernel, *reduce)}
+
+
+def lean_compile_spec(op_args: tuple, config: KernelConfig) -> CompileSpec:
+    """The partial kernel's launch for op arguments ``(q, k, v, attn_mask, is_causal, scale, enable_gqa)``
+    (meta tensors fine) and ``config`` (the reduction runs at a fixed ``w4, s1`` and is not tuned).
+
+    Meta tensors have no mask values, so the real key ranges are unknown: the plan is modelled on
+    the padded length ``S`` for every row, and ``q_len > 1`` with a mask is taken as bottom-right
+    causal (HF's decode mask for several queries). ``programs``: :func:`gpu_plan`'s persistent
+    workers on a 132-SM part (H100; the score's busy-SM term saturates there either way).
+    """
+    a = AttentionArgs.of(op_args)
+    q, k, mask = a.q, a.k, a.attn_mask
+    B, hq, lq, d = (int(x) for x in q.shape)
+    hkv, S = int(k.shape[1]), int(k.shape[2])
+    group = hq // hkv
+    fn, args, kwargs = lean_compile_args(q.dtype, group, lq, d, config, is_causal=mask is not None and lq > 1,
+                                         num_kv_heads=hkv, kv_len=S)["partial"]
+    plan_workers = gpu_plan([max(1, S)] * B, hkv, d, 132).num_workers
+    eff = (group * lq / kwargs["BLOCK_M"]) * (d / kwargs["BLOCK_D"])
+    return CompileSpec(fn, args, kwargs, programs=plan_workers, tile_efficiency=eff)
+
+
+register_compile_spec(LEAN_IMPL_NAME, lean_compile_spec)

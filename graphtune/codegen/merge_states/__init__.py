@@ -14,6 +14,6 @@ FAMILY = OpFamily(
     impl_modules={"cpu": ("cpu",), "cuda": ("triton_kernels",)},
     default_impls={"cpu": "cpu.torch", "cuda": "triton.merge_states"},
     reference="graphtune.ir.reference:merge_states_ref",
-    shape="graphtune.autotune.shapes:MergeShape",
+    shape="graphtune.codegen.merge_states.key:MergeShape",
     doc="docs/ops/merge_states.md",
 )

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from graphtune.codegen.compile_spec import CompileSpec, register_compile_spec
 from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
+from graphtune.codegen.triton_blocks import finite_or_zero, jit_deps, lse_merge_epilogue, lse_merge_step
 from graphtune.codegen.triton_util import interpreting, kernel_for
 from graphtune.errors import KernelError, ShapeError
 from graphtune.ir.reference import merge_states_ref
@@ -69,9 +70,9 @@ def _merge_states_kernel(
         lse_n = tl.load(lse_ptrs, mask=row_ok, other=float("-inf"))
         m = tl.maximum(m, lse_n.to(tl.float32))
         lse_ptrs += stride_ln
-    m_safe = tl.where(m == float("-inf"), 0.0, m)  # all-empty rows: avoid (-inf) - (-inf)
+    m_safe = finite_or_zero(m)  # all-empty rows: avoid (-inf) - (-inf)
 
-    # -- pass 2: weights exp(lse_n - m) and the weighted sum of outputs ------------------
+    # -- pass 2: weights exp(lse_n - m) and the weighted sum of outputs (empty partials weigh 0)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     denom = tl.zeros([BLOCK_R], dtype=tl.float32)
     d_ok = offs_d < D
@@ -79,18 +80,13 @@ def _merge_states_kernel(
     o_ptrs = OUTS + rows[:, None] * stride_or + offs_d[None, :] * stride_od
     for _ in range(0, N):
         lse_n = tl.load(lse_ptrs, mask=row_ok, other=float("-inf"))
-        w = tl.exp(lse_n.to(tl.float32) - m_safe)  # exp(-inf) = 0: empty partial contributes nothing
         o_n = tl.load(o_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        # w == 0 must not pick up NaN/inf garbage some kernels leave in empty partials' outputs
-        acc += tl.where(w[:, None] > 0, w[:, None] * o_n.to(tl.float32), 0.0)
-        denom += w
+        acc, denom = lse_merge_step(acc, denom, m_safe, lse_n, o_n, True)
         lse_ptrs += stride_ln
         o_ptrs += stride_on
 
     # -- epilogue: normalize; all-empty rows -> out 0, lse -inf ---------------------------
-    empty = denom == 0.0
-    out = acc / tl.where(empty, 1.0, denom)[:, None]
-    lse = tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, denom)))
+    out, lse = lse_merge_epilogue(acc, denom, m_safe)
     tl.store(O + rows[:, None] * stride_oor + offs_d[None, :] * stride_ood, out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE_OUT + rows, lse, mask=row_ok)
@@ -136,7 +132,7 @@ def prune_merge_configs(configs: Sequence[KernelConfig], rows: int, head_dim: in
 
 
 def _rows_dim(op_args: tuple) -> tuple[int, int]:
-    outs = op_args[0]
+    outs, _ = op_args  # (outs, lses)
     o = outs[0]
     rows = 1
     for s in o.shape[:-1]:
@@ -258,7 +254,7 @@ def _op_fn(outs, lses, *, config=None):
 
 
 def _supports(args: tuple) -> bool:
-    outs = args[0]
+    outs, _ = args  # (outs, lses)
     if len(outs) == 0:
         return False
     o = outs[0]
@@ -273,14 +269,15 @@ MERGE_IMPL = register_impl(Impl(
     fn=_op_fn,
     default=MERGE_DEFAULT_CONFIG,
     configs=merge_configs,
-    source_hash=source_hash(_merge_states_kernel.fn),  # the python source: same hash compiled or interpreted
+    # the python sources of the kernel and the blocks it calls: same hash compiled or interpreted
+    source_hash=source_hash(_merge_states_kernel.fn, *jit_deps(_merge_states_kernel)),
     supports=_supports,
 ))
 
 
 def merge_compile_spec(op_args: tuple, config: KernelConfig) -> CompileSpec:
     """Launch arguments of :func:`merge_states` for ``op_args = (outs, lses)`` (meta tensors fine)."""
-    outs = op_args[0]
+    outs, _ = op_args
     n = len(outs)
     rows, d = _rows_dim(op_args)
     dtype = outs[0].dtype

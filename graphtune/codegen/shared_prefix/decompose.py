@@ -10,8 +10,9 @@ Attention of a batch whose KV caches share prefixes is split exactly into
 
 The partial attentions run through graphtune's attention-with-LSE: on CPU ATen's flash kernel
 directly (no op-dispatch overhead per call), elsewhere ``torch.ops.graphtune.attention_with_lse``
-so the GPU implementation chosen by the runtime (Triton) is used. Reentrant calls are marked
-with :func:`inside_shared_prefix` so the runtime's selector does not decompose them again.
+so the GPU implementation chosen by the runtime (Triton) is used. The runtime's re-entry guard
+(``Feature(reenters=True)`` in :mod:`graphtune.runtime.context`) keeps the shared-prefix selector
+from decomposing those inner calls again.
 
 The sharing description here is low level (tensors + row indices); plans live in
 :mod:`graphtune.runtime.shared_prefix`, which builds :class:`Segment` lists from them.
@@ -28,10 +29,8 @@ The sharing description here is low level (tensors + row indices); plans live in
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -39,41 +38,25 @@ from torch import Tensor
 from graphtune import flags
 from graphtune.errors import PlanError, ShapeError
 from graphtune.ir.ops import attention_cpu, check_attention_args
+from graphtune.ir.reference import merge_states_ref
 
 __all__ = [
     "Segment",
     "Partial",
     "SUFFIX_MODES",
-    "inside_shared_prefix",
     "partial_attention",
     "prefix_attention",
     "suffix_attention",
     "merge_partials",
     "shared_prefix_attention",
     "fused_available",
+    "suffix_merge_ref",
 ]
 
 # "padded": one batched call over the padded suffix buffer with a length mask;
 # "loop": one call per row over exactly its keys (varlen). Measured in
 # benchmarks/bench_shared_prefix.py::test_suffix_mode_*: padded wins on this CPU for decode.
 SUFFIX_MODES = ("padded", "loop")
-
-_inside: contextvars.ContextVar[bool] = contextvars.ContextVar("graphtune_shared_prefix_inside", default=False)
-
-
-@contextlib.contextmanager
-def _mark_inside() -> Iterator[None]:
-    tok = _inside.set(True)
-    try:
-        yield
-    finally:
-        _inside.reset(tok)
-
-
-def inside_shared_prefix() -> bool:
-    """True while a shared-prefix decomposition runs its partial attentions (selectors must decline)."""
-    return _inside.get()
-
 
 @dataclass(frozen=True)
 class Segment:
@@ -113,16 +96,16 @@ def partial_attention(
     k: Tensor,
     v: Tensor,
     attn_mask: Tensor | None = None,
+    is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
-    is_causal: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Attention returning ``(out, lse)`` through graphtune's attention-with-LSE (SDPA semantics)."""
     if q.device.type == "cpu":
         return attention_cpu(q, k, v, attn_mask, is_causal, scale, enable_gqa)
-    with _mark_inside():
-        out, lse = torch.ops.graphtune.attention_with_lse(q, k, v, attn_mask, is_causal, scale, enable_gqa)
-    return out, lse
+    # through the op, so tuned dispatch serves it; the runtime's re-entry guard keeps the
+    # shared-prefix feature itself from taking this inner call
+    return torch.ops.graphtune.attention_with_lse(q, k, v, attn_mask, is_causal, scale, enable_gqa)
 
 
 def _kv_groups(hq: int, hkv: int, enable_gqa: bool) -> int:
@@ -158,7 +141,7 @@ def prefix_attention(q: Tensor, seg: Segment, scale: float | None = None, enable
     # fold rows and the GQA group into the query axis: [R, Hkv*G, Lq, D] -> [1, Hkv, R*G*Lq, D]
     qf = qr.reshape(R, Hkv, G * Lq, D).transpose(0, 1).reshape(1, Hkv, R * G * Lq, D)
     mask = None if seg.key_mask is None else seg.key_mask.view(1, 1, 1, n)
-    o, lse = partial_attention(qf, seg.k.unsqueeze(0), seg.v.unsqueeze(0), mask, scale)
+    o, lse = partial_attention(qf, seg.k.unsqueeze(0), seg.v.unsqueeze(0), mask, False, scale)
     # unfold: [1, Hkv, R*G*Lq, Dv] -> [R, Hq, Lq, Dv]
     o = o.reshape(Hkv, R, G * Lq, Dv).transpose(0, 1).reshape(R, Hq, Lq, Dv)
     lse = lse.reshape(Hkv, R, G * Lq).transpose(0, 1).reshape(R, Hq, Lq)
@@ -170,12 +153,12 @@ def _is_arange(rows: Tensor) -> bool:
     return n == 0 or (int(rows[0]) == 0 and int(rows[-1]) == n - 1 and bool((rows.diff() == 1).all()))
 
 
-def _suffix_mask(lens: Tensor, Lq: int, Ls: int, causal: bool) -> Tensor:
-    """Bool ``[B, 1, Lq, Ls]``: key j of row b is valid iff j < len_b and, if causal, bottom-right aligned."""
+def _suffix_mask(lens: Tensor, Lq: int, Ls: int, is_causal: bool) -> Tensor:
+    """Bool ``[B, 1, Lq, Ls]``: key j of row b is valid iff j < len_b and, if is_causal, bottom-right aligned."""
     j = torch.arange(Ls, device=lens.device).view(1, 1, 1, Ls)
     ln = lens.view(-1, 1, 1, 1)
     m = j < ln
-    if causal and Lq > 1:
+    if is_causal and Lq > 1:
         i = torch.arange(Lq, device=lens.device).view(1, 1, Lq, 1)
         m = m & (j <= ln - Lq + i)
     return m
@@ -192,7 +175,7 @@ def suffix_attention(
     v: Tensor,
     lens: Tensor | None = None,
     attn_mask: Tensor | None = None,
-    causal: bool = False,
+    is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
     mode: str = "padded",
@@ -206,8 +189,8 @@ def suffix_attention(
     lens : LongTensor ``[B]`` or None
         Valid suffix length per row (None: all ``Ls``).
     attn_mask : ``[B|1, 1|Hq, Lq, Ls]`` or None
-        Extra mask (bool or additive), combined with ``lens``/``causal``.
-    causal : bool
+        Extra mask (bool or additive), combined with ``lens``/``is_causal``.
+    is_causal : bool
         Bottom-right causal: the ``Lq`` queries are the last ``Lq`` tokens of each row's suffix,
         so each row's suffix must hold at least ``Lq`` tokens.
     mode : {"padded", "loop"}
@@ -217,12 +200,12 @@ def suffix_attention(
         raise ValueError(f"suffix_attention: mode must be one of {SUFFIX_MODES}, got {mode!r}")
     B, Hq, Lq, _ = q.shape
     Ls = k.shape[-2]
-    _check_suffix(B, Lq, Ls, lens, causal)
+    _check_suffix(B, Lq, Ls, lens, is_causal)
     if mode == "loop" and B > 0:
-        return _suffix_loop(q, k, v, lens, attn_mask, causal, scale, enable_gqa)
+        return _suffix_loop(q, k, v, lens, attn_mask, is_causal, scale, enable_gqa)
     mask = attn_mask
-    if lens is not None or (causal and Lq > 1):
-        lm = _suffix_mask(lens if lens is not None else torch.full((B,), Ls, device=q.device), Lq, Ls, causal)
+    if lens is not None or (is_causal and Lq > 1):
+        lm = _suffix_mask(lens if lens is not None else torch.full((B,), Ls, device=q.device), Lq, Ls, is_causal)
         if mask is None:
             mask = lm
         elif mask.dtype == torch.bool:
@@ -232,7 +215,7 @@ def suffix_attention(
     if mask is not None:
         while mask.dim() < 4:
             mask = mask.unsqueeze(0)
-    o, lse = partial_attention(q, k, v, mask, scale, enable_gqa)
+    o, lse = partial_attention(q, k, v, mask, False, scale, enable_gqa)
     if mask is not None:
         # ATen's kernel reports lse = 0 for rows with no valid key; the merge needs -inf
         hk = _has_key(mask).expand(B, Hq, Lq)
@@ -241,20 +224,20 @@ def suffix_attention(
     return Partial(None, o, lse)
 
 
-def _check_suffix(B: int, Lq: int, Ls: int, lens: Tensor | None, causal: bool) -> None:
+def _check_suffix(B: int, Lq: int, Ls: int, lens: Tensor | None, is_causal: bool) -> None:
     if lens is not None:
         if lens.shape != (B,):
             raise ShapeError(f"suffix lengths must be [B={B}], got {tuple(lens.shape)}")
         if B and (int(lens.max()) > Ls or int(lens.min()) < 0):
             raise PlanError(f"suffix lengths {lens.tolist()} exceed the suffix buffer of {Ls} tokens")
-    if causal and Lq > 1:
+    if is_causal and Lq > 1:
         short = (lens if lens is not None else torch.full((B,), Ls)) < Lq
         if bool(short.any()):
             raise PlanError(f"rows {short.nonzero().flatten().tolist()} have fewer suffix tokens than the {Lq} "
                             "queries: queries would overlap the shared prefix, which is attended non-causally")
 
 
-def _suffix_loop(q, k, v, lens, attn_mask, causal, scale, enable_gqa) -> Partial:
+def _suffix_loop(q, k, v, lens, attn_mask, is_causal, scale, enable_gqa) -> Partial:
     B, Hq, Lq, _ = q.shape
     outs, lses = [], []
     for b in range(B):
@@ -263,7 +246,7 @@ def _suffix_loop(q, k, v, lens, attn_mask, causal, scale, enable_gqa) -> Partial
         if attn_mask is not None:
             m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
             m = m4.expand(B, -1, -1, -1)[b : b + 1, :, :, :n]
-        p = suffix_attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], None, m, causal, scale,
+        p = suffix_attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], None, m, is_causal, scale,
                              enable_gqa, "padded")
         outs.append(p.out)
         lses.append(p.lse)
@@ -310,24 +293,9 @@ def merge_partials(batch: int, partials: Sequence[Partial]) -> tuple[Tensor, Ten
     if len(outs) == 1:
         return outs[0], lses[0]
     if outs[0].device.type == "cpu":
-        return _merge_cpu(outs, lses)
-    with _mark_inside():
-        out, lse = torch.ops.graphtune.merge_states(outs, lses)
-    return out, lse
+        return merge_states_ref(outs, lses)  # the torch merge directly: no op dispatch per call
+    return torch.ops.graphtune.merge_states(outs, lses)
 
-
-def _merge_cpu(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """``merge_states`` folded pairwise in 5 fused ops per pair (decode-sized states are op-overhead bound).
-
-    For two parts, ``w_a = e^la / (e^la + e^lb) = sigmoid(la - lb)`` and ``o = lerp(o_b, o_a, w_a)``;
-    both empty (``-inf - -inf = nan``) gives ``w = 0`` and the (zero) output of the second.
-    """
-    out, lse = outs[0].float(), lses[0]
-    for o, l in zip(outs[1:], lses[1:]):
-        w = torch.nan_to_num_(torch.sigmoid(lse - l), nan=0.0)  # [..., L]
-        out = torch.lerp(o.float(), out, w[..., None])
-        lse = torch.logaddexp(lse, l)
-    return out.to(outs[0].dtype), lse
 
 def shared_prefix_attention(
     q: Tensor,
@@ -336,7 +304,7 @@ def shared_prefix_attention(
     suffix_v: Tensor,
     suffix_lens: Tensor | None = None,
     suffix_mask: Tensor | None = None,
-    causal: bool = True,
+    is_causal: bool = True,
     scale: float | None = None,
     enable_gqa: bool = False,
     suffix_mode: str = "padded",
@@ -357,7 +325,7 @@ def shared_prefix_attention(
         Valid suffix tokens per row (ragged suffixes); None means all ``Ls``.
     suffix_mask : Tensor, optional
         Extra bool/additive mask over the suffix keys, ``[B|1, 1|Hq, Lq, Ls]``.
-    causal : bool
+    is_causal : bool
         Bottom-right causal attention inside the suffix (append/prefill of ``Lq > 1`` tokens).
     scale, enable_gqa :
         As in ``F.scaled_dot_product_attention``.
@@ -404,10 +372,10 @@ def shared_prefix_attention(
         if r.numel():
             partials.append(prefix_attention(q, seg, scale, enable_gqa))
     if fused if fused is not None else fused_available(q, suffix_mask, passes_mask=True):
-        _check_suffix(q.shape[0], q.shape[-2], suffix_k.shape[-2], suffix_lens, causal)
+        _check_suffix(q.shape[0], q.shape[-2], suffix_k.shape[-2], suffix_lens, is_causal)
         prior = merge_partials(B, partials) if partials else None
-        return _fused_suffix_merge(q, suffix_k, suffix_v, suffix_lens, prior, causal, scale, enable_gqa, suffix_mask)
-    partials.append(suffix_attention(q, suffix_k, suffix_v, suffix_lens, suffix_mask, causal, scale, enable_gqa,
+        return _fused_suffix_merge(q, suffix_k, suffix_v, suffix_lens, prior, suffix_mask, is_causal, scale, enable_gqa)
+    partials.append(suffix_attention(q, suffix_k, suffix_v, suffix_lens, suffix_mask, is_causal, scale, enable_gqa,
                                      suffix_mode))
     return merge_partials(B, partials)
 
@@ -422,8 +390,22 @@ def fused_available(q: Tensor, suffix_mask: Tensor | None = None, *, passes_mask
     return q.device.type == "cuda" and (suffix_mask is None or passes_mask) and not flags.get("DISABLE_TRITON")
 
 
-def _fused_suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa, mask=None) -> tuple[Tensor, Tensor]:
+def _fused_suffix_merge(q, k, v, lens, prior, attn_mask, is_causal, scale, enable_gqa) -> tuple[Tensor, Tensor]:
     from graphtune.codegen.shared_prefix.triton_kernels import suffix_merge  # triton only when used
 
-    return suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa, mask)
+    return suffix_merge(q, k, v, lens, prior, attn_mask, is_causal, scale, enable_gqa)
 
+
+def suffix_merge_ref(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None = None, prior_out: Tensor | None = None,
+                     prior_lse: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False,
+                     scale: float | None = None, enable_gqa: bool = False, mode: str = "padded") -> tuple[Tensor, Tensor]:
+    """Op ``shared_prefix_suffix_merge`` in torch: each row's suffix attention merged with a prior state.
+
+    The family's reference and its CPU implementation (``mode``: :data:`SUFFIX_MODES`); the
+    Triton kernel fuses both steps. Arguments in the op's order ``(q, k, v, lens, prior_out,
+    prior_lse, attn_mask, is_causal, scale, enable_gqa)``; returns ``(out, lse)``.
+    """
+    parts = [suffix_attention(q, k, v, lens, attn_mask, is_causal, scale, enable_gqa, mode)]
+    if prior_out is not None:
+        parts.insert(0, Partial(None, prior_out, prior_lse))
+    return merge_partials(q.shape[0], parts)

@@ -15,7 +15,6 @@ On CPU the kernel runs only in the interpreter (``TRITON_INTERPRET=1`` before tr
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Sequence
 
@@ -26,9 +25,12 @@ from torch import Tensor
 
 from graphtune.codegen.compile_spec import CompileSpec, register_compile_spec
 from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
-from graphtune.codegen.shared_prefix.decompose import Partial, merge_partials, suffix_attention  # torch-only, one way
+from graphtune.codegen.shared_prefix.decompose import suffix_merge_ref  # torch-only, one way
+from graphtune.codegen.triton_blocks import (LOG2E, jit_deps, online_softmax_step, softmax_epilogue, softmax_init,
+                                             softmax_init_from_lse)
 from graphtune.codegen.triton_util import interpreting, kernel_for
 from graphtune.errors import KernelError, ShapeError
+from graphtune.ir.args import AttentionArgs, softmax_scale
 
 __all__ = [
     "suffix_merge",
@@ -41,8 +43,6 @@ __all__ = [
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 # ======================================================================================
@@ -97,15 +97,11 @@ def _suffix_merge_kernel(
     # -- start from the prefix state: one virtual block with m = lse_p (log2), l = 1, acc = o_p
     if HAS_PRIOR:
         pl = tl.load(PLSE + b * stride_plb + hq * stride_plh + i * stride_plm, mask=row_ok, other=float("-inf"))
-        m_i = pl.to(tl.float32) * 1.4426950408889634
-        l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
         po_ptrs = PO + b * stride_pb + hq[:, None] * stride_ph + i[:, None] * stride_pm + offs_d[None, :] * stride_pd
         po = tl.load(po_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.where(l_i[:, None] > 0, po.to(tl.float32), 0.0)
+        m_i, l_i, acc = softmax_init_from_lse(po, pl)
     else:
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_D)
 
     # -- stream the row's suffix keys with online softmax (log2 domain) --------------------
     for start_n in range(0, n_len, BLOCK_N):
@@ -130,25 +126,14 @@ def _suffix_merge_kernel(
                 # additive mask, to the log2 domain. Clamped first so that a finite fill such as
                 # finfo.min stays finite there (x log2 e would overflow to -inf and make the row
                 # "empty"): a row at one huge fill then averages uniformly, as in SDPA.
-                s = s + tl.maximum(mk.to(tl.float32), -2.3e38) * 1.4426950408889634
+                s = s + tl.maximum(mk.to(tl.float32), -2.3e38) * LOG2E
         s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: avoid -inf - -inf
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if F32_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v_ptrs, n_ok[:, None] & d_ok[None, :], False, "tf32",
+                                            F32_DOT)
 
     # -- epilogue: normalize; rows with no key at all -> out 0, lse -inf ----------------------
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    out, lse = softmax_epilogue(m_i, l_i, acc, False)
     tl.store(O + b * stride_ob + hq[:, None] * stride_oh + i[:, None] * stride_om + offs_d[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b * stride_lb + hq * stride_lh + i * stride_lm, lse, mask=row_ok)
@@ -192,14 +177,23 @@ def prune_suffix_merge_configs(configs: Sequence[KernelConfig], rows: int, keys:
     return keep or [SUFFIX_MERGE_DEFAULT_CONFIG]
 
 
+def _suffix_args(op_args: tuple) -> tuple[AttentionArgs, Tensor | None, Tensor | None, Tensor | None]:
+    """``(attention args, lens, prior_out, prior_lse)`` of op ``shared_prefix_suffix_merge``'s arguments
+    ``(q, k, v, lens, prior_out, prior_lse, attn_mask, is_causal, scale, enable_gqa)`` (trailing ones optional)."""
+    q, k, v, *rest = op_args
+    lens, prior_out, prior_lse = (*rest[:3], None, None, None)[:3]
+    return AttentionArgs.of((q, k, v, *rest[3:])), lens, prior_out, prior_lse
+
+
 def _dims(op_args: tuple) -> tuple[int, int, int]:
-    q, k = op_args[0], op_args[1]
-    G = q.shape[1] // k.shape[1]
-    return G * q.shape[2], k.shape[2], q.shape[3]
+    a = _suffix_args(op_args)[0]
+    G = a.q.shape[1] // a.k.shape[1]
+    return G * a.q.shape[2], a.k.shape[2], a.q.shape[3]
 
 
 def suffix_merge_configs(op_args: tuple) -> list[KernelConfig]:
-    """Pruned config space for ``(q, k, v, lens, prior_out, prior_lse, causal, scale)``; has the default."""
+    """Pruned config space for ``(q, k, v, lens, prior_out, prior_lse, attn_mask, is_causal, scale, enable_gqa)``;
+    has the default."""
     keep = prune_suffix_merge_configs(SUFFIX_MERGE_CONFIG_SPACE, *_dims(op_args))
     return keep if SUFFIX_MERGE_DEFAULT_CONFIG in keep else [SUFFIX_MERGE_DEFAULT_CONFIG, *keep]
 
@@ -209,23 +203,16 @@ def suffix_merge_configs(op_args: tuple) -> list[KernelConfig]:
 # ======================================================================================
 
 
-def _torch_suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa, attn_mask=None):
-    parts = [suffix_attention(q, k, v, lens, attn_mask, causal, scale, enable_gqa)]
-    if prior is not None:
-        parts.insert(0, Partial(None, prior[0], prior[1]))
-    return merge_partials(q.shape[0], parts)
-
-
 def suffix_merge(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     lens: Tensor | None = None,
     prior: tuple[Tensor, Tensor] | None = None,
-    causal: bool = False,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
-    attn_mask: Tensor | None = None,
     *,
     config: KernelConfig | None = None,
     fallback: bool = True,
@@ -239,9 +226,10 @@ def suffix_merge(
     lens : ``[B]`` valid suffix keys per row, or None for all ``Ls``.
     prior : ``(out [B, Hq, Lq, D], lse [B, Hq, Lq] fp32)`` of the keys before the suffix
         (``lse = -inf`` where a row has none), or None.
-    causal : bottom-right causal inside the suffix (rows need ``lens >= Lq``).
     attn_mask : extra mask over the suffix keys, bool (True = attend) or additive (q's dtype or
-        fp32), broadcastable to ``[B, Hq, Lq, Ls]``; combined with ``lens`` and ``causal``.
+        fp32), broadcastable to ``[B, Hq, Lq, Ls]``; combined with ``lens`` and ``is_causal``.
+    is_causal : bottom-right causal inside the suffix (rows need ``lens >= Lq``).
+    scale, enable_gqa : as in ``F.scaled_dot_product_attention``.
     config : ``BLOCK_M``, ``BLOCK_N``, warps, stages; default :data:`SUFFIX_MERGE_DEFAULT_CONFIG`.
     fallback : on kernel failure warn and compute with torch; ``False`` raises :class:`KernelError`.
 
@@ -281,7 +269,7 @@ def suffix_merge(
     mask_ptr, mask_strides = (mask, mask.stride()) if mask is not None else (out, (0, 0, 0, 0))
     po, pl = prior if prior is not None else (out, lse)
     pl = pl.float()
-    s = scale if scale is not None else 1.0 / math.sqrt(D)
+    s = softmax_scale(scale, D)
     grid = (B * Hkv, triton.cdiv(G * Lq, cfg["BLOCK_M"]))
     if B == 0 or Lq == 0:
         return out, lse
@@ -289,8 +277,8 @@ def suffix_merge(
         kernel_for(_suffix_merge_kernel, q.device, "suffix_merge")[grid](
             q, k, v, lens32, po, pl, out, lse, mask_ptr,
             *q.stride(), *k.stride(), *v.stride(), *po.stride(), *pl.stride(), *out.stride(), *lse.stride(),
-            *mask_strides, Hkv, Lq, Ls, D, s * _LOG2E,
-            G=G, HAS_LENS=lens is not None, HAS_PRIOR=prior is not None, CAUSAL=bool(causal and Lq > 1),
+            *mask_strides, Hkv, Lq, Ls, D, s * LOG2E.value,
+            G=G, HAS_LENS=lens is not None, HAS_PRIOR=prior is not None, CAUSAL=bool(is_causal and Lq > 1),
             MASK_KIND=mask_kind,
             F32_DOT=q.dtype == torch.float32 or q.device.type == "cpu",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, triton.next_power_of_2(D)),
@@ -301,7 +289,7 @@ def suffix_merge(
         if not fallback:
             raise err from e
         warnings.warn(f"{err}; falling back to the torch path", RuntimeWarning, stacklevel=2)
-        return _torch_suffix_merge(q, k, v, lens, prior, causal, scale, enable_gqa, attn_mask)
+        return suffix_merge_ref(q, k, v, lens, *(prior or (None, None)), attn_mask, is_causal, scale, enable_gqa)
     return out, lse
 
 
@@ -328,17 +316,18 @@ def _mask_view(mask: Tensor | None, B: int, Hq: int, Lq: int, Ls: int, dtype: to
 # ======================================================================================
 
 
-def _op_fn(q, k, v, lens=None, prior_out=None, prior_lse=None, causal=False, scale=None, attn_mask=None, *,
-           config=None):
+def _op_fn(q, k, v, lens=None, prior_out=None, prior_lse=None, attn_mask=None, is_causal=False, scale=None,
+           enable_gqa=False, *, config=None):
     prior = None if prior_out is None else (prior_out, prior_lse)
-    return suffix_merge(q, k, v, lens, prior, causal, scale, q.shape[1] != k.shape[1], attn_mask, config=config,
-                        fallback=False)
+    return suffix_merge(q, k, v, lens, prior, attn_mask, is_causal, scale, enable_gqa, config=config, fallback=False)
 
 
 def _supports(args: tuple) -> bool:
-    q = args[0]
+    a = _suffix_args(args)[0]
+    q = a.q
     dev_ok = q.device.type == "cuda" or (q.device.type == "cpu" and interpreting())
-    return dev_ok and q.dtype in _DTYPES and q.dim() == 4
+    return (dev_ok and q.dtype in _DTYPES and q.dim() == 4 and a.k.dim() == 4
+            and (q.shape[1] == a.k.shape[1] or bool(a.enable_gqa)))
 
 
 SUFFIX_MERGE_IMPL = register_impl(Impl(
@@ -348,18 +337,16 @@ SUFFIX_MERGE_IMPL = register_impl(Impl(
     fn=_op_fn,
     default=SUFFIX_MERGE_DEFAULT_CONFIG,
     configs=suffix_merge_configs,
-    source_hash=source_hash(_suffix_merge_kernel),
+    source_hash=source_hash(_suffix_merge_kernel.fn, *jit_deps(_suffix_merge_kernel)),
     supports=_supports,
 ))
 
 
 def suffix_merge_compile_spec(op_args: tuple, config: KernelConfig) -> CompileSpec:
-    """Launch arguments for ``op_args = (q, k, v, lens, prior_out, prior_lse, causal, scale, attn_mask)``
-    (meta tensors fine; trailing arguments optional)."""
-    q, k = op_args[0], op_args[1]
-    lens, prior_out = (op_args[3] if len(op_args) > 3 else None), (op_args[4] if len(op_args) > 4 else None)
-    causal = bool(op_args[6]) if len(op_args) > 6 else False
-    mask = op_args[8] if len(op_args) > 8 else None
+    """Launch arguments for ``op_args = (q, k, v, lens, prior_out, prior_lse, attn_mask, is_causal, scale,
+    enable_gqa)`` (meta tensors fine; trailing arguments optional)."""
+    a, lens, prior_out, _ = _suffix_args(op_args)
+    q, k, mask, is_causal = a.q, a.k, a.attn_mask, bool(a.is_causal)
     B, Hq, Lq, D = (int(x) for x in q.shape)
     Hkv, Ls = int(k.shape[1]), int(k.shape[2])
     G = Hq // Hkv
@@ -374,7 +361,7 @@ def suffix_merge_compile_spec(op_args: tuple, config: KernelConfig) -> CompileSp
     args = (dt, dt, dt, torch.int32, dt, torch.float32, dt, torch.float32, mdt,
             *qs, *ks, *ks, *qs, *ls, *qs, *ls, *ms,
             Hkv, Lq, Ls, D, 0.18)
-    kwargs = dict(G=G, HAS_LENS=lens is not None, HAS_PRIOR=prior_out is not None, CAUSAL=causal and Lq > 1,
+    kwargs = dict(G=G, HAS_LENS=lens is not None, HAS_PRIOR=prior_out is not None, CAUSAL=is_causal and Lq > 1,
                   MASK_KIND=mask_kind,
                   F32_DOT=dt == torch.float32, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_D=bd)
     rows = G * Lq

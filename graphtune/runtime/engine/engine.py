@@ -192,7 +192,8 @@ class Engine:
         eos = self._eos(eos_token_id)
         rows_prompts = [p for p in ids for _ in range(num_return_sequences)]
         # no_grad, not inference_mode: lean decode's worker threads write into tensors made here
-        with torch.no_grad():
+        # (they run outside the caller's inference mode, so it is turned off here too)
+        with torch.inference_mode(False), torch.no_grad():
             return self._run(rows_prompts, max_new_tokens, sampling, eos, on_tokens, progress)
 
     def plan(self, prompts: Sequence[Sequence[int]] | Sequence[str], max_new_tokens: int = 32,
@@ -302,6 +303,14 @@ class Engine:
                 active = [row for row in active + admitted if not row.done]
                 continue
             if not active:
+                if pool.used:
+                    # nothing runs, yet shared nodes kept for waiting rows block the next row (FIFO
+                    # by row index): evict them all; rows that need them prefill them again
+                    for n in tree.shared:
+                        if n.slot >= 0:
+                            pool.free(n.slot, n.capacity)
+                            n.slot, n.filled = -1, 0
+                    continue
                 row = waiting[0]
                 raise PlanError(f"Engine: row {row.index} needs {self._need(row)} KV slots but the budget "
                                 f"max_kv_tokens={self.max_kv_tokens} has at most {pool.largest_free()} free")

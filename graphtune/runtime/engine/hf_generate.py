@@ -63,6 +63,8 @@ def why_not(model: Any, args: tuple, kwargs: dict[str, Any]) -> str | None:
     kwargs = dict(kwargs)
     if len(args) > 1:
         return "positional arguments beyond input_ids"
+    if kwargs.get("inputs_embeds") is not None:
+        return "inputs_embeds (the engine takes token ids)"
     ids = args[0] if args else kwargs.pop("input_ids", kwargs.pop("inputs", None))
     if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
         return "input_ids must be a [batch, length] integer tensor"
@@ -115,9 +117,21 @@ class EngineGenerate:
         ids = args[0] if args else kwargs.pop("input_ids", kwargs.pop("inputs", None))
         mask = kwargs.pop("attention_mask", None)
         streamer = kwargs.pop("streamer", None)
+        from transformers import GenerationConfig
+
+        # HF: no max_length set anywhere (4.x: the default 20; 5.x: None) means 20 *new* tokens,
+        # within the model's positions (GenerationMixin._prepare_generated_length)
+        base = kwargs.get("generation_config") or self.model.generation_config
+        default_length = kwargs.get("max_length") is None and base.max_length == GenerationConfig().max_length
         gc, _ = _generation_config(self.model, kwargs)
         B, L = ids.shape
-        new = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - L
+        if gc.max_new_tokens is not None:
+            new = gc.max_new_tokens
+        elif default_length:
+            max_pos = getattr(self.model.config, "max_position_embeddings", None)
+            new = (min(gc.max_length + L, max_pos) if max_pos is not None else gc.max_length + L) - L
+        else:
+            new = gc.max_length - L
         if new < 1:
             raise ValueError(f"max_length {gc.max_length} leaves no room to generate after {L} input tokens")
         prompts = [ids[b][mask[b].bool()].tolist() if mask is not None else ids[b].tolist() for b in range(B)]

@@ -70,6 +70,8 @@ class KVPool:
         """First slot of a free range of ``n`` slots, or None if no free range is that long."""
         if n < 0:
             raise PlanError(f"KV pool: cannot reserve {n} slots")
+        if n == 0:  # nothing to store (an entirely shared prompt, one new token): fits even a full pool
+            return 0
         for i, (s, length) in enumerate(self._free):
             if length >= n:
                 if length == n:

@@ -23,7 +23,6 @@ attention over the concatenated KV.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -32,7 +31,9 @@ from torch import Tensor
 
 from graphtune.codegen.lean_decode.cpu import build_cpu_program, lean_attention_cpu
 from graphtune.codegen.lean_decode.plan import make_plan
+from graphtune.ir.args import softmax_scale
 from graphtune.ir.ops import flash_cpu
+from graphtune.ir.reference import merge_lse
 from graphtune.runtime.engine.kv_pool import KVPool
 from graphtune.runtime.engine.prefix_tree import Node
 
@@ -154,7 +155,7 @@ def run_attention(plan: StepPlan, pool: KVPool, layer: int, q: Tensor, k: Tensor
     q0 = q[0]
     hq, T, d = q0.shape
     hkv = K.shape[0]
-    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    scale = softmax_scale(scale, d)
     P = plan.levels
     if P == 1:
         out = q0.new_empty((hq, T, d))
@@ -208,7 +209,4 @@ def run_attention(plan: StepPlan, pool: KVPool, layer: int, q: Tensor, k: Tensor
 
 def _merge_levels(out_st: Tensor, lse_st: Tensor) -> Tensor:
     # out_st: [P, Hq, T, D], lse_st: [P, Hq, T] (-inf: no partial at that level) -> [Hq, T, D]
-    m = lse_st.amax(0)
-    w = torch.exp(lse_st - m)
-    s = w.sum(0)
-    return ((out_st * (w / s).unsqueeze(-1).to(out_st.dtype)).sum(0))
+    return merge_lse(out_st, lse_st, 0)[0].to(out_st.dtype)

@@ -8,7 +8,7 @@ from graphtune.codegen.attention import cpu as C
 from graphtune.codegen.registry import KernelConfig, get_impl, impls_for
 from graphtune.errors import ShapeError
 from graphtune.ir.ops import attention_cpu
-from graphtune.ir.reference import attention_ref, merge_states_ref
+from graphtune.ir.reference import attention_ref
 
 ATTN_IMPLS = ["cpu.flash", "cpu.split_kv", "cpu.gqa_fold", "cpu.math"]
 # (B, Hq, Hkv, L, S, D): odd lengths, decode (L=1), GQA groups 1/2/3/4, S long enough to split
@@ -125,21 +125,6 @@ def test_registered_cpu_impls_and_their_spaces():
     assert {c["SPLITS"] for c in split} == {2, 4, 8, 16, 32} and {c["FOLD"] for c in split} == {0, 1}
     assert not get_impl("attention_with_lse", "cpu.split_kv").supports((q, k[:, :, :200], k[:, :, :200], None, False, None, True))
     assert not get_impl("attention_with_lse", "cpu.gqa_fold").supports((q, q, q, None, False, None, False))
-
-
-@pytest.mark.parametrize("stacked", [0, 1])
-def test_merge_states_torch_matches_reference_with_empty_partials(stacked):
-    outs = [torch.randn(2, 3, 5, 8) for _ in range(4)]
-    lses = [torch.randn(2, 3, 5) for _ in range(4)]
-    lses[1][0, 0, 0] = float("-inf")
-    for l in lses:  # row (1, 2, 4) is empty in every partial
-        l[1, 2, 4] = float("-inf")
-    outs[1][0, 0, 0] = 0.0
-    impl = get_impl("merge_states", "cpu.torch")
-    got = impl.fn(outs, lses, config=KernelConfig.make(STACKED=stacked))
-    want = merge_states_ref(outs, lses)
-    assert torch.isneginf(got[1][1, 2, 4]) and (got[0][1, 2, 4] == 0).all()
-    _check(got, want, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ATTN_IMPLS)

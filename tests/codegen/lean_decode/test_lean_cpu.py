@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphtune.codegen.lean_decode.cpu import build_cpu_program, lean_attention_cpu, merge_partials
+from graphtune.codegen.lean_decode.cpu import build_cpu_program, lean_attention_cpu
 from graphtune.errors import PlanError, ShapeError
-from graphtune.ir.reference import attention_ref, merge_states_ref
+from graphtune.ir.reference import attention_ref
 from graphtune.codegen.lean_decode.plan import make_plan
 
 LENGTHS = [300, 7, 1, 64, 64, 129, 1, 1]  # ragged, length-1 rows, runs of equal rows (batched calls)
@@ -102,19 +102,6 @@ def test_program_with_starts_folds_equal_sequences_into_one_batched_call():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(PlanError, match="other sequence starts"):
         lean_attention_cpu(q, k, v, plan, [0] + [989] * 6, program=folded)
-
-
-def test_merge_partials_matches_reference_with_empty_partials():
-    outs = [torch.randn(3, 4, 8) for _ in range(3)]
-    lses = [torch.randn(3, 4) for _ in range(3)]
-    lses[1][0] = float("-inf")  # partial with no keys for some rows
-    for x in lses:
-        x[2, 1] = float("-inf")  # a row with no keys anywhere
-    got_o, got_l = merge_partials(outs, lses)
-    want_o, want_l = merge_states_ref(outs, lses)
-    torch.testing.assert_close(got_o, want_o)
-    torch.testing.assert_close(got_l, want_l)
-    assert got_l[2, 1] == float("-inf") and torch.all(got_o[2, 1] == 0)
 
 
 def test_lean_cpu_rejects_inputs_that_do_not_fit_the_plan():

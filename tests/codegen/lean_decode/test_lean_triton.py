@@ -127,3 +127,75 @@ def test_lean_triton_reads_only_keys_from_start_to_start_plus_length(pad):
     ref_o, ref_l = _reference(q, k, v, starts, False)
     torch.testing.assert_close(o, ref_o, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(l, ref_l, atol=2e-5, rtol=2e-5)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Implementation "triton.lean_decode" of op "lean_decode" (the op arguments of cpu.lean)
+# ----------------------------------------------------------------------------------------------
+
+def _op_args(lengths, lq, dtype, mask_kind, causal):
+    """Attention's op arguments for a left-padded ragged batch: the mask allows each row's real keys
+    (bottom-right causal among them if ``causal``), bool or additive with finfo.min (HF's)."""
+    B, S = len(lengths), max(lengths) + 3
+    q = torch.randn(B, 4, lq, 16, dtype=dtype)
+    k, v = torch.randn(B, 2, S, 16, dtype=dtype), torch.randn(B, 2, S, 16, dtype=dtype)
+    n = torch.tensor(lengths)[:, None, None, None]
+    start = S - n
+    j = torch.arange(S)
+    allowed = ((j >= start) & (j < start + n)).expand(B, 1, lq, S)
+    if causal:
+        allowed = allowed & (j - start <= n - lq + torch.arange(lq)[:, None])
+    if mask_kind == "bool":
+        return (q, k, v, allowed, False, None, True)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return (q, k, v, mask, False, None, True)
+
+
+@pytest.mark.parametrize("dtype, atol, lengths, lq, mask_kind, causal", [
+    (torch.float32, 2e-5, LENGTHS, 1, "bool", False),
+    (torch.float16, 2e-3, LENGTHS, 1, "additive", False),
+    (torch.bfloat16, 2e-2, [70, 4, 33, 5], 4, "bool", True),  # causal decode masks need lengths >= q_len
+])
+def test_registered_impl_matches_the_reference_on_a_ragged_batch(dtype, atol, lengths, lq, mask_kind, causal):
+    from graphtune.codegen.registry import get_impl, impls_for
+
+    impl = get_impl("lean_decode", "triton.lean_decode")
+    assert impl is not None and impl in impls_for("lean_decode", "cuda")
+    args = _op_args(lengths, lq, dtype, mask_kind, causal)
+    assert impl.supports(args)
+    assert LEAN_DEFAULT_CONFIG in impl.configs(args)
+    ref_o, ref_l = attention_ref(*args)
+    for cfg in (impl.default, SMALL):
+        o, l = impl.fn(*args, config=cfg)
+        assert o.dtype == dtype
+        torch.testing.assert_close(o.float(), ref_o.float(), atol=atol, rtol=0)
+        torch.testing.assert_close(l, ref_l, atol=1e-4, rtol=0)
+
+
+def test_registered_impl_declines_and_rejects_what_lean_decode_does_not_serve():
+    from graphtune.codegen.registry import get_impl
+
+    impl = get_impl("lean_decode", "triton.lean_decode")
+    q, k, v, mask, _, scale, gqa = _op_args(LENGTHS, 1, torch.float32, "bool", False)
+    assert not impl.supports((q, k, v, mask, True, scale, gqa))  # top-left is_causal is no decode mask
+    assert not impl.supports((q, k, v, mask, False, scale, False))  # GQA without enable_gqa
+    assert not impl.supports((q.double(), k.double(), v.double(), mask, False, scale, gqa))
+    with pytest.raises(ShapeError, match="not a decode call"):
+        impl.fn(q, k, v, mask, True, scale, gqa, config=LEAN_DEFAULT_CONFIG)
+    bias = torch.randn(mask.shape)  # an additive bias, not a padding mask
+    with pytest.raises(ShapeError, match="bias"):
+        impl.fn(q, k, v, bias, False, scale, gqa, config=LEAN_DEFAULT_CONFIG)
+
+
+def test_static_rank_of_the_registered_impl_on_meta_tensors():
+    from graphtune.codegen.crosscompile import static_rank
+
+    meta = lambda *s, dt=torch.float16: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
+    args = (meta(4, 8, 1, 16), meta(4, 2, 600, 16), meta(4, 2, 600, 16), meta(4, 1, 1, 600, dt=torch.bool),
+            False, None, True)
+    ranked = static_rank("triton.lean_decode", args, None, 80)
+    assert len(ranked) == len(prune_lean_configs(LEAN_CONFIG_SPACE, 4, 16, torch.float16, 256))
+    best_cfg, best_score, best_res = ranked[0]
+    assert best_score > 0 and best_res.spill_bytes == 0 and best_res.kernel == "_lean_partial_kernel"
+    assert [s for _, s, _ in ranked] == sorted((s for _, s, _ in ranked), reverse=True)

@@ -81,7 +81,7 @@ def test_decomposition_matches_concatenated_attention_on_random_trees(
     Ls = int(lens.max()) + rng.randint(0, 3)  # padded buffer longer than needed
     sk, sv = torch.randn(B, Hkv, Ls, D, dtype=dtype), torch.randn(B, Hkv, Ls, D, dtype=dtype)
     q = torch.randn(B, Hkv * G, Lq, D, dtype=dtype)
-    out, lse = shared_prefix_attention(q, segments, sk, sv, suffix_lens=lens, causal=causal, enable_gqa=G > 1)
+    out, lse = shared_prefix_attention(q, segments, sk, sv, suffix_lens=lens, is_causal=causal, enable_gqa=G > 1)
     ref_out, ref_lse = reference(q, segments, paths, sk, sv, lens, causal, G > 1)
     assert out.dtype == dtype and out.shape == ref_out.shape
     torch.testing.assert_close(out.float(), ref_out.float(), atol=atol, rtol=rtol)
@@ -104,8 +104,8 @@ def test_loop_and_padded_suffix_modes_agree_on_ragged_suffixes():
     B, H, D, Lq = 6, 4, 32, 3
     q, sk, sv = torch.randn(B, H, Lq, D), torch.randn(B, H, 11, D), torch.randn(B, H, 11, D)
     lens = torch.tensor([3, 11, 5, 3, 8, 4])
-    a = suffix_attention(q, sk, sv, lens, causal=True, mode="padded")
-    b = suffix_attention(q, sk, sv, lens, causal=True, mode="loop")
+    a = suffix_attention(q, sk, sv, lens, is_causal=True, mode="padded")
+    b = suffix_attention(q, sk, sv, lens, is_causal=True, mode="loop")
     torch.testing.assert_close(a.out, b.out, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(a.lse, b.lse, atol=1e-6, rtol=1e-6)
 
@@ -153,7 +153,7 @@ def test_bad_plans_raise_plan_error_naming_the_problem():
     with pytest.raises(PlanError, match="exceed"):
         shared_prefix_attention(q, [], sk, sv, suffix_lens=torch.tensor([1, 4]))
     with pytest.raises(PlanError, match="overlap the shared prefix"):
-        shared_prefix_attention(torch.randn(2, 2, 3, 8), [], sk, sv, suffix_lens=torch.tensor([3, 2]), causal=True)
+        shared_prefix_attention(torch.randn(2, 2, 3, 8), [], sk, sv, suffix_lens=torch.tensor([3, 2]), is_causal=True)
     with pytest.raises(ShapeError, match="enable_gqa"):
         shared_prefix_attention(torch.randn(2, 4, 1, 8), [Segment(torch.tensor([0]), kv, kv)], sk, sv)
     with pytest.raises(ValueError, match="mode"):

@@ -35,7 +35,7 @@ def test_default_config_cross_compiles_without_spills(arch):
 
     meta = lambda *s: torch.empty(*s, dtype=torch.float16, device="meta")  # noqa: E731
     q, k = meta(8, 32, 1, 128), meta(8, 8, 64, 128)  # decode, GQA 4, head dim 128, fp16
-    op_args = (q, k, k, torch.empty(8, dtype=torch.int32, device="meta"), q, meta(8, 32, 1), False)
+    op_args = (q, k, k, torch.empty(8, dtype=torch.int32, device="meta"), q, meta(8, 32, 1), None, False)
     spec = suffix_merge_compile_spec(op_args, SUFFIX_MERGE_DEFAULT_CONFIG)
     res = compile_for_target(spec.fn, spec.args, spec.kwargs, SUFFIX_MERGE_DEFAULT_CONFIG, arch=arch,
                              use_cache=False)
@@ -49,8 +49,8 @@ def test_masked_variant_cross_compiles_without_spills(mask_dtype):
 
     meta = lambda *s, dt=torch.float16: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
     q, k = meta(8, 32, 4, 128), meta(8, 8, 64, 128)  # append of 4 tokens, GQA 4, head dim 128
-    op_args = (q, k, k, torch.empty(8, dtype=torch.int32, device="meta"), q, meta(8, 32, 4), True, None,
-               meta(1, 1, 4, 64, dt=mask_dtype))
+    op_args = (q, k, k, torch.empty(8, dtype=torch.int32, device="meta"), q, meta(8, 32, 4),
+               meta(1, 1, 4, 64, dt=mask_dtype), True)
     spec = suffix_merge_compile_spec(op_args, SUFFIX_MERGE_DEFAULT_CONFIG)
     assert spec.kwargs["MASK_KIND"] == (1 if mask_dtype == torch.bool else 2)
     res = compile_for_target(spec.fn, spec.args, spec.kwargs, SUFFIX_MERGE_DEFAULT_CONFIG, arch=90, use_cache=False)
@@ -83,7 +83,7 @@ def test_fused_suffix_merge_matches_torch_suffix_then_merge(G, Lq, D, with_prior
         plse[1, 0] = float("-inf")  # a row with no prefix keys
         po = torch.randn(B, Hkv * G, Lq, D).masked_fill(torch.isinf(plse)[..., None], 0.0)
         prior = (po, plse)
-    out, lse = suffix_merge(q, k, v, lens, prior, causal, None, G > 1, config=cfg, fallback=False)
+    out, lse = suffix_merge(q, k, v, lens, prior, None, causal, None, G > 1, config=cfg, fallback=False)
     ref_out, ref_lse = _torch_path(q, k, v, lens, prior, causal, G > 1)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
@@ -103,7 +103,7 @@ def test_fused_decomposition_equals_attention_over_concatenated_kv(dtype, atol):
     lens = torch.tensor([5, 2, 9, 1])
     sk, sv = torch.randn(B, Hkv, 9, D, dtype=dtype), torch.randn(B, Hkv, 9, D, dtype=dtype)
     q = torch.randn(B, Hkv * G, 1, D, dtype=dtype)
-    out, _ = shared_prefix_attention(q, segs, sk, sv, suffix_lens=lens, causal=True, enable_gqa=True, fused=True)
+    out, _ = shared_prefix_attention(q, segs, sk, sv, suffix_lens=lens, is_causal=True, enable_gqa=True, fused=True)
     for b in range(B):
         ks = [segs[0].k] + ([segs[1].k] if b in (1, 3) else []) + [sk[b, :, : int(lens[b])]]
         vs = [segs[0].v] + ([segs[1].v] if b in (1, 3) else []) + [sv[b, :, : int(lens[b])]]
@@ -178,7 +178,7 @@ def test_fused_path_honours_the_suffix_mask(dtype, atol, Lq, causal):
     sk, sv = torch.randn(B, Hkv, Ls, D, dtype=dtype), torch.randn(B, Hkv, Ls, D, dtype=dtype)
     q = torch.randn(B, Hkv * G, Lq, D, dtype=dtype)
     for name, m in _suffix_masks(B, Hkv * G, Lq, Ls, dtype).items():
-        kw = dict(suffix_lens=lens, suffix_mask=m, causal=causal, enable_gqa=True)
+        kw = dict(suffix_lens=lens, suffix_mask=m, is_causal=causal, enable_gqa=True)
         out, lse = shared_prefix_attention(q, segs, sk, sv, fused=True, **kw)
         t_out, t_lse = shared_prefix_attention(q, segs, sk, sv, fused=False, **kw)
         torch.testing.assert_close(out.float(), t_out.float(), atol=atol, rtol=atol, msg=name)
@@ -249,3 +249,24 @@ def test_suffix_merge_rows_at_one_finite_fill_average_like_sdpa(dtype, atol):
     torch.testing.assert_close(out.float(), want.float(), atol=atol, rtol=atol)
     torch.testing.assert_close(out[1, :, 0].float(), v[1, :, :].float().mean(-2), atol=atol, rtol=atol)
     assert torch.isfinite(lse).all()
+
+
+def test_op_arguments_keep_the_attention_order_and_the_reference_takes_them():
+    # (q, k, v, <lens, prior_out, prior_lse>, attn_mask, is_causal, scale, enable_gqa): the impl and the
+    # family's torch reference take the same tuple
+    import inspect
+
+    from graphtune.codegen.shared_prefix.triton_kernels import SUFFIX_MERGE_IMPL, _torch_suffix_merge
+
+    names = ["q", "k", "v", "lens", "prior_out", "prior_lse", "attn_mask", "is_causal", "scale", "enable_gqa"]
+    assert list(inspect.signature(SUFFIX_MERGE_IMPL.fn).parameters)[:10] == names
+    assert list(inspect.signature(_torch_suffix_merge).parameters) == names
+    assert list(inspect.signature(suffix_merge).parameters)[:9] == ["q", "k", "v", "lens", "prior", *names[6:]]
+    q, k, v = torch.randn(2, 4, 2, 16), torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)
+    prior = (torch.randn(2, 4, 2, 16), torch.randn(2, 4, 2))
+    m = torch.rand(2, 1, 2, 6) > 0.3
+    args = (q, k, v, torch.tensor([6, 4]), *prior, m, True, 0.3, True)
+    assert SUFFIX_MERGE_IMPL.supports(args) and not SUFFIX_MERGE_IMPL.supports(args[:9] + (False,))
+    want = _torch_suffix_merge(*args)
+    got = SUFFIX_MERGE_IMPL.fn(*args, config=SUFFIX_MERGE_DEFAULT_CONFIG)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
