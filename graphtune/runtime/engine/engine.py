@@ -254,7 +254,8 @@ class Engine:
         self.last_plan = tree
         for i, n in enumerate(tree.shared + tree.leaves):
             n.id = i
-        self._ends_at_node = {leaf.parent.id for leaf in tree.leaves if not leaf.tokens}  # type: ignore[union-attr]
+        # per-call state stays local: one Engine may serve overlapping calls (optimize(model).generate)
+        ends_at_node = {leaf.parent.id for leaf in tree.leaves if not leaf.tokens}  # type: ignore[union-attr]
         for n in tree.shared + tree.leaves:
             n.capacity = len(n.tokens) + (max_new - 1 if n.leaf else 0)
         need = sum(n.capacity for n in tree.shared + tree.leaves)
@@ -296,7 +297,7 @@ class Engine:
             if admitted:
                 stats.admissions += 1
                 t0 = time.perf_counter()
-                first = self._prefill(admitted, pool, stats, node_logits)
+                first = self._prefill(admitted, pool, stats, node_logits, ends_at_node)
                 toks = select_tokens(first, sampling, gens, [row.index for row in admitted])
                 stats.prefill_s += time.perf_counter() - t0
                 emit(admitted, toks)
@@ -353,7 +354,7 @@ class Engine:
         return admitted
 
     def _prefill(self, admitted: list[_Row], pool: KVPool, stats: EngineStats,
-                 node_logits: dict[int, Tensor]) -> Tensor:
+                 node_logits: dict[int, Tensor], ends_at_node: set[int]) -> Tensor:
         """Compute every not-yet-filled node of the admitted rows; return each row's next-token logits."""
         todo: list[Node] = []
         seen: set[int] = set()
@@ -365,7 +366,7 @@ class Engine:
         todo.sort(key=lambda n: (len(n.chain()), n.id))  # parents before children
         # next-token logits: of each admitted row's last prompt token, and of every shared node
         # a prompt ends at (kept: rows admitted later read them without recomputing the node)
-        wanted = {row.leaf.id for row in admitted if row.leaf.tokens} | self._ends_at_node
+        wanted = {row.leaf.id for row in admitted if row.leaf.tokens} | ends_at_node
         last_hidden: dict[int, Tensor] = {}
         i = 0
         while i < len(todo):

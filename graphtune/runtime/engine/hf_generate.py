@@ -134,6 +134,12 @@ class EngineGenerate:
             new = gc.max_length - L
         if new < 1:
             raise ValueError(f"max_length {gc.max_length} leaves no room to generate after {L} input tokens")
+        if mask is None and gc.pad_token_id is not None:
+            # HF infers the mask from padding when pad_token_id occurs and is not an EOS id
+            # (GenerationMixin._prepare_attention_mask_for_generation)
+            eos_ids = gc.eos_token_id if isinstance(gc.eos_token_id, (list, tuple)) else [gc.eos_token_id]
+            if gc.pad_token_id not in eos_ids and bool((ids == gc.pad_token_id).any()):
+                mask = ids.ne(gc.pad_token_id)
         prompts = [ids[b][mask[b].bool()].tolist() if mask is not None else ids[b].tolist() for b in range(B)]
         n = gc.num_return_sequences
         pad = gc.pad_token_id

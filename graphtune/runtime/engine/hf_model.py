@@ -36,6 +36,7 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "gpt2", "gpt_neox", "opt")
 _active: contextvars.ContextVar[Any] = contextvars.ContextVar("graphtune_engine_step", default=None)
 _lock = threading.Lock()
 _registered = False
+_switched: dict[int, tuple[int, str]] = {}  # id(config) -> (engine calls running, implementation to restore)
 
 
 def _attention_functions() -> Any:
@@ -132,13 +133,23 @@ class ModelRunner:
     def attention(self, step: Any) -> Iterator[None]:
         """Within the block, every attention layer of this model calls ``step(layer, q, k, v, scale)``."""
         cfg = self.cfg
-        old = cfg._attn_implementation
         tok = _active.set(step)
-        cfg._attn_implementation = ATTN_NAME
+        # the config is shared by every engine call on this model (threads): switch it once for all
+        # of them and restore it when the last one leaves (a plain save/restore per call let one
+        # call's exit switch another's remaining layers back to HF's attention)
+        with _lock:
+            n, old = _switched.get(id(cfg), (0, cfg._attn_implementation))
+            _switched[id(cfg)] = (n + 1, old)
+            cfg._attn_implementation = ATTN_NAME
         try:
             yield
         finally:
-            cfg._attn_implementation = old
+            with _lock:
+                n, old = _switched.pop(id(cfg))
+                if n > 1:
+                    _switched[id(cfg)] = (n - 1, old)
+                else:
+                    cfg._attn_implementation = old
             _active.reset(tok)
 
     def hidden(self, ids: Tensor, positions: Tensor) -> Tensor:

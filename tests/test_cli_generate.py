@@ -1,0 +1,39 @@
+"""``graphtune generate``: the engine from the command line (small random-weight model: no download)."""
+import json
+
+import pytest
+
+from graphtune import cli
+
+pytest.importorskip("transformers")
+
+
+def test_generate_prints_every_sample_and_tokens_per_second(capsys, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a shared system prompt that is long enough to be stored once, then question one\n\n"
+                       "a shared system prompt that is long enough to be stored once, then question two\n")
+    assert cli.main(["generate", "--model", "llama", "--prompts", str(prompts), "-n", "2", "--sample",
+                     "--max-new-tokens", "5", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "engine plan: 4 rows" in out and "1 shared segments" in out
+    assert out.count("--- prompt") == 4 and "sample 1" in out
+    assert "tokens/s" in out and "20 tokens in" in out
+
+
+def test_generate_json_is_reproducible_with_a_seed(capsys, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello there\n")
+    runs = []
+    for _ in range(2):
+        assert cli.main(["generate", "--model", "llama", "--prompts", str(prompts), "--sample", "--seed", "7",
+                         "--max-new-tokens", "6", "--json"]) == 0
+        runs.append(json.loads(capsys.readouterr().out)["tokens"])
+    assert runs[0] == runs[1] and len(runs[0][0]) == 6
+
+
+def test_generate_with_an_empty_prompts_file_exits_2(capsys, tmp_path):
+    prompts = tmp_path / "empty.txt"
+    prompts.write_text("\n  \n")
+    assert cli.main(["generate", "--model", "llama", "--prompts", str(prompts)]) == 2
+    captured = capsys.readouterr()
+    assert "no prompts" in captured.err + captured.out
