@@ -267,7 +267,10 @@ class Engine:
                             hf_kv_tokens=len(rows) * (max(map(len, prompts)) + max_new))
         users = {n.id: len(n.rows) for n in tree.shared}  # rows (active or waiting) still needing a node
         gens = sampling.generators(len(rows))
-        waiting = list(rows)
+        # admission order = tree order (rows under the same shared nodes next to each other, the
+        # nodes' ids being pre-order): sharers are admitted together, so a shared prefix is
+        # resident once and freed soon after (BatchLLM's grouping)
+        waiting = sorted(rows, key=lambda row: [n.id for n in row.leaf.chain()])
         active: list[_Row] = []
         node_logits: dict[int, Tensor] = {}
         bar = _Progress(len(rows) * max_new) if progress else None
@@ -305,8 +308,8 @@ class Engine:
                 continue
             if not active:
                 if pool.used:
-                    # nothing runs, yet shared nodes kept for waiting rows block the next row (FIFO
-                    # by row index): evict them all; rows that need them prefill them again
+                    # nothing runs, yet shared nodes kept for waiting rows block the next row:
+                    # evict them all; rows that need them prefill them again
                     for n in tree.shared:
                         if n.slot >= 0:
                             pool.free(n.slot, n.capacity)
@@ -334,8 +337,7 @@ class Engine:
         return row.leaf.capacity + sum(a.capacity for a in row.leaf.chain()[:-1] if a.slot < 0)
 
     def _admit(self, waiting: list[_Row], pool: KVPool, active: list[_Row]) -> list[_Row]:
-        # FIFO in tree order: rows sharing a prefix were built next to each other, so they are
-        # admitted together and their shared node is resident once (BatchLLM's grouping)
+        # FIFO over ``waiting`` (kept in tree order by the caller)
         admitted: list[_Row] = []
         while waiting:
             row = waiting[0]
