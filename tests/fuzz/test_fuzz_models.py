@@ -53,7 +53,8 @@ _hits_lock = threading.Lock()
 
 
 def _kind(fn) -> str:
-    f = getattr(fn, "func", fn)  # functools.partial
+    f = getattr(fn, "__wrapped__", fn)  # the runtime's re-entry guard wraps some implementations
+    f = getattr(f, "func", f)  # functools.partial
     return f"{f.__module__.rsplit('.', 1)[-1]}.{f.__name__}"
 
 

@@ -256,17 +256,18 @@ def test_op_arguments_keep_the_attention_order_and_the_reference_takes_them():
     # family's torch reference take the same tuple
     import inspect
 
-    from graphtune.codegen.shared_prefix.triton_kernels import SUFFIX_MERGE_IMPL, _torch_suffix_merge
+    from graphtune.codegen.shared_prefix.decompose import suffix_merge_ref
+    from graphtune.codegen.shared_prefix.triton_kernels import SUFFIX_MERGE_IMPL
 
     names = ["q", "k", "v", "lens", "prior_out", "prior_lse", "attn_mask", "is_causal", "scale", "enable_gqa"]
     assert list(inspect.signature(SUFFIX_MERGE_IMPL.fn).parameters)[:10] == names
-    assert list(inspect.signature(_torch_suffix_merge).parameters) == names
+    assert list(inspect.signature(suffix_merge_ref).parameters)[:10] == names
     assert list(inspect.signature(suffix_merge).parameters)[:9] == ["q", "k", "v", "lens", "prior", *names[6:]]
     q, k, v = torch.randn(2, 4, 2, 16), torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)
     prior = (torch.randn(2, 4, 2, 16), torch.randn(2, 4, 2))
     m = torch.rand(2, 1, 2, 6) > 0.3
     args = (q, k, v, torch.tensor([6, 4]), *prior, m, True, 0.3, True)
     assert SUFFIX_MERGE_IMPL.supports(args) and not SUFFIX_MERGE_IMPL.supports(args[:9] + (False,))
-    want = _torch_suffix_merge(*args)
+    want = suffix_merge_ref(*args)
     got = SUFFIX_MERGE_IMPL.fn(*args, config=SUFFIX_MERGE_DEFAULT_CONFIG)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
