@@ -48,17 +48,44 @@ def warp(logits: Tensor, s: Sampling) -> Tensor:
     """HF's TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper, in that order. logits: [n, V] fp32."""
     if s.temperature != 1.0:
         logits = logits / s.temperature
-    if s.top_k:
-        k = min(s.top_k, logits.shape[-1])
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_k and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[..., -1:]
+        keep = logits >= kth  # ties of the k-th logit are kept, as HF does
+        logits = logits.masked_fill(~keep, float("-inf"))
+        if s.top_p is not None and s.top_p < 1.0:
+            fast = _top_p_among(logits, keep, s.top_p)
+            if fast is not None:
+                return fast
     if s.top_p is not None and s.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum <= (1 - s.top_p)
-        drop[..., -1:] = False  # keep at least one token
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)  # exactly HF's call
+        keep = _top_p_keep(sorted_logits, s.top_p)
+        logits = logits.masked_fill(~keep.scatter(-1, order, keep), float("-inf"))
     return logits
+
+
+def _top_p_among(logits: Tensor, keep: Tensor, top_p: float) -> Tensor | None:
+    # top-p over the top-k survivors only (the others have probability 0): sorting ~k values
+    # instead of the vocabulary (7 ms -> 0.2 ms per step for 16 rows x 49K). HF orders tied
+    # logits by its unstable sort of the whole row; with ties among the survivors, return None
+    # and let the caller do exactly that
+    m = int(keep.sum(-1).max())
+    vals, idx = torch.topk(logits, m, dim=-1)
+    sv = vals.flip(-1)  # ascending
+    fin = torch.isfinite(sv)
+    if bool(((sv[..., 1:] == sv[..., :-1]) & fin[..., 1:]).any()):
+        return None
+    keep_sorted = _top_p_keep(sv, top_p).flip(-1)
+    kept = torch.zeros_like(keep).scatter_(-1, idx, keep_sorted)
+    return logits.masked_fill(~kept, float("-inf"))
+
+
+def _top_p_keep(ascending: Tensor, top_p: float) -> Tensor:
+    # HF's rule on logits sorted ascending: drop while the cumulative probability <= 1 - top_p,
+    # always keep the most likely token
+    cum = ascending.softmax(dim=-1).cumsum(dim=-1)
+    keep = cum > (1 - top_p)
+    keep[..., -1:] = True
+    return keep
 
 
 def select_tokens(logits: Tensor, s: Sampling, gens: list[torch.Generator] | None, rows: list[int]) -> list[int]:
@@ -67,4 +94,15 @@ def select_tokens(logits: Tensor, s: Sampling, gens: list[torch.Generator] | Non
         return logits.argmax(dim=-1).tolist()
     probs = warp(logits, s).softmax(dim=-1)
     assert gens is not None
-    return [int(torch.multinomial(probs[i], 1, generator=gens[r]).item()) for i, r in enumerate(rows)]
+    out = []
+    for i, r in enumerate(rows):
+        p = probs[i]
+        if s.top_k or (s.top_p is not None and s.top_p < 1.0):
+            # after top-k/top-p few tokens are left: draw among them only (torch.multinomial draws
+            # one exponential per vocabulary entry, ~0.7 ms per row for 49K tokens); the same
+            # distribution, since the dropped tokens have probability 0
+            keep = p.nonzero().squeeze(1)
+            out.append(int(keep[torch.multinomial(p[keep], 1, generator=gens[r])].item()))
+        else:
+            out.append(int(torch.multinomial(p, 1, generator=gens[r]).item()))
+    return out
