@@ -48,6 +48,7 @@ from graphtune.codegen.shared_prefix.decompose import Partial, Segment, merge_pa
 from graphtune.codegen.shared_prefix.decompose import fused_available, partial_attention, prefix_attention, suffix_attention
 from graphtune.errors import PlanError
 from graphtune.runtime.context import BatchContext, Feature, register_feature, unregister_feature
+from graphtune.runtime.lean_decode import is_causal_mask, view_key
 from graphtune.codegen.shared_prefix.plan import (DEFAULT_MIN_PREFIX, DEFAULT_MIN_ROWS, SharedPrefixPlan,
                                                   SharedSegment, detect_shared_prefixes, thresholds)
 
@@ -82,8 +83,9 @@ def _as_4d(mask: Tensor) -> Tensor:
 def _segment_key_mask(mask4: Tensor, seg: SharedSegment) -> tuple[bool, Tensor | None]:
     """(exact, key mask): the mask over the segment must be one key vector for all its rows and queries."""
     dev = mask4.device
-    rows = torch.tensor(seg.rows, device=dev) if mask4.shape[0] > 1 else torch.zeros(1, dtype=torch.long, device=dev)
-    m = mask4.index_select(0, rows)[..., seg.start : seg.end]  # [R, 1|H, Lq, n]
+    m = mask4[..., seg.start : seg.end]  # slice first: gather only the segment's keys
+    if mask4.shape[0] > 1:
+        m = m.index_select(0, torch.tensor(seg.rows, device=dev))  # [R, 1|H, Lq, n]
     ref = m[:1, :1, :1]
     if not bool((m == ref).all()):
         return False, None
@@ -93,12 +95,14 @@ def _segment_key_mask(mask4: Tensor, seg: SharedSegment) -> tuple[bool, Tensor |
 
 
 def _mask_plan(plan: SharedPrefixPlan, mask: Tensor | None, cache: dict | None) -> list[Tensor | None] | None:
-    """Per-segment key masks, or None if the mask makes the decomposition inexact. Cached per mask tensor."""
+    """Per-segment key masks, or None if the mask makes the decomposition inexact. Cached per mask data
+    (:func:`~graphtune.runtime.lean_decode.view_key`: transformers 4.x gives each layer its own view
+    of one mask), the mask kept referenced so its storage is not reused while the cache lives."""
     if mask is None:
         return [None] * len(plan.segments)
-    key = (id(mask), mask._version, mask.data_ptr(), tuple(mask.shape))
+    key = view_key(mask)
     if cache is not None and key in cache:
-        return cache[key]
+        return cache[key][1]
     mask4 = _as_4d(mask)
     res: list[Tensor | None] | None = []
     for seg in plan.segments:
@@ -108,7 +112,7 @@ def _mask_plan(plan: SharedPrefixPlan, mask: Tensor | None, cache: dict | None) 
             break
         res.append(km)  # type: ignore[union-attr]
     if cache is not None:
-        cache[key] = res
+        cache[key] = (mask, res)
     return res
 
 
@@ -173,14 +177,17 @@ def run_dense(
         e = suffix_groups[0][0]
         prior = merge_partials(B, partials) if partials else None
         return _suffix_merge(q, k[:, :, e:], v[:, :, e:], None, prior, None, False, scale, enable_gqa)
-    for e, rows in suffix_groups:
-        # rows whose suffix starts at key e: one batched call over k[rows, :, e:]
-        if rows is None:
-            qs, ks, vs = q, k[:, :, e:], v[:, :, e:]
-            ms = None if mask4 is None else mask4[..., e:]
+    for e, rows, span in suffix_groups:
+        # rows whose suffix starts at key e: one batched call over k[rows, :, e:]. Never gather the
+        # cache: consecutive rows are a view; other row sets copy their suffix keys only.
+        if rows is None or span is not None:
+            sl = slice(None) if rows is None else span
+            qs, ks, vs = q[sl], k[sl, :, e:], v[sl, :, e:]
+            ms = None if mask4 is None else (mask4[sl] if mask4.shape[0] > 1 else mask4)[..., e:]
         else:
-            qs, ks, vs = q.index_select(0, rows), k.index_select(0, rows)[:, :, e:], v.index_select(0, rows)[:, :, e:]
-            ms = None if mask4 is None else (mask4.index_select(0, rows) if mask4.shape[0] > 1 else mask4)[..., e:]
+            qs, ks, vs = q.index_select(0, rows), k[:, :, e:].index_select(0, rows), v[:, :, e:].index_select(0, rows)
+            ms = None if mask4 is None else (mask4[..., e:].index_select(0, rows) if mask4.shape[0] > 1
+                                             else mask4[..., e:])
         p = suffix_attention(qs, ks, vs, None, ms, False, scale, enable_gqa)
         partials.append(Partial(rows, p.out, p.lse))
     return merge_partials(B, partials)
@@ -188,15 +195,22 @@ def run_dense(
 
 @functools.lru_cache(maxsize=64)
 def _layout(plan: SharedPrefixPlan, device: torch.device) -> tuple[list, list]:
-    """Row index tensors of a plan, built once per (plan, device): None where a set is every row in order."""
+    """Row index tensors of a plan, built once per (plan, device): None where a set is every row in order;
+    suffix groups ``(first key, rows, span)`` also carry ``span``, a slice when their rows are consecutive."""
     B = plan.batch_size
 
     def idx(rows: Sequence[int]) -> Tensor | None:
         return None if list(rows) == list(range(B)) else torch.tensor(list(rows), dtype=torch.long, device=device)
 
+    def span(rows: Sequence[int]) -> slice | None:
+        return slice(rows[0], rows[-1] + 1) if list(rows) == list(range(rows[0], rows[-1] + 1)) else None
+
     seg_rows = [idx(s.rows) for s in plan.segments]
     starts = plan.suffix_starts
-    groups = [(e, idx([r for r in range(B) if starts[r] == e])) for e in sorted(set(starts))]
+    groups = []
+    for e in sorted(set(starts)):
+        rows = [r for r in range(B) if starts[r] == e]
+        groups.append((e, idx(rows), span(rows)))
     return seg_rows, groups
 
 
@@ -326,7 +340,7 @@ def select(op: str, args: tuple, ctx: BatchContext | None) -> Callable[..., Any]
     if ctx.past_length == 0:
         # a prefill: only the prompt's self-attention itself (no cached keys) can be deduplicated
         if lq == S == ctx.input_ids.shape[-1]:
-            return _select_dedup(plan, q, k, attn_mask, ctx)
+            return _select_dedup(plan, q, k, attn_mask, ctx, is_causal)
         return None
     if is_causal:
         return None  # SDPA's top-left causal: the queries do not all come after the prefix
@@ -433,22 +447,35 @@ def _bits(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _select_dedup(plan: SharedPrefixPlan, q: Tensor, k: Tensor, attn_mask: Tensor | None,
-                  ctx: BatchContext) -> Callable[..., Any] | None:
+                  ctx: BatchContext, is_causal: bool = False) -> Callable[..., Any] | None:
     """Prefill: attend once per group of identical rows, if any, and the mask agrees within groups."""
     S = k.shape[-2]
-    if _dedup_layout(plan, S, q.device) is None:
+    lay = _dedup_layout(plan, S, q.device)
+    if lay is None:
         return None
+    causal = False
     if attn_mask is not None:
         cache = ctx.plans.setdefault(STATE_KEY + ".masks", {})
-        key = ("dedup", id(attn_mask), attn_mask._version, attn_mask.data_ptr(), tuple(attn_mask.shape))
+        key = ("dedup", view_key(attn_mask), is_causal)
         if key not in cache:
-            cache[key] = _rows_agree(_as_4d(attn_mask), plan, S)
-        if not cache[key]:
+            m4 = _as_4d(attn_mask)
+            agree = _rows_agree(m4, plan, S)
+            # Under Dynamo HF passes the prompt's causal mask as a tensor (eagerly it passes none and
+            # is_causal): with every distinct row's mask exactly causal, attend with is_causal instead,
+            # which skips the masked blocks (1 x 1024 x 1024, 4 layers: 95 -> 68 ms here). The rows of
+            # a group agree (checked above), so the representatives' masks decide.
+            reps = m4 if m4.shape[0] == 1 else m4.index_select(0, lay[0])
+            cache[key] = (attn_mask, (agree, agree and not is_causal
+                                      and is_causal_mask(reps, reps.shape[0], q.shape[-2], S)))
+        agree, causal = cache[key][1]
+        if not agree:
             return None
-    return functools.partial(_dedup_impl, plan)
+    return functools.partial(_dedup_impl, plan, causal)
 
 
-def _dedup_impl(plan, q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+def _dedup_impl(plan, causal_only, q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    if causal_only:  # attn_mask is exactly causal (checked by the selector): the same attention
+        attn_mask, is_causal = None, True
     return run_dedup(plan, q, k, v, attn_mask, is_causal, scale, enable_gqa)
 
 

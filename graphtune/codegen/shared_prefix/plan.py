@@ -130,8 +130,13 @@ def detect_shared_prefixes(
     """Find the sharing tree of a prompt batch, or None if no sharing pays.
 
     Rows share key range ``[a, b)`` when their token ids, padding mask *and* positions agree on
-    every position ``< b`` (so their K/V there is identical). Ranges shorter than ``min_prefix``
-    tokens or shared by fewer than ``min_rows`` rows are merged into the level below.
+    every position ``< b`` (so their K/V there is identical). Ranges holding fewer than
+    ``min_prefix`` *real* (unpadded) tokens or shared by fewer than ``min_rows`` rows are merged
+    into the level below: identically padded positions are identical too, but attention never
+    reads them (masked), so sharing them saves nothing the decomposition should pay extra calls
+    for — skipping padding is lean decode's job (``graphtune.runtime.lean_decode``). Rows of a
+    ragged, left-padded batch share only padding: no plan (measured in
+    ``benchmarks/bench_hf_loop.py``: such a plan made every decode step gather the cache).
 
     Parameters
     ----------
@@ -151,6 +156,9 @@ def detect_shared_prefixes(
     >>> pos = torch.tensor([[0, 1, 2, 3], [0, 1, 5, 6], [0, 1, 2, 3]])  # row 1 skips positions
     >>> detect_shared_prefixes(ids, min_prefix=1, min_rows=2, position_ids=pos).segments
     (SharedSegment(rows=(0, 1, 2), start=0, end=2),)
+    >>> mask = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])  # rows 0, 1 share 2 pads + 2 tokens
+    >>> detect_shared_prefixes(ids * mask, mask, min_prefix=3, min_rows=2) is None  # 2 real tokens < 3
+    True
     """
     mp, mr = thresholds()
     min_prefix = mp if min_prefix is None else min_prefix
@@ -166,6 +174,10 @@ def detect_shared_prefixes(
         # a padded position compares equal only to a padded position: encode the mask in the key
         m = attention_mask[:, -L:].to(torch.bool)
         ids = torch.where(m, ids, -1 - ids)
+        # real tokens before each position, per row (rows sharing a range agree on its padding)
+        real = torch.cat([m.new_zeros(B, 1, dtype=torch.long), m.long().cumsum(1)], 1)
+    else:
+        real = None
     keys = ids[:, :, None]  # [B, L, C]: what must agree for two rows to hold the same K/V
     if position_ids is not None:
         if position_ids.dim() != 2 or position_ids.shape[0] not in (1, B) or position_ids.shape[1] != L:
@@ -181,7 +193,8 @@ def detect_shared_prefixes(
         block = keys[rows, start:]  # [R, L - start, C]
         diff = (block != block[:1]).any(0).any(-1).nonzero()
         end = start + (int(diff[0]) if diff.numel() else L - start)
-        if end - kept_start >= min_prefix:
+        n_real = end - kept_start if real is None else int(real[rows[0], end] - real[rows[0], kept_start])
+        if n_real >= min_prefix:
             segments.append(SharedSegment(tuple(rows), kept_start, end))
             kept_start = end
         if end >= L:
@@ -195,4 +208,4 @@ def detect_shared_prefixes(
     visit(list(range(B)), 0, 0)
     if not segments:
         return None
-    return SharedPrefixPlan(B, tuple(segments), reason=f">= {min_prefix} shared tokens and >= {min_rows} rows")
+    return SharedPrefixPlan(B, tuple(segments), reason=f">= {min_prefix} shared real tokens and >= {min_rows} rows")
