@@ -35,8 +35,8 @@ each. Ratios from that are noise. So this module pins glibc's thresholds (``mall
 ``M_MMAP_THRESHOLD`` 32 MiB, ``M_TRIM_THRESHOLD`` 1 GiB — blocks below 32 MiB are reused from the
 heap, larger ones are always mapped afresh) for plain and graphtune alike: then plain runs 26.1-26.6
 ms/step whether or not graphtune runs next to it. ``BENCH_HF_LOOP_MALLOC=default`` keeps glibc's
-defaults. Minor page faults per decode step are reported next to the times. (The pinning holds for
-the rest of the pytest process.)
+defaults. Minor page faults per decode step are reported next to the times. (The pinning, done when
+the first test of this module starts, holds for the rest of the pytest process.)
 
 Run: ``.venv/bin/python -m pytest -q benchmarks/bench_hf_loop.py -s`` (~15 min: the ragged workloads
 prefill 16 x 4096 tokens, ~50 s per prefill here, 12 times; ``-k "uniform or single"`` for a quick run).
@@ -49,7 +49,6 @@ import inspect
 import os
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import pytest
@@ -89,7 +88,7 @@ def _pin_malloc() -> str:
     return "mmap threshold 32 MiB, trim threshold 1 GiB" if ok else "glibc defaults (mallopt unavailable)"
 
 
-MALLOC = _pin_malloc()
+MALLOC = "glibc defaults"  # set by the _one_thread fixture when a test of this module runs
 
 
 def _faults() -> int:
@@ -102,6 +101,8 @@ def _faults() -> int:
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
+    global MALLOC
+    MALLOC = _pin_malloc()  # here, not at import: collecting this module must not change other benchmarks
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from graphtune import flags
-from graphtune.runtime import context
 from graphtune.runtime import lean_decode as ld
 from graphtune.runtime import shared_prefix as sp
 from graphtune.runtime.context import batch_context
@@ -235,7 +234,6 @@ class _IndexSelects(TorchDispatchMode):
 @pytest.mark.parametrize("rows_a", [(0, 1, 2, 3), (0, 2, 4, 6)])
 def test_run_dense_reads_row_groups_as_views_and_gathers_only_suffix_keys(rows_a, monkeypatch):
     B, H, D, S = 8, 2, 16, 200
-    rows_b = tuple(r for r in range(B) if r not in rows_a)
     plan = SharedPrefixPlan(B, (SharedSegment(tuple(range(B)), 0, 100), SharedSegment(rows_a, 100, 150)))
     k, v = torch.randn(B, H, S, D), torch.randn(B, H, S, D)
     for x in (k, v):  # make the shared ranges really shared
