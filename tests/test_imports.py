@@ -111,7 +111,6 @@ def _fmt_cycle(g: nx.DiGraph, cycle: list[str]) -> str:
 # Function-level imports that may close a cycle: each is lazy on purpose. Any other cycle through
 # a lazy import is a design smell (e.g. a kernel module and the cross-compiler importing each other).
 ACCEPTED_LAZY = {
-    ("graphtune.codegen.shared_prefix.decompose", "graphtune.codegen.shared_prefix.triton_kernels"): "Triton only when used",
     ("graphtune", "graphtune.api"): "package __getattr__: importing graphtune must not import inductor",
     ("graphtune.backend", "graphtune"): "__version__ read at call time",
 }

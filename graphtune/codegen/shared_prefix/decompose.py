@@ -29,6 +29,7 @@ The sharing description here is low level (tensors + row indices); plans live in
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -36,7 +37,9 @@ import torch
 from torch import Tensor
 
 from graphtune import flags
-from graphtune.errors import PlanError, ShapeError
+from graphtune.codegen.family import family, load_impl_modules
+from graphtune.codegen.registry import get_impl
+from graphtune.errors import KernelError, PlanError, ShapeError
 from graphtune.ir.ops import attention_cpu, check_attention_args
 from graphtune.ir.reference import merge_states_ref
 
@@ -391,9 +394,21 @@ def fused_available(q: Tensor, suffix_mask: Tensor | None = None, *, passes_mask
 
 
 def _fused_suffix_merge(q, k, v, lens, prior, attn_mask, is_causal, scale, enable_gqa) -> tuple[Tensor, Tensor]:
-    from graphtune.codegen.shared_prefix.triton_kernels import suffix_merge  # triton only when used
-
-    return suffix_merge(q, k, v, lens, prior, attn_mask, is_causal, scale, enable_gqa)
+    # the family's fused Triton kernel, reached through the registry (its module imports this
+    # one for the reference, so importing it here would close a cycle); Triton only when used
+    fam = family("shared_prefix")
+    load_impl_modules("cuda")
+    impl = get_impl(fam.ops[0], fam.default_impls["cuda"])
+    prior_out, prior_lse = prior if prior is not None else (None, None)
+    args = (q, k, v, lens, prior_out, prior_lse, attn_mask, is_causal, scale, enable_gqa)
+    try:
+        if impl is None:
+            raise KernelError(f"{fam.default_impls['cuda']} is not registered (no Triton?)")
+        return impl.fn(*args, config=impl.default_config(args))
+    except KernelError as e:  # a kernel failure falls back to the reference path, with a warning
+        warnings.warn(f"graphtune: fused shared-prefix suffix merge failed ({e}); using the torch path",
+                      stacklevel=3)
+        return suffix_merge_ref(*args)
 
 
 def suffix_merge_ref(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None = None, prior_out: Tensor | None = None,
