@@ -20,6 +20,7 @@ from graphtune.ir.capture import capture, capture_export, capture_fx, normalize_
 from graphtune.ir.meta import tensor_meta
 from graphtune.rewrites import AttentionSite, PipelineResult
 from graphtune.runtime import install as install_runtime
+from graphtune.runtime.dispatch import may_serve as dispatch_may_serve
 from graphtune.runtime.context import CACHE_NAMES, RequestStates, batch_context, cache_length, find_cache
 
 __all__ = ["optimize", "explain", "Report", "SiteReport"]
@@ -48,6 +49,14 @@ _READ_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids", "cache_
                           "logits_to_keep", "num_logits_to_keep", *CACHE_NAMES})
 
 
+def _tuned_may_serve(named: dict[str, Any], ctx: Any) -> bool:
+    # tuned dispatch could answer this forward's attention calls (records for its device exist)
+    for x in named.values():
+        if isinstance(x, torch.Tensor):
+            return dispatch_may_serve(x.device, ctx)
+    return True  # no tensor input to tell the device: keep the graphtune path
+
+
 class _OptimizedForward:
     """``forward`` of an optimized generation model: plan the batch, then run the Dynamo-captured,
     graphtune-rewritten forward.
@@ -67,6 +76,13 @@ class _OptimizedForward:
         self.compiled = torch.compile(forward, backend=self.backend, dynamic=options.dynamic)
         self.options = options
         self.requests = RequestStates()
+        # HF's SDPA attention runs the very ATen kernel graphtune's untuned attention op runs: for a
+        # forward no runtime plan and no tuned record applies to, the captured graph could only add
+        # Dynamo's guards and its region's Python, so the model's own forward runs instead (exact:
+        # it is the oracle). Other attention forms (eager matmul/softmax) gain from the rewrite.
+        cfg = getattr(getattr(forward, "__self__", None), "config", None)
+        self.plain = forward if getattr(cfg, "_attn_implementation", None) == "sdpa" else None
+        self.plain_calls = 0  # forwards that ran the plain forward (tests, explain)
         try:  # positional parameter names, to find inputs passed positionally (bound once)
             params = inspect.signature(forward).parameters.values()
             self.positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -90,8 +106,12 @@ class _OptimizedForward:
             options=self.options,
             position_ids=pos,
             other_inputs=other,
-        ):
-            out = self.compiled(*args, **kwargs)
+        ) as ctx:
+            if self.plain is not None and not ctx.plans and not _tuned_may_serve(named, ctx):
+                self.plain_calls += 1
+                out = self.plain(*args, **kwargs)
+            else:
+                out = self.compiled(*args, **kwargs)
         if cache is None:
             cache = _output_cache(out)  # HF created the cache inside this (prefill) forward
         new = input_ids.shape[-1] if input_ids is not None and input_ids.dim() == 2 else None
@@ -161,7 +181,7 @@ def _optimize_dynamo(model: nn.Module, options: Options) -> nn.Module:
         from graphtune.runtime.engine.hf_generate import EngineGenerate
 
         # generate through graphtune's engine where it supports the call, HF's loop otherwise
-        new.generate = EngineGenerate(new, type(model).generate.__get__(new))
+        new.generate = EngineGenerate(new, type(model).generate.__get__(new), options.speculative)
     return new
 
 
@@ -203,6 +223,12 @@ def optimize(model: nn.Module, example_inputs: Any = None, **options: Any) -> nn
     opts = Options.from_kwargs(**options)
     if not isinstance(model, nn.Module):
         raise OptionError(f"optimize expects an nn.Module, got {type(model).__name__}")
+    if opts.speculative is not None:
+        from graphtune.runtime.engine.drafters import make_drafter
+
+        make_drafter(opts.speculative)  # an unknown shorthand or object fails here, naming itself
+        if not opts.engine:
+            raise OptionError("speculative=... runs inside graphtune's engine; it needs engine=True")
     install_runtime()
     method = opts.capture
     if method == "auto":
@@ -328,7 +354,7 @@ def _family_lines(opts: Options) -> dict[str, str]:
             how = f"runtime selector, priority {f.priority}, {'on' if on else 'off'}" + (
                 f" (option {f.option})" if f.option else "")
         else:
-            how = "served per call by tuned dispatch" if f.graph_ops else "used by other families"
+            how = "served per call by tuned dispatch" if f.graph_ops else "called directly by the engine"
         out[f.name] = f"{f.summary} [{how}]"
     return out
 
@@ -349,7 +375,11 @@ def _engine_text(model: nn.Module, args: tuple, kwargs: dict, opts: Options) -> 
     mask = kwargs.get("attention_mask")
     rows = [ids[b][mask[b].bool()].tolist() if isinstance(mask, torch.Tensor) else ids[b].tolist()
             for b in range(ids.shape[0])]
-    return "generate: graphtune engine\n" + str(Engine(model).plan(rows))
+    gen = vars(model).get("generate")  # an optimized model's engine keeps its last call's statistics
+    eng = getattr(gen, "_engine", None)
+    if not isinstance(eng, Engine):
+        eng = Engine(model, speculative=opts.speculative or getattr(gen, "speculative", None))
+    return "generate: graphtune engine\n" + str(eng.plan(rows))
 
 
 def explain(model: nn.Module, example_inputs: Any, **options: Any) -> Report:

@@ -92,6 +92,13 @@ FLAGS: dict[str, Flag] = {
         Flag("ENGINE_MAX_KV_TOKENS", int, 0, "engine: KV budget in tokens (0: no bound); rows beyond it wait"),
         Flag("ENGINE_MIN_SHARED", int, 16, "engine: shortest shared prompt prefix stored once"),
         Flag("ENGINE_MAX_BATCH_TOKENS", int, 2048, "engine: most tokens per prefill forward (longer prompts are chunked)"),
+        Flag("ENGINE_SPEC_TOKENS", int, 10, "engine, speculative decoding: most draft tokens per row per step"),
+        Flag("ENGINE_SPEC_MIN_ACCEPT", float, 0.1,
+             "engine, speculative decoding: rows whose running per-token acceptance rate is below this "
+             "are not drafted for (goodput decides the rest from measured step costs)"),
+        Flag("ENGINE_SPEC_TOKEN_COST", float, -1.0,
+             "engine, speculative decoding: cost of verifying one more token relative to a forward's fixed "
+             "cost (-1: greedy measures it per call, sampling uses 0.15, measured for SmolLM2 on one CPU thread)"),
         Flag("LEAN_MIN_SKEW", float, -1.0, "lean decode: min max/mean KV-length skew to use it (-1: measured default)"),
         Flag("LEAN_TRITON_ON_CPU", bool, False,
              "route CPU tensors through lean decode's Triton path (tests; needs TRITON_INTERPRET=1)"),
@@ -208,6 +215,11 @@ class Options:
     engine : bool
         Generation models: ``generate`` runs graphtune's engine (its own KV cache and decode
         loop) for every configuration it supports, and Hugging Face's loop otherwise.
+    speculative : str, Drafter or None
+        Speculative decoding in the engine's ``generate``: ``"ngram"`` (prompt lookup),
+        ``"layerskip"`` (self-speculative early exit), a
+        :class:`~graphtune.runtime.engine.drafters.Drafter`, or None (off). Lossless: greedy
+        output is the target model's, sampled output has the target's distribution.
     tune : bool
         Consult the tuning database for implementation and configuration choices (tuned dispatch).
         ``False`` runs every op on its default implementation.
@@ -222,6 +234,7 @@ class Options:
     shared_prefix: bool = True
     lean_decode: bool = True
     engine: bool = True
+    speculative: object = None
     tune: bool = True
     rtol: float = 1e-5
     atol: float = 1e-5
@@ -259,7 +272,9 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
     allowed: list[type] = []
     for part in str(annotation).split("|"):
         part = part.strip()
-        allowed.append({"str": str, "bool": bool, "int": int, "float": float, "None": type(None)}[part])
+        # "object": any value; the option's consumer validates it (e.g. speculative=Drafter(...))
+        allowed.append({"str": str, "bool": bool, "int": int, "float": float, "None": type(None),
+                        "object": object}[part])
     ok = any(
         isinstance(value, t) and not (t in (int, float) and isinstance(value, bool))
         or (t is float and isinstance(value, int) and not isinstance(value, bool))

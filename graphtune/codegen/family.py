@@ -16,8 +16,10 @@ import, and the runtime resolves it). Loading a Triton module is left to the cal
 Examples
 --------
 >>> from graphtune.codegen.family import families, family_of_op
->>> [f.name for f in families()]
+>>> [f.name for f in families()][:4]
 ['attention', 'lean_decode', 'merge_states', 'shared_prefix']
+>>> "spec_accept" in [f.name for f in families()]
+True
 >>> family_of_op("merge_states").default_impls["cpu"]
 'cpu.torch'
 """

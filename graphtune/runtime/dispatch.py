@@ -30,7 +30,7 @@ from graphtune.errors import GraphtuneError
 from graphtune.ir.args import AttentionArgs
 from graphtune.runtime.context import Feature, feature_registered, register_feature, unregister_feature
 
-__all__ = ["install", "uninstall", "installed", "clear_cache", "resolve", "cache_info"]
+__all__ = ["install", "uninstall", "installed", "clear_cache", "resolve", "cache_info", "may_serve"]
 
 SELECTOR_NAME = "tuned"
 # graph op -> its family: the ops tuned dispatch serves (the families' declared graph_ops)
@@ -39,6 +39,8 @@ _OPS: dict[str, OpFamily] = {g: f for f in families() for g in f.graph_ops}
 # keys start with the database path: answers of one database never serve another
 _cache: dict[tuple, Callable[..., Any] | None] = {}
 _cache_gen = -1
+# (path, tuning key, device fingerprint) -> valid records, best first (see _ranked_records)
+_ranked: dict[tuple, list] = {}
 # per (path, device): any record for this device and versions? absent: not looked at since the
 # last write / clear_cache()
 _has_records: dict[tuple, bool] = {}
@@ -107,6 +109,19 @@ def _make_call(op: str, impl: Impl, cfg: KernelConfig, key: tuple) -> Callable[.
     return call
 
 
+def _ranked_records(store: _db.TuningDB, key: Any, fp: Any) -> list[_db.Record]:
+    """Valid records for one tuning key, best first by :func:`~graphtune.autotune.db.rank`."""
+    k = (store.path, key.op, key.shape_key, key.q_bucket, key.kv_bucket, fp.device, fp.versions, fp.device_name)
+    got = _ranked.get(k)
+    if got is None:
+        valid = [r for r in store.candidates(key.op, fp.device, fp.versions, key.shape_key) if is_valid(r)]
+        # stable: ties keep the database's order, as min() in TuningDB.lookup does
+        got = sorted(valid, key=lambda r: _db.rank(r, key.q_bucket, key.kv_bucket, fp.device_name))
+        with _lock:
+            _ranked[k] = got
+    return got
+
+
 def resolve(op: str, args: tuple) -> tuple[Impl, KernelConfig] | None:
     """The tuned (impl, config) for an attention or merge_states call, or None (nothing tuned, or
     the winner is what the op runs untuned anyway).
@@ -129,15 +144,15 @@ def resolve(op: str, args: tuple) -> tuple[Impl, KernelConfig] | None:
     fp = fingerprint.current(dev)
 
     def usable(rec: _db.Record) -> bool:
-        if not is_valid(rec):
-            return False
         impl = get_impl(rec.op, rec.impl)
         return impl is not None and impl.device == dev.type and impl.supports(args)
 
     rec = None
     for key in fam.shape_class().keys_of_call(args):
-        rec = store.lookup(key.op, key.shape_key, key.q_bucket, key.kv_bucket, fp.device, fp.versions,
-                           usable, fp.device_name)
+        # what store.lookup(..., is_valid and usable) picks: the best-ranked valid record this call's
+        # arguments are supported by; the ranking per bucket is memoized, so a decode step whose KV
+        # length moved on reads no database
+        rec = next((r for r in _ranked_records(store, key, fp) if usable(r)), None)
         if rec is not None:
             break
     if rec is None:
@@ -164,22 +179,8 @@ def _db_path() -> str:
     return _path_memo[1]
 
 
-def _selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
-    global _cache_gen
-    if op not in _OPS:
-        return None
-    if ctx is not None and not ctx.enabled("tune"):  # optimize(..., tune=False)
-        return None
-    gen = _db._generation
-    if gen != _cache_gen:  # this process wrote to a tuning database: answers may have changed
-        with _lock:
-            _cache.clear()
-            _cache_gen = gen
-            _has_records.clear()
-    if flags.get("CACHELEVEL") <= 0:  # database disabled: defaults only
-        return None
-    path = _db_path()
-    dev = _device(op, args)
+def _device_has_records(path: str, dev: torch.device) -> bool:
+    """Whether the database at ``path`` holds any record for ``dev``'s fingerprint (memoized)."""
     has = _has_records.get((path, dev))
     if has is None:
         # records of other devices (e.g. the shipped static GPU records) do not count
@@ -189,10 +190,48 @@ def _selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
                 store = _db.get_db(path)
                 fp = fingerprint.current(dev)
                 has = bool(store is not None and store.has_records(fp.device, fp.versions))
-            except Exception:  # noqa: BLE001 - an unreadable database is reported by resolve() below
+            except Exception:  # noqa: BLE001 - an unreadable database is reported by resolve()
                 has = True
         _has_records[(path, dev)] = has
-    if not has:  # nothing tuned for this device: the common untuned case costs one check per call
+    return has
+
+
+def _sync_generation() -> None:
+    global _cache_gen
+    gen = _db._generation
+    if gen != _cache_gen:  # this process wrote to a tuning database: answers may have changed
+        with _lock:
+            _cache.clear()
+            _ranked.clear()
+            _cache_gen = gen
+            _has_records.clear()
+
+
+def may_serve(device: torch.device, ctx: Any = None) -> bool:
+    """Whether tuned dispatch could pick an implementation for calls on ``device`` at all.
+
+    False when the model was optimized with ``tune=False``, the database is disabled, or it holds
+    no record for this device's fingerprint: then every call would run the op's default path.
+    """
+    if ctx is not None and not ctx.enabled("tune"):
+        return False
+    _sync_generation()
+    if flags.get("CACHELEVEL") <= 0:
+        return False
+    return _device_has_records(_db_path(), device)
+
+
+def _selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
+    if op not in _OPS:
+        return None
+    if ctx is not None and not ctx.enabled("tune"):  # optimize(..., tune=False)
+        return None
+    _sync_generation()
+    if flags.get("CACHELEVEL") <= 0:  # database disabled: defaults only
+        return None
+    path = _db_path()
+    dev = _device(op, args)
+    if not _device_has_records(path, dev):  # the common untuned case costs one check per call
         return None
     key = (path, *_fast_key(op, args))
     try:
@@ -259,6 +298,7 @@ def clear_cache() -> None:
     """Forget cached decisions (and warnings), e.g. after another process tuned."""
     with _lock:
         _cache.clear()
+        _ranked.clear()
         _warned.clear()
         _has_records.clear()
 

@@ -93,6 +93,82 @@ def suffix_cases(draw, dtypes=tuple(DTYPES)) -> SuffixCase:
                       prefix, ls, lens, causal, draw(st.sampled_from([None, 0.3])), draw(st.integers(0, 2**16)))
 
 
+@dataclass(frozen=True)
+class TreeCase:
+    """A speculative-verification step: rows of ``ctxs`` context keys and ``ns`` tree tokens in a KV pool."""
+
+    dtype: str
+    hkv: int
+    group: int
+    ctxs: tuple[int, ...]
+    ns: tuple[int, ...]
+    forest: bool
+    packed: bool  # rows back to back in reverse order (else evenly spaced: the CPU path batches them)
+    scale: float | None
+    seed: int
+
+    def build(self):
+        g = torch.Generator().manual_seed(self.seed)
+        dt, d = DTYPES[self.dtype], 16
+        par, cu = [], [0]
+        for n in self.ns:
+            par += [-1] + [int(torch.randint(-1 if self.forest else 0, j, (), generator=g)) for j in range(1, n)]
+            cu.append(cu[-1] + n)
+        sizes = [c + n for c, n in zip(self.ctxs, self.ns)]
+        if self.packed:
+            starts, s = [0] * len(sizes), 1
+            for i in reversed(range(len(sizes))):
+                starts[i], s = s, s + sizes[i]
+        else:
+            starts = [i * (max(sizes) + 2) for i in range(len(sizes))]
+        S = max(a + b for a, b in zip(starts, sizes)) + 2
+        r = lambda *sh: torch.randn(*sh, generator=g).to(dt)  # noqa: E731
+        q, k, v = r(self.hkv * self.group, cu[-1], d), r(self.hkv, S, d), r(self.hkv, S, d)
+        i64 = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
+        args = (q, k, v, i64(starts), i64(list(self.ctxs)), i64(cu), i64(par), self.scale)
+        # oracle: per row, the context and the token's own ancestor chain (walked here), in float64
+        outs, lses = [], []
+        for i, (s0, c) in enumerate(zip(starts, self.ctxs)):
+            n = self.ns[i]
+            ok = torch.zeros(n, c + n, dtype=torch.bool)
+            ok[:, :c] = True
+            for j in range(n):
+                m = j
+                while m >= 0:
+                    ok[j, c + m] = True
+                    m = par[cu[i] + m]
+            o, l = ref_attention(q[:, cu[i]:cu[i + 1]], k[:, s0:s0 + c + n], v[:, s0:s0 + c + n], ok, False,
+                                 self.scale, True)
+            outs.append(o)
+            lses.append(l)
+        return args, (torch.cat(outs, 1), torch.cat(lses, 1))
+
+
+@st.composite
+def tree_cases(draw, dtypes=tuple(DTYPES)) -> TreeCase:
+    b = draw(st.integers(1, 3))
+    ns = tuple(draw(st.lists(st.integers(1, 6), min_size=b, max_size=b)))
+    if draw(st.booleans()):  # equal rows: the CPU path's batched groups
+        ns = (ns[0],) * b
+    ctxs = tuple(draw(st.lists(st.integers(0, 12), min_size=b, max_size=b)))
+    if draw(st.booleans()):
+        ctxs = (ctxs[0],) * b
+    return TreeCase(draw(st.sampled_from(dtypes)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3])), ctxs,
+                    ns, draw(st.booleans()), draw(st.booleans()), draw(st.sampled_from([None, 0.3])),
+                    draw(st.integers(0, 2**16)))
+
+
+def _check_tree_impl(impl, case, choose):
+    args, (want_o, want_l) = case.build()
+    if not impl.supports(args):
+        raise _Unsupported
+    dt = args[0].dtype
+    for cfg in choose(_configs(impl, args)):
+        out, lse = impl.fn(*args, config=cfg)
+        assert_matches(out, want_o, OUT_TOL[dt], f"{impl.name}[{cfg}] out", case)
+        assert_matches(lse, want_l, LSE_TOL[dt], f"{impl.name}[{cfg}] lse", case)
+
+
 class _Unsupported(Exception):
     """The implementation declines these arguments (``supports()`` is False, or a documented refusal)."""
 
@@ -180,6 +256,7 @@ OP_CHECKS = {
     "merge_states": (lambda impl: merge_cases(), _check_merge_impl, ()),
     "lean_decode": (lambda impl: lean_cases(), _check_lean_impl, ()),
     "shared_prefix_suffix_merge": (lambda impl: suffix_cases(), _check_suffix_merge_impl, ()),
+    "tree_attention": (lambda impl: tree_cases(), _check_tree_impl, ()),
 }
 
 

@@ -260,3 +260,28 @@ def test_describe_reports_an_unusable_database_instead_of_raising(tmp_path):
     with flags.Context(DB=str(tmp_path)):  # a directory
         note = dispatch.describe(SimpleNamespace(details={}), (1, 8, 1, 32), (1, 2, 600, 32))
     assert note.startswith("default:") and "directory" in note
+
+
+def test_decode_steps_in_one_bucket_read_the_database_once(tuned_db, monkeypatch):
+    put(tuned_db, "cpu.gqa_fold", KernelConfig.make(THREADS=1))
+    reads = []
+    orig = type(tuned_db).candidates
+    monkeypatch.setattr(type(tuned_db), "candidates", lambda self, *a: reads.append(a) or orig(self, *a))
+    dispatch.clear_cache()
+    # a decode loop: the KV length moves on every step, all within the 1024 bucket
+    picks = {chosen(AttentionShape(1, 8, 2, 1, n, 32).make_args()) for n in range(600, 640)}
+    assert picks == {("cpu.gqa_fold", KernelConfig.make(THREADS=1))}
+    assert len(reads) == 1, reads
+    put(tuned_db, "cpu.split_kv", KernelConfig.make(SPLITS=2, BATCHED=1, FOLD=1))  # a write drops the memo
+    assert chosen(AttentionShape(1, 8, 2, 1, 641, 32).make_args())[0] == "cpu.split_kv"
+
+
+def test_may_serve_follows_records_tune_and_cachelevel(tuned_db):
+    cpu = torch.device("cpu")
+    assert not dispatch.may_serve(cpu)  # an empty database
+    put(tuned_db, "cpu.gqa_fold", KernelConfig.make(THREADS=1))
+    assert dispatch.may_serve(cpu)
+    ctx = context.BatchContext(options=flags.Options(tune=False))
+    assert not dispatch.may_serve(cpu, ctx)
+    with flags.Context(CACHELEVEL=0):
+        assert not dispatch.may_serve(cpu)

@@ -397,3 +397,28 @@ def test_the_compile_backend_is_exact_and_leaves_per_batch_features_to_optimize(
         got = _drive(compiled, ids, steps=1)
     _assert_same(got, want)
     assert not spy.decode and not spy.prefill
+
+
+def test_forwards_nothing_can_speed_up_run_the_models_own_forward(models, spy, tmp_path):
+    """Batch-1 decode of an SDPA model with no tuned records: no plan, nothing tuned, so the plain
+    forward runs (no Dynamo guards); a shared-prompt batch still takes the graphtune path."""
+    plain, fast = models
+    ids = torch.randint(3, plain.config.vocab_size, (1, PROMPT))
+    with flags.Context(DB=str(tmp_path / "empty.db")), torch.no_grad():
+        before = fast.forward.plain_calls
+        _assert_same(_drive(fast, ids), _drive(plain, ids))
+        assert fast.forward.plain_calls - before == 1 + STEPS  # the prefill (causal, unpadded) and each step
+        before = fast.forward.plain_calls
+        shared = _shared_ids(plain)
+        _assert_same(_drive(fast, shared), _drive(plain, shared))
+        assert fast.forward.plain_calls == before  # the shared-prefix plan needs the captured graph
+    assert spy.decode and spy.prefill
+
+
+def test_eager_attention_models_always_take_the_rewritten_graph(tmp_path):
+    plain = build_model("llama", "eager")
+    fast = graphtune.optimize(plain)
+    ids = torch.randint(3, plain.config.vocab_size, (1, PROMPT))
+    with flags.Context(DB=str(tmp_path / "empty.db")), torch.no_grad():
+        _assert_same(_drive(fast, ids), _drive(plain, ids))
+    assert fast.forward.plain is None and fast.forward.plain_calls == 0

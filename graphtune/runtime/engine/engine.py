@@ -31,7 +31,9 @@ from graphtune.errors import OptionError, PlanError
 from graphtune.runtime.engine.hf_model import ModelRunner, unsupported_reason
 from graphtune.runtime.engine.kv_pool import KVPool
 from graphtune.runtime.engine.prefix_tree import Node, PrefixTree, build_prefix_tree
+from graphtune.runtime.engine.drafters import Drafter, describe_drafter, make_drafter
 from graphtune.runtime.engine.sampling import Sampling, select_tokens
+from graphtune.runtime.engine.speculative import SpecRowStats, Speculator
 from graphtune.codegen.lean_decode.plan import make_plan
 from graphtune.runtime.engine.step import LEAN_TILE, StepPlan, decode_plan, prefill_plan, run_attention
 
@@ -58,6 +60,14 @@ class EngineStats:
     hf_kv_tokens: int = 0  # what HF generate would hold: rows x (longest prompt + new tokens)
     admissions: int = 0  # admission rounds (> 1: the budget made rows wait)
     tree: str = ""
+    verify_steps: int = 0  # speculative verification forwards (decode_steps counts plain steps)
+    draft_s: float = 0.0  # time the drafter took (inside decode_s)
+    proposed_tokens: int = 0  # speculative: draft tokens verified
+    accepted_tokens: int = 0  # speculative: draft tokens kept
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
 
     @property
     def kv_bytes(self) -> int:
@@ -81,6 +91,7 @@ class EngineResult:
     prompts: list[list[int]]
     stats: EngineStats
     texts: list[str] | None = None
+    speculation: list[SpecRowStats] | None = None  # per row, with a drafter (Engine(speculative=...))
 
 
 @dataclass
@@ -95,6 +106,7 @@ class EnginePlan:
     kv_bytes: int  # KV reserved by the engine for the whole call
     hf_kv_bytes: int  # KV HF generate holds at the end: rows x (longest prompt + new tokens)
     decode: str  # the first decode step's schedule of the private tails
+    speculation: str = ""  # the drafter, and the last call's per-row speculation counters
 
     def __str__(self) -> str:
         mb = 1 << 20
@@ -104,6 +116,7 @@ class EnginePlan:
                  f"({self.hf_kv_bytes / max(self.kv_bytes, 1):.1f}x less)",
                  f"  {self.decode}", "  prefix tree:"]
         lines += [f"    {line}" for line in self.tree.splitlines()]
+        lines += [f"  {line}" for line in self.speculation.splitlines()]
         return "\n".join(lines)
 
 
@@ -133,6 +146,12 @@ class Engine:
         Shortest shared prefix worth storing once (default ``GRAPHTUNE_ENGINE_MIN_SHARED``).
     max_batch_tokens : int
         Most tokens per prefill forward (long prompts are prefilled in chunks).
+    speculative : str, Drafter or None
+        Speculative decoding: ``"ngram"`` (prompt lookup), ``"layerskip"`` (the model's first
+        layers as drafter), any :class:`~graphtune.runtime.engine.drafters.Drafter`, or None.
+        Lossless (greedy tokens are the model's own; sampling keeps its distribution).
+    spec_tokens : int
+        Most draft tokens per row per step (default ``GRAPHTUNE_ENGINE_SPEC_TOKENS``).
 
     Examples
     --------
@@ -146,7 +165,8 @@ class Engine:
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, max_kv_tokens: int | None = None,
-                 min_shared: int | None = None, max_batch_tokens: int | None = None) -> None:
+                 min_shared: int | None = None, max_batch_tokens: int | None = None,
+                 speculative: str | Drafter | None = None, spec_tokens: int | None = None) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise OptionError(f"graphtune.Engine cannot run this model: {reason}")
@@ -160,6 +180,11 @@ class Engine:
             raise OptionError(f"Engine: max_batch_tokens ({self.max_batch_tokens}) and min_shared "
                               f"({self.min_shared}) must be >= 1, max_kv_tokens ({self.max_kv_tokens}) >= 0")
         self.last_plan: PrefixTree | None = None
+        self.drafter = make_drafter(speculative)
+        self.last_speculation: list[SpecRowStats] | None = None
+        self.spec_tokens = flags.get("ENGINE_SPEC_TOKENS") if spec_tokens is None else spec_tokens
+        if self.spec_tokens < 1:
+            raise OptionError(f"Engine: spec_tokens must be >= 1, got {self.spec_tokens}")
 
     # ------------------------------------------------------------------ public API
 
@@ -218,7 +243,22 @@ class Engine:
             lp = make_plan(lengths, r.kv_heads, LEAN_TILE, max(1, min(torch.get_num_threads(), len(lengths) * r.kv_heads)))
             decode = f"private tails: lean decode over ragged lengths {min(lengths)}..{max(lengths)}: {lp.summary()}"
         return EnginePlan(len(ids), sum(map(len, ids)), tree.prompt_tokens(), len(tree.shared), tree.describe(),
-                          need * bpt, hf * bpt, decode)
+                          need * bpt, hf * bpt, decode, self._describe_speculation())
+
+    def _describe_speculation(self) -> str:
+        if self.drafter is None:
+            return ""
+        lines = [f"speculative decoding: drafter {describe_drafter(self.drafter)}, up to {self.spec_tokens} draft "
+                 "tokens per row per step, tree verification, lossless acceptance"]
+        last = self.last_speculation
+        if last:
+            lines.append("last call, per row: proposed / accepted (rate), tokens per verify step:")
+            for i, st in enumerate(last[:16]):
+                lines.append(f"  row {i}: {st.proposed} / {st.accepted} ({st.acceptance:.0%}), {st.mean_accepted:.2f}"
+                             + (f", {st.off_steps} steps without drafts (low acceptance)" if st.off_steps else ""))
+            if len(last) > 16:
+                lines.append(f"  ... {len(last) - 16} more rows")
+        return "\n".join(lines)
 
     # ------------------------------------------------------------------ internals
 
@@ -256,8 +296,10 @@ class Engine:
             n.id = i
         # per-call state stays local: one Engine may serve overlapping calls (optimize(model).generate)
         ends_at_node = {leaf.parent.id for leaf in tree.leaves if not leaf.tokens}  # type: ignore[union-attr]
+        # a row's range: its prompt tail and new tokens, plus room for one step's draft tokens
+        slack = self.spec_tokens if self.drafter is not None else 0
         for n in tree.shared + tree.leaves:
-            n.capacity = len(n.tokens) + (max_new - 1 if n.leaf else 0)
+            n.capacity = len(n.tokens) + (max_new - 1 + slack if n.leaf else 0)
         need = sum(n.capacity for n in tree.shared + tree.leaves)
         cap = min(need, self.max_kv_tokens) if self.max_kv_tokens else need
         pool = KVPool(r.num_layers, r.kv_heads, r.head_dim, max(1, cap), r.dtype)
@@ -267,6 +309,11 @@ class Engine:
                             hf_kv_tokens=len(rows) * (max(map(len, prompts)) + max_new))
         users = {n.id: len(n.rows) for n in tree.shared}  # rows (active or waiting) still needing a node
         gens = sampling.generators(len(rows))
+        spec = None
+        if self.drafter is not None:
+            spec = Speculator(self.drafter, self.spec_tokens, r, pool, sampling, gens)
+            for row in rows:
+                spec.add_row(row.index, row.prompt)
         # admission order = tree order (rows under the same shared nodes next to each other, the
         # nodes' ids being pre-order): sharers are admitted together, so a shared prefix is
         # resident once and freed soon after (BatchLLM's grouping)
@@ -295,6 +342,14 @@ class Engine:
             if bar:
                 bar.update(len(batch))
 
+        def emit_many(batch: list[_Row], toks: list[list[int]]) -> None:
+            # a speculative step's tokens, one position at a time (streamers see them in order);
+            # a row stops at EOS or max_new_tokens even if more of its tokens were accepted
+            for j in range(max(map(len, toks), default=0)):
+                got = [(row, ts[j]) for row, ts in zip(batch, toks) if j < len(ts) and not row.done]
+                if got:
+                    emit([row for row, _ in got], [t for _, t in got])
+
         while waiting or active:
             admitted = self._admit(waiting, pool, active)
             if admitted:
@@ -319,11 +374,21 @@ class Engine:
                 raise PlanError(f"Engine: row {row.index} needs {self._need(row)} KV slots but the budget "
                                 f"max_kv_tokens={self.max_kv_tokens} has at most {pool.largest_free()} free")
             t0 = time.perf_counter()
-            logits = self._decode(active, pool, stats)
-            toks = select_tokens(logits, sampling, gens, [row.index for row in active])
-            stats.decode_s += time.perf_counter() - t0
-            stats.decode_steps += 1
-            emit(active, toks)
+            many = spec.step(self, active, max_new) if spec is not None else None
+            if many is not None:
+                stats.decode_s += time.perf_counter() - t0
+                stats.verify_steps += 1
+                stats.forwards += 1
+                emit_many(active, many)
+            else:
+                logits = self._decode(active, pool, stats)
+                toks = select_tokens(logits, sampling, gens, [row.index for row in active])
+                dt = time.perf_counter() - t0
+                stats.decode_s += dt
+                if spec is not None:
+                    spec.observe_decode(len(active), dt)
+                stats.decode_steps += 1
+                emit(active, toks)
             active = [row for row in active if not row.done]
         stats.kv_peak_tokens = pool.peak
         if bar:
@@ -331,7 +396,14 @@ class Engine:
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(row.out, skip_special_tokens=True) for row in rows]
-        return EngineResult([row.out for row in rows], prompts, stats, texts)
+        per_row = None
+        if spec is not None:
+            per_row = [spec.stats[row.index] for row in rows]
+            stats.draft_s = spec.draft_s
+            stats.proposed_tokens = sum(s.proposed for s in per_row)
+            stats.accepted_tokens = sum(s.accepted for s in per_row)
+            self.last_speculation = per_row
+        return EngineResult([row.out for row in rows], prompts, stats, texts, per_row)
 
     def _need(self, row: _Row) -> int:
         return row.leaf.capacity + sum(a.capacity for a in row.leaf.chain()[:-1] if a.slot < 0)
@@ -415,11 +487,14 @@ class Engine:
         stats.forwards += 1
         return self.runner.logits(hidden)
 
-    def _forward(self, plan: StepPlan, pool: KVPool, ids: Tensor, pos: Tensor) -> Tensor:
+    def _forward(self, plan: StepPlan, pool: KVPool, ids: Tensor, pos: Tensor,
+                 early_exit_layers: int | None = None) -> Tensor:
         def step(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
             return run_attention(plan, pool, layer, q, k, v, scale)
 
         with self.runner.attention(step):
+            if early_exit_layers is not None:  # a self-speculative draft: the first layers only
+                return self.runner.early_exit_hidden(ids, pos, early_exit_layers)
             return self.runner.hidden(ids, pos)
 
 

@@ -1,7 +1,8 @@
 """``optimize(model).generate(...)``: HF's signature, routed through the engine when it supports the call.
 
 Routed: greedy decoding; sampling with temperature, top-k and top-p; ``num_return_sequences``;
-padded batches (``attention_mask``); EOS and ``max_new_tokens``/``max_length``; streamers. Anything
+padded batches (``attention_mask``); EOS and ``max_new_tokens``/``max_length``; streamers; prompt
+lookup decoding (``prompt_lookup_num_tokens``: the engine's n-gram drafter, lossless). Anything
 else (beam search, repetition penalties, logits processors, ``inputs_embeds``, a cache passed
 in, ``return_dict_in_generate``...) runs HF's own loop, and the reason is logged (and reported
 by :func:`why_not`).
@@ -33,6 +34,8 @@ _HANDLED = {
     "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "use_cache", "transformers_version",
     "_from_model_config", "_commit_hash", "_original_object_hash", "cache_implementation", "return_legacy_cache",
     "compile_config", "disable_compile",
+    # HF's prompt lookup decoding: the engine's n-gram drafter (lossless, at any batch size)
+    "prompt_lookup_num_tokens", "max_matching_ngram_size",
 }
 _MODEL_KWARGS = {"attention_mask", "streamer", "generation_config", "use_cache"}
 
@@ -98,11 +101,13 @@ def why_not(model: Any, args: tuple, kwargs: dict[str, Any]) -> str | None:
 class EngineGenerate:
     """Replaces ``generate`` on an optimized model: the engine where it applies, HF's loop otherwise."""
 
-    def __init__(self, model: Any, hf_generate: Callable[..., Any]) -> None:
+    def __init__(self, model: Any, hf_generate: Callable[..., Any], speculative: Any = None) -> None:
         self.model = model
         self.hf_generate = hf_generate
+        self.speculative = speculative  # optimize(model, speculative=...): the engine's drafter
         self._engine: Engine | None = None
         self.last_route: str = ""
+        self.last_speculation: Any = None  # per-row speculation counters of the last engine call
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         reason = why_not(self.model, args, kwargs)
@@ -147,7 +152,14 @@ class EngineGenerate:
             eos = gc.eos_token_id
             pad = eos[0] if isinstance(eos, (list, tuple)) else eos
         if self._engine is None:
-            self._engine = Engine(self.model)
+            self._engine = Engine(self.model, speculative=self.speculative)
+        engine = self._engine
+        lookup = getattr(gc, "prompt_lookup_num_tokens", None)
+        if lookup:  # HF's prompt lookup decoding, served by the engine's n-gram drafter
+            from graphtune.runtime.engine.drafters import NGramDrafter
+
+            engine = Engine(self.model, speculative=NGramDrafter(max_ngram=gc.max_matching_ngram_size or 2),
+                            spec_tokens=int(lookup))
         rows = B * n
         on_tokens = None
         if streamer is not None:
@@ -160,7 +172,7 @@ class EngineGenerate:
 
         do_sample = bool(gc.do_sample)
         seed = int(torch.randint(0, 2**62, ()).item()) if do_sample else None  # from torch's global RNG
-        res = self._engine.generate(
+        res = engine.generate(
             prompts, new, num_return_sequences=n, do_sample=do_sample, temperature=gc.temperature or 1.0,
             top_k=gc.top_k if do_sample else None, top_p=gc.top_p if do_sample else None, seed=seed,
             eos_token_id=gc.eos_token_id, on_tokens=on_tokens)
@@ -172,4 +184,5 @@ class EngineGenerate:
         for r, seq in enumerate(res.sequences):
             out[r, L:L + len(seq)] = torch.tensor(seq, dtype=ids.dtype)
         self.last_stats = res.stats
+        self.last_speculation = res.speculation
         return out

@@ -160,3 +160,47 @@ class ModelRunner:
     def logits(self, hidden: Tensor) -> Tensor:
         """fp32 logits of hidden states ``[n, hidden]``."""
         return self.head(hidden).float()
+
+    def early_exit_hidden(self, ids: Tensor, positions: Tensor, layers: int) -> Tensor:
+        """Hidden states ``[T, hidden]`` after the first ``layers`` decoder layers and the model's
+        final norm (a LayerSkip-style draft: the rest of the stack is not run).
+
+        Why a forward hook that stops the forward: the model's own forward computes embeddings,
+        positions (RoPE) and masks the way the full forward does, so the first layers see exactly
+        what they see in the full model; the hook on layer ``layers - 1`` carries its output out.
+        """
+        blocks, norm = self.decoder_blocks()
+        if not 1 <= layers <= len(blocks):
+            raise ValueError(f"early exit after {layers} layers: the model has {len(blocks)}")
+        if layers == len(blocks):
+            return self.hidden(ids, positions)
+
+        def stop(module: nn.Module, args: Any, out: Any) -> None:
+            raise _EarlyExit(out[0] if isinstance(out, (tuple, list)) else out)
+
+        handle = blocks[layers - 1].register_forward_hook(stop)
+        try:
+            self.base(input_ids=ids[None], position_ids=positions[None], use_cache=False, return_dict=True)
+        except _EarlyExit as e:
+            return norm(e.hidden)[0]
+        finally:
+            handle.remove()
+        raise RuntimeError("early exit: the decoder layer hook did not run")  # pragma: no cover
+
+    def decoder_blocks(self) -> tuple[nn.ModuleList, nn.Module]:
+        """The decoder layers, in order, and the final norm applied to the last layer's output."""
+        base = self.base
+        for layers_name, norm_name, holder in (("layers", "norm", base), ("h", "ln_f", base),
+                                               ("layers", "final_layer_norm", base),
+                                               ("layers", "final_layer_norm", getattr(base, "decoder", None))):
+            blocks = getattr(holder, layers_name, None) if holder is not None else None
+            norm = getattr(holder, norm_name, None) if holder is not None else None
+            if isinstance(blocks, nn.ModuleList) and isinstance(norm, nn.Module):
+                return blocks, norm
+        raise ValueError(f"cannot find the decoder layers and final norm of {type(base).__name__}")
+
+
+class _EarlyExit(Exception):
+    def __init__(self, hidden: Tensor) -> None:
+        super().__init__("early exit")
+        self.hidden = hidden

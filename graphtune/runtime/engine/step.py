@@ -14,6 +14,8 @@ tokens, or spans of prefix-tree nodes being prefilled). Each layer's attention t
      back to back (n samples): one batched call over a strided view;
    - ``lean``: private tails of ragged lengths: stream-K lean decode over the real lengths
      (:mod:`graphtune.codegen.lean_decode`), no padding computed;
+   - ``tree``: speculative verification: each row's private keys plus the draft tokens on the
+     query's own path in the row's draft tree (:mod:`graphtune.codegen.tree_attention`);
 
 3. merges each token's partial results by log-sum-exp (:func:`graphtune.ir.reference.merge_stacked`).
 
@@ -31,13 +33,15 @@ from torch import Tensor
 
 from graphtune.codegen.lean_decode.cpu import build_cpu_program, lean_attention_cpu
 from graphtune.codegen.lean_decode.plan import make_plan
+from graphtune.codegen.tree_attention.cpu import tree_attention_cpu
+from graphtune.codegen.tree_attention.plan import plan_tree
 from graphtune.ir.args import softmax_scale
 from graphtune.ir.ops import flash_cpu
 from graphtune.ir.reference import merge_lse
 from graphtune.runtime.engine.kv_pool import KVPool
 from graphtune.runtime.engine.prefix_tree import Node
 
-__all__ = ["Call", "StepPlan", "prefill_plan", "decode_plan", "run_attention"]
+__all__ = ["Call", "StepPlan", "prefill_plan", "decode_plan", "verify_plan", "run_attention"]
 
 LEAN_TILE = 256  # keys per lean tile (the lean family's CPU default)
 
@@ -46,7 +50,7 @@ LEAN_TILE = 256  # keys per lean tile (the lean family's CPU default)
 class Call:
     """One attention call of a layer (see the module docstring for the kinds)."""
 
-    kind: str  # "fold" | "causal" | "strided" | "lean"
+    kind: str  # "fold" | "causal" | "strided" | "lean" | "tree"
     level: int  # where its partial goes in the per-token stack
     idx: Tensor | None = None  # packed query tokens (fold, strided, lean)
     q0: int = 0  # causal: packed span [q0, q1)
@@ -54,7 +58,7 @@ class Call:
     slot: int = 0  # first key slot (fold, causal, strided: first row's)
     length: int = 0  # keys (fold, causal, strided)
     stride: int = 0  # strided: slots between consecutive rows' ranges
-    lean: object = None  # lean: (plan, program, starts)
+    lean: object = None  # lean: (plan, program, starts); tree: the tree-attention plan
 
 
 @dataclass
@@ -136,6 +140,35 @@ def decode_plan(leaves: Sequence[Node], kv_heads: int, workers: int) -> StepPlan
     return plan
 
 
+def verify_plan(leaves: Sequence[Node], parents: Sequence[Sequence[int]]) -> StepPlan:
+    """Plan a speculative verification forward: row ``i`` computes ``len(parents[i])`` tokens, its
+    last accepted token (row-local 0, a root: parent ``-1``) then its draft tokens (parent indices
+    row-local, each before its children), written after the row's ``leaf.filled`` keys.
+
+    Every token attends to the row's shared ancestors (``fold``), the row's private keys, and the
+    draft tokens on its own root-to-token path (``tree``: :mod:`graphtune.codegen.tree_attention`).
+    """
+    counts = [len(p) for p in parents]
+    T = sum(counts)
+    write = torch.cat([torch.arange(leaf.slot + leaf.filled, leaf.slot + leaf.filled + n)
+                       for leaf, n in zip(leaves, counts)])
+    cu = [0]
+    for n in counts:
+        cu.append(cu[-1] + n)
+    toks = torch.arange(T)
+    calls = _group_ancestors([(leaf, toks[cu[i]:cu[i + 1]]) for i, leaf in enumerate(leaves)])
+    levels = 1 + max((_depth(leaf) for leaf in leaves), default=0)
+    tree = plan_tree(torch.tensor([leaf.slot for leaf in leaves], dtype=torch.long),
+                     torch.tensor([leaf.filled for leaf in leaves], dtype=torch.long),
+                     torch.tensor(cu, dtype=torch.long),
+                     torch.tensor([p for ps in parents for p in ps], dtype=torch.long))
+    calls.append(Call("tree", levels - 1, lean=tree))
+    plan = StepPlan(T, write, calls, levels)
+    plan.kv_read = sum(c.length for c in calls if c.kind == "fold") + sum(
+        leaf.filled + n for leaf, n in zip(leaves, counts))
+    return plan
+
+
 def _fold_q(q0: Tensor, idx: Tensor, hkv: int) -> tuple[Tensor, int]:
     # q0: [Hq, T, D] -> the tokens idx as [1, Hkv, G * n, D] (GQA group heads along the queries)
     qi = q0.index_select(1, idx)
@@ -182,6 +215,9 @@ def run_attention(plan: StepPlan, pool: KVPool, layer: int, q: Tensor, k: Tensor
             qs = q0.index_select(1, c.idx).view(hkv, hq // hkv, n, d).permute(2, 0, 1, 3)  # [n, Hkv, G, D]
             o, l = flash_cpu(qs, ks, vs, None, False, scale)  # [n, Hkv, G, D], [n, Hkv, G]
             o, l = o.reshape(n, hq, d).transpose(0, 1), l.reshape(n, hq).transpose(0, 1)
+        elif c.kind == "tree":  # every packed token: private keys + its draft path
+            tp = c.lean
+            o, l = tree_attention_cpu(q0, K, V, tp.kv_start, tp.ctx_len, tp.cu_q, tp.parent, scale, plan=tp)
         else:  # lean
             lp, program, starts = c.lean
             n = len(starts)
@@ -193,10 +229,15 @@ def run_attention(plan: StepPlan, pool: KVPool, layer: int, q: Tensor, k: Tensor
         if P == 1:
             if c.kind == "causal":
                 out[:, c.q0:c.q1] = o
+            elif c.kind == "tree":
+                out = o
             else:
                 out.index_copy_(1, c.idx, o)
         else:
-            if c.kind == "causal":
+            if c.kind == "tree":
+                out_st[c.level] = o
+                lse_st[c.level] = l
+            elif c.kind == "causal":
                 out_st[c.level, :, c.q0:c.q1] = o
                 lse_st[c.level, :, c.q0:c.q1] = l
             else:
