@@ -49,6 +49,12 @@ _READ_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids", "cache_
                           "logits_to_keep", "num_logits_to_keep", *CACHE_NAMES})
 
 
+def _nothing_planned(ctx: Any) -> bool:
+    # no runtime plan, or only lean decode's "unpadded" prefill plan: that one hands the captured
+    # graph's materialized causal mask back to SDPA's is_causal, which the eager forward does itself
+    return all(getattr(p, "unpadded", False) for p in ctx.plans.values())
+
+
 def _tuned_may_serve(named: dict[str, Any], ctx: Any) -> bool:
     # tuned dispatch could answer this forward's attention calls (records for its device exist)
     for x in named.values():
@@ -107,7 +113,7 @@ class _OptimizedForward:
             position_ids=pos,
             other_inputs=other,
         ) as ctx:
-            if self.plain is not None and not ctx.plans and not _tuned_may_serve(named, ctx):
+            if self.plain is not None and _nothing_planned(ctx) and not _tuned_may_serve(named, ctx):
                 self.plain_calls += 1
                 out = self.plain(*args, **kwargs)
             else:

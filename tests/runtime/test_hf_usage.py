@@ -408,6 +408,13 @@ def test_forwards_nothing_can_speed_up_run_the_models_own_forward(models, spy, t
         before = fast.forward.plain_calls
         _assert_same(_drive(fast, ids), _drive(plain, ids))
         assert fast.forward.plain_calls - before == 1 + STEPS  # the prefill (causal, unpadded) and each step
+        padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+        mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+        before = fast.forward.plain_calls
+        with torch.no_grad():
+            got = fast(input_ids=padded, attention_mask=mask).logits
+        torch.testing.assert_close(got, plain(input_ids=padded, attention_mask=mask).logits, atol=ATOL, rtol=ATOL)
+        assert fast.forward.plain_calls == before  # a padded prefill: lean's plan needs the captured graph
         before = fast.forward.plain_calls
         shared = _shared_ids(plain)
         _assert_same(_drive(fast, shared), _drive(plain, shared))

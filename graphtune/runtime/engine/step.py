@@ -33,8 +33,7 @@ from torch import Tensor
 
 from graphtune.codegen.lean_decode.cpu import build_cpu_program, lean_attention_cpu
 from graphtune.codegen.lean_decode.plan import make_plan
-from graphtune.codegen.tree_attention.cpu import tree_attention_cpu
-from graphtune.codegen.tree_attention.plan import plan_tree
+from graphtune.codegen.tree_attention.op import plan_tree, tree_attention
 from graphtune.ir.args import softmax_scale
 from graphtune.ir.ops import flash_cpu
 from graphtune.ir.reference import merge_lse
@@ -217,7 +216,7 @@ def run_attention(plan: StepPlan, pool: KVPool, layer: int, q: Tensor, k: Tensor
             o, l = o.reshape(n, hq, d).transpose(0, 1), l.reshape(n, hq).transpose(0, 1)
         elif c.kind == "tree":  # every packed token: private keys + its draft path
             tp = c.lean
-            o, l = tree_attention_cpu(q0, K, V, tp.kv_start, tp.ctx_len, tp.cu_q, tp.parent, scale, plan=tp)
+            o, l = tree_attention(q0, K, V, tp.kv_start, tp.ctx_len, tp.cu_q, tp.parent, scale, plan=tp)
         else:  # lean
             lp, program, starts = c.lean
             n = len(starts)
