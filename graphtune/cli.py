@@ -151,6 +151,21 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="device to measure on (cpu, cuda)")
     p.add_argument("--no-store", action="store_true", help="do not write results to the tuning database")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="measure candidates in N worker processes (killed on timeout or crash; default: in-process)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="measure candidates on Ray actors (--workers of them) at ADDRESS, or on a local 2-CPU "
+                        "cluster without one (pip install 'graphtune[distributed]')")
+    s = p.add_argument_group("sweeps and validation of static mode (graphtune/autotune/sweep.py)")
+    s.add_argument("--all-families", action="store_true",
+                   help="cross-compile every op family's Triton configs for --targets (resumable; --budget Nc caps "
+                        "configs per problem)")
+    s.add_argument("--targets", default="sm_80,sm_90", help="architectures of --all-families (default sm_80,sm_90)")
+    s.add_argument("--family", action="append", default=[], help="limit --all-families to this family (repeatable)")
+    s.add_argument("--jobs", type=int, default=2, help="worker processes of --all-families (0: in this process)")
+    s.add_argument("--validate-static", action="store_true",
+                   help="measure the configs static mode ranks and report the Spearman correlation of predicted "
+                        "and measured times (GPU: --device cuda; CPU: TRITON_INTERPRET=1, tiny shapes)")
 
 
 class _Progress:
@@ -190,6 +205,10 @@ def _tune(args: argparse.Namespace) -> int:
             raise OptionError(f"a workload description needs {', '.join(missing)}")
         shapes += [s for s in workload_shapes(args.batch, args.seq, heads, kvh or heads, dim, args.dtype)
                    if s not in shapes]
+    if args.all_families or args.validate_static:
+        from graphtune.autotune.sweep import cli_run
+
+        return cli_run(args, shapes)
     if not shapes:
         raise OptionError("nothing to tune: give --shape B,H,KVH,L,S,D, --merge N,B,H,L,D, --lean LENGTHS,H,KVH,D "
                           "or a workload (--batch, --seq, --heads, --head-dim)")
@@ -199,8 +218,13 @@ def _tune(args: argparse.Namespace) -> int:
     if args.target:
         results = tune_static(shapes, args.target, max_candidates=cands, budget_s=secs, db=db, progress=prog)
     else:
-        results = tune_shapes(shapes, secs if secs is not None else 1e9, args.strategy, max_candidates=cands,
-                              device=args.device, db=db, progress=prog)
+        from graphtune.autotune.workers import make_backend
+
+        if args.workers is not None and args.workers < 1:
+            raise OptionError(f"--workers must be a positive number of worker processes, got {args.workers}")
+        with make_backend(args.workers, args.ray) as backend:
+            results = tune_shapes(shapes, secs if secs is not None else 1e9, args.strategy, max_candidates=cands,
+                                  device=args.device, db=db, progress=prog, backend=backend)
     prog.done()
     print(summary_table(results))
     return 0

@@ -27,6 +27,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the tokenizer's chat template")
     p.add_argument("--max-kv-tokens", type=int, default=None, help="KV budget in tokens (rows beyond it wait)")
+    p.add_argument("--speculative", choices=("ngram", "layerskip"), default=None,
+                   help="speculative decoding (lossless): prompt lookup or the model's first layers as drafter")
     p.add_argument("--plan", action="store_true", help="print the engine's plan before running")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.add_argument("--progress", action="store_true", help="progress line on stderr")
@@ -69,7 +71,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompts = DEFAULT_PROMPTS
     model, tok = _load(args.model)
     ids = _encode(tok, prompts, not args.no_chat, model.config.vocab_size)
-    eng = Engine(model, tok, max_kv_tokens=args.max_kv_tokens)
+    eng = Engine(model, tok, max_kv_tokens=args.max_kv_tokens, speculative=args.speculative)
     if args.plan:
         print(eng.plan(ids, args.max_new_tokens, args.num_return_sequences))
     t0 = time.perf_counter()
@@ -82,7 +84,8 @@ def _generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"texts": texts, "tokens": res.sequences, "seconds": wall,
                           "tokens_per_s": s.generated_tokens / wall, "prefill_s": s.prefill_s,
-                          "decode_s": s.decode_s, "kv_bytes": s.kv_bytes, "hf_kv_bytes": s.hf_kv_bytes}))
+                          "decode_s": s.decode_s, "kv_bytes": s.kv_bytes, "hf_kv_bytes": s.hf_kv_bytes,
+                          "speculation": None if res.speculation is None else [vars(r) for r in res.speculation]}))
         return 0
     n = args.num_return_sequences
     for r, t in enumerate(texts):
@@ -92,4 +95,7 @@ def _generate(args: argparse.Namespace) -> int:
           f"(prefill {s.prefill_s:.2f} s for {s.prefilled_tokens} of {s.prompt_tokens} prompt tokens, "
           f"decode {s.decode_s:.2f} s over {s.decode_steps} steps); KV {s.kv_bytes / 2**20:.1f} MiB "
           f"vs {s.hf_kv_bytes / 2**20:.1f} MiB for HF generate; torch threads {torch.get_num_threads()}")
+    if res.speculation is not None:
+        print(f"--- speculative ({args.speculative}): {s.accepted_tokens} of {s.proposed_tokens} draft tokens accepted "
+              f"({s.acceptance:.0%}) over {s.verify_steps} verify steps and {s.decode_steps} plain steps")
     return 0

@@ -5,7 +5,9 @@
 3. n samples of one long chat prompt: ``graphtune.Engine`` vs HF ``generate`` (same run);
 4. a ragged batch of chat prompts through ``graphtune.optimize(model).generate`` (HF's signature)
    vs plain ``model.generate``: speedup and identical greedy tokens;
-5. real generated text throughout.
+5. real generated text throughout;
+6. speculative decoding with prompt lookup on an input-grounded task (identical tokens, speedup);
+7. the HTML report (``graphtune report``: tuning records, benchmark ratios), its path printed last.
 
 ``--model demo`` runs the same on the small random-weight Llama (no download, no text).
 """
@@ -47,6 +49,11 @@ def _chat(tok: Any, question: str, notes_tokens: int) -> list[int]:
         notes += NOTES
 
 
+def _chat_ids(tok: Any, user: str) -> list[int]:
+    out = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"]) if hasattr(out, "keys") else list(out)
+
+
 def _load(name: str) -> tuple[Any, Any]:
     from graphtune import models
 
@@ -73,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shared-prompt", type=int, default=700, help="tokens of the shared chat prompt")
     p.add_argument("--long-prompt", type=int, default=1200, help="tokens of the ragged batch's long prompt")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--report", default="graphtune-report.html", help="where to write the HTML report")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model, tok = _load(args.model)
@@ -123,6 +131,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plain HF generate: {t_hf:6.1f} s   graphtune.optimize(model).generate: {t_fast:6.1f} s   "
           f"speedup {t_hf / t_fast:.2f}x  ({fast.generate.last_route})")
     print(f"identical tokens: {torch.equal(out_fast, out_hf)}   torch threads: {torch.get_num_threads()}")
+
+    # -- speculative decoding: prompt lookup on an input-grounded task ---------------------------
+    if tok is not None:
+        import inspect
+        import textwrap
+
+        task = "Add type hints to this function. Reply with the full function only.\n\n" + inspect.getsource(textwrap.indent)
+        spec_ids = _chat_ids(tok, task)
+        _section(f"speculative decoding (prompt lookup), batch 1, {len(spec_ids)}-token prompt, greedy, {3 * new} new")
+        plain_eng, spec_eng = graphtune.Engine(model, tok), graphtune.Engine(model, tok, speculative="ngram")
+        t = time.perf_counter()
+        ref = plain_eng.generate([spec_ids], 3 * new)
+        t_plain = time.perf_counter() - t
+        t = time.perf_counter()
+        got = spec_eng.generate([spec_ids], 3 * new)
+        t_spec = time.perf_counter() - t
+        print(got.texts[0].strip()[:400])
+        st = got.stats
+        print(f"engine: {t_plain:6.1f} s   engine + prompt lookup: {t_spec:6.1f} s   speedup {t_plain / t_spec:.2f}x   "
+              f"identical tokens: {got.sequences == ref.sequences}")
+        print(f"draft tokens accepted: {st.accepted_tokens} of {st.proposed_tokens} ({st.acceptance:.0%}), "
+              f"{st.verify_steps} verify steps for {st.generated_tokens} tokens")
+
+    # -- the report: tuning database + benchmark results (.benchmarks/, if any) as one HTML page ----
+    from graphtune.report import write_report
+
+    _section("report")
+    print(f"graphtune report written to {write_report(args.report)}")
     return 0
 
 

@@ -37,3 +37,18 @@ def test_generate_with_an_empty_prompts_file_exits_2(capsys, tmp_path):
     assert cli.main(["generate", "--model", "llama", "--prompts", str(prompts)]) == 2
     captured = capsys.readouterr()
     assert "no prompts" in captured.err + captured.out
+
+
+def test_generate_speculative_gives_the_same_greedy_tokens_and_reports_acceptance(capsys, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("repeat after me: the quick brown fox jumps over the lazy dog; the quick brown fox\n")
+    got = {}
+    for spec in (None, "ngram"):
+        argv = ["generate", "--model", "llama", "--prompts", str(prompts), "--max-new-tokens", "12", "--json"]
+        assert cli.main(argv + (["--speculative", spec] if spec else [])) == 0
+        got[spec] = json.loads(capsys.readouterr().out)
+    assert got["ngram"]["tokens"] == got[None]["tokens"]
+    assert got[None]["speculation"] is None and len(got["ngram"]["speculation"]) == 1
+    assert cli.main(["generate", "--model", "llama", "--prompts", str(prompts), "--max-new-tokens", "4",
+                     "--speculative", "ngram"]) == 0
+    assert "--- speculative (ngram):" in capsys.readouterr().out

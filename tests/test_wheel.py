@@ -5,6 +5,7 @@ environment that borrows this one's site-packages through a ``.pth`` file (so no
 above all, is ever downloaded) and runs the console script there.
 """
 import os
+import re
 import shutil
 import subprocess
 import json
@@ -77,6 +78,13 @@ def test_wheel_install_has_schema_migrations_and_records(tmp_path):
     n_shipped = sum(len(json.loads(f.read_text())) for f in (ROOT / "tuning_db" / "records").glob("*.json"))
     out = _run([script, "--db", db, "db", "stats"], cwd=work, env=env).stdout
     assert f"records: {n_shipped}" in out
+    # the wheel's shipped records are the checkout's, loaded with origin "shipped" and valid (not stale)
+    page = work / "report.html"
+    _run([script, "--db", db, "report", "-o", page, "--no-plots"], cwd=work, env=env)
+    static = re.search(r"<table class='static'>(.*?)</table>", page.read_text(), re.S).group(1)
+    n_static_shipped = sum(r["mode"] == "static" for f in (ROOT / "tuning_db" / "records").glob("*.json")
+                           for r in json.loads(f.read_text()))
+    assert static.count("<td>shipped</td><td>yes</td>") == n_static_shipped > 0
     out = _run([script, "--db", db, "tune", "--shape", "1,2,2,1,64,8", "--budget", "2s,2c", "--quiet"],
                cwd=work, env=env).stdout
     assert "B=1 H=2/2 L=1 S=64 D=8" in out

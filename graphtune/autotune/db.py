@@ -407,9 +407,15 @@ class TuningDB:
     def count(self) -> int:
         return self._read("SELECT COUNT(*) FROM records")[0][0]
 
-    def has_records(self, device: str, versions: str) -> bool:
-        """Whether any record was made for this device fingerprint and these versions."""
-        return bool(self._read("SELECT 1 FROM records WHERE device = ? AND versions = ? LIMIT 1", (device, versions)))
+    def has_records(self, device: str, versions: str, ops: Iterable[str] | None = None) -> bool:
+        """Whether any record was made for this device fingerprint and these versions (of ``ops``, if given)."""
+        if ops is None:
+            return bool(self._read("SELECT 1 FROM records WHERE device = ? AND versions = ? LIMIT 1",
+                                   (device, versions)))
+        ops = list(ops)
+        marks = ", ".join("?" * len(ops))
+        return bool(ops) and bool(self._read(f"SELECT 1 FROM records WHERE device = ? AND versions = ? AND op IN ({marks}) "
+                                             "LIMIT 1", (device, versions, *ops)))
 
     def _rows(self, where: str | None, params: Iterable[Any], order: str) -> list[dict[str, Any]]:
         with self._lock:

@@ -18,12 +18,14 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from graphtune.codegen.family import families
 from graphtune.errors import TuningDBError
 
 __all__ = ["Record", "ImportReport", "RecordError", "rank", "KNOWN_OPS", "REQUIRED", "OPTIONAL", "validate_fields"]
 
-# The ops the tuner writes records for (autotune.shapes ATTENTION_OP, MERGE_OP, LEAN_OP).
-KNOWN_OPS = ("attention_with_lse", "merge_states", "lean_decode")
+# The ops the tuner writes records for: every op family tuned by shape keys its records by its
+# first op (derived from the declarations, never listed here)
+KNOWN_OPS = tuple(f.ops[0] for f in families() if f.shape)
 REQUIRED = ("op", "impl", "source_hash", "device", "device_name", "versions", "shape_key", "q_bucket",
             "kv_bucket", "config", "median_us", "p20_us", "p80_us", "n_samples", "default_us", "mode")
 OPTIONAL = ("shape", "score", "details", "created_at", "record_id")

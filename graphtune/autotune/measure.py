@@ -1,9 +1,11 @@
 """Measuring one tuning candidate: check it against the reference, then time it.
 
 A candidate that raises, returns a wrong answer or runs past the timeout scores ``inf`` and the
-tuning run goes on. Candidates run on a worker thread watched from the caller's thread (a hung
-kernel cannot be killed from Python; its thread is abandoned, a fresh worker takes over, and
-the hang is reported). CPU timing: median of ``reps`` individually timed calls after a warm-up,
+tuning run goes on. The tuner runs candidates through a backend of
+:mod:`graphtune.autotune.workers`; the in-process one runs them on the worker thread of
+:func:`run_with_timeout`, watched from the caller's thread (a hung kernel cannot be killed from
+Python; its thread is abandoned, a fresh worker takes over, and the hang is reported), the
+process-pool and Ray backends kill the worker process instead. CPU timing: median of ``reps`` individually timed calls after a warm-up,
 with the 20th/80th percentiles as the spread; calls shorter than ~200 µs are timed in batches so
 the clock's resolution does not matter. GPU timing: ``triton.testing.do_bench``.
 """
@@ -136,9 +138,10 @@ def _compare(got: Any, want: tuple, atol: float, rtol: float) -> str | None:
 class Bench:
     """Checks and times candidates for one op call ``(op, args)`` on the args' device."""
 
-    def __init__(self, op: str, args: tuple, timeout: float | None = None) -> None:
+    def __init__(self, op: str, args: tuple, timeout: float | None = None, guard: bool = True) -> None:
         self.op, self.args = op, args
         self.timeout = flags.get("TUNE_TIMEOUT") if timeout is None else timeout
+        self.guard = guard  # False: call directly (a worker backend enforces the timeout around the task)
         self.want = _reference(op, args)
         if op == "merge_states":
             (t0, *_), _ = args  # outs[0] of (outs, lses)
@@ -150,10 +153,13 @@ class Bench:
     def _call(self, c: Candidate) -> Any:
         return c.impl.fn(*self.args, config=c.config)
 
+    def _guarded(self, fn: Callable[[], Any]) -> Any:
+        return run_with_timeout(fn, self.timeout) if self.guard else fn()
+
     def check(self, c: Candidate) -> Measurement | None:
         """None if the candidate runs and matches the reference, else its ``inf`` measurement."""
         try:
-            got = run_with_timeout(lambda: self._call(c), self.timeout)
+            got = self._guarded(lambda: self._call(c))
         except TimeoutError as e:
             return Measurement(c, error=f"timeout: {e}")
         except Exception as e:  # noqa: BLE001 - any failure scores inf
@@ -165,8 +171,8 @@ class Bench:
         """Median/p20/p80 of ``reps`` timings (microseconds); ``inf`` on failure or timeout."""
         try:
             if self.device.type == "cuda":
-                return run_with_timeout(lambda: self._time_cuda(c, reps), self.timeout)
-            return run_with_timeout(lambda: self._time_cpu(c, reps), self.timeout)
+                return self._guarded(lambda: self._time_cuda(c, reps))
+            return self._guarded(lambda: self._time_cpu(c, reps))
         except TimeoutError as e:
             return Measurement(c, error=f"timeout: {e}")
         except Exception as e:  # noqa: BLE001

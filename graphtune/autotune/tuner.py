@@ -9,9 +9,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from graphtune.autotune import fingerprint
+from graphtune.autotune import fingerprint, workers
 from graphtune.autotune.db import Record, TuningDB, get_db
-from graphtune.autotune.measure import Bench, Candidate, Measurement
+from graphtune.autotune.measure import Candidate, Measurement
 from graphtune.autotune.search import STRATEGIES, Budget, CostModel, prerank
 from graphtune.autotune.shapes import AttentionShape, LeanShape, MergeShape
 from graphtune.codegen.family import families, family_of_op, load_impl_modules
@@ -130,13 +130,16 @@ def tune_shape(
     candidates: Sequence[Candidate] | None = None,
     progress: Callable[[str], None] | None = None,
     seed: int = 0,
+    backend: workers.Backend | None = None,
 ) -> TuneResult:
     """Measure candidates for one shape (attention or merge_states) on ``device`` and store the winner.
 
     ``candidates`` replaces the registry's space (tests inject failing ones); the op's default is
     always measured first as the baseline. ``db=True`` uses :func:`get_db`, ``None``/``False``
     stores nothing. A candidate that crashes, hangs past ``GRAPHTUNE_TUNE_TIMEOUT`` or disagrees
-    with the reference scores ``inf``.
+    with the reference scores ``inf``. ``backend`` (:mod:`graphtune.autotune.workers`; default
+    in-process) runs each candidate, one at a time; the record goes to the fingerprint of the
+    device its workers measured on.
     """
     if strategy not in STRATEGIES:
         raise OptionError(f"unknown tuning strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
@@ -150,25 +153,35 @@ def tune_shape(
     rest = [c for c in cands if c != default]
     if cost_model is not None and rest:
         rest = prerank(rest, cost_model, shape)
-    bench = Bench(op, args)
+    be = backend if backend is not None else workers.InProcess()
     checked: dict[Candidate, Measurement | None] = {}
+    fps: set[fingerprint.Fingerprint] = set()
     total = len(rest) + 1
+
+    def run(c: Candidate, reps: int, check: bool = False) -> Measurement:
+        r = be.run_one(workers.measure_task(c, shape, reps, seed=seed, device=str(dev), check=check))
+        if r.fingerprint is not None:
+            fps.add(r.fingerprint)
+        m = workers.to_measurement(c, r)
+        if check:  # a candidate that fails its check (or hangs in it) is not run again
+            checked[c] = m if (not r.ok or r.value["check_failed"]) else None
+        return m
 
     def measure(c: Candidate, reps: int) -> Measurement:
         if progress:
             n = len(checked) + (c not in checked)
             progress(f"{n}/{total} {c} ({reps} reps)")
         if c not in checked:
-            checked[c] = bench.check(c)
+            return run(c, reps, check=True)
         bad = checked[c]
-        return bad if bad is not None else bench.time(c, reps)
+        return bad if bad is not None else run(c, reps)
 
     base = measure(default, budget.reps)
     ms = [base] + STRATEGIES[strategy](rest, measure, budget, seed)
     ok = [m for m in ms if m.ok]
     best = min(ok, key=lambda m: (-m.round, m.median_us)) if ok else base
     if base.ok and best is not base:
-        base, best = _confirm(bench, base, best, budget.reps)
+        base, best = _confirm(run, base, best, budget.reps)
     if base.ok and best is not base and best.median_us > MIN_GAIN * base.median_us:
         best = base
     failures = [f"{m.candidate}: {m.error}" for m in ms if m.error]
@@ -176,11 +189,14 @@ def tune_shape(
                      best.median_us if best.ok else None, base.median_us if base.ok else None, "measured",
                      n_tried=len(checked), failures=failures)
     store = get_db() if db is True else (db or None)
+    if len(fps) > 1:
+        raise KernelError(f"tuning {shape}: candidates were measured on different devices "
+                          f"({sorted(f.device for f in fps)}); give each device its own tuning run")
     if store is not None and best.ok:
-        fp = fingerprint.current(dev)
+        fp = next(iter(fps)) if fps else fingerprint.current(dev)  # the workers' hardware key
         key = shape.key()
         top = sorted(ok, key=lambda m: m.median_us)[:5]
-        rec = store.put(Record(
+        rec = workers.merge(store, Record(
             op, best.candidate.impl.name, best.candidate.impl.source_hash, fp.device, fp.device_name,
             fp.versions, key.shape_key, key.q_bucket, key.kv_bucket, best.candidate.config.to_dict(),
             best.median_us, best.p20_us, best.p80_us, best.n_samples, res.default_us, "measured",
@@ -190,7 +206,8 @@ def tune_shape(
     return res
 
 
-def _confirm(bench: Bench, base: Measurement, best: Measurement, reps: int, rounds: int = 3) -> tuple[Measurement, Measurement]:
+def _confirm(timer: Callable[[Candidate, int], Measurement], base: Measurement, best: Measurement, reps: int,
+             rounds: int = 3) -> tuple[Measurement, Measurement]:
     """Re-time the default and the winner in alternation; keep each one's median round.
 
     The default is timed before the search and the winner during it: on a machine whose load
@@ -198,8 +215,8 @@ def _confirm(bench: Bench, base: Measurement, best: Measurement, reps: int, roun
     """
     tb, tw = [], []
     for _ in range(rounds):
-        tb.append(bench.time(base.candidate, reps))
-        tw.append(bench.time(best.candidate, reps))
+        tb.append(timer(base.candidate, reps))
+        tw.append(timer(best.candidate, reps))
     if not all(m.ok for m in tb + tw):
         return base, best
     mid = rounds // 2
@@ -217,8 +234,12 @@ def tune_shapes(
     device: str = "cpu",
     db: TuningDB | None | bool = True,
     progress: Callable[[str], None] | None = None,
+    backend: workers.Backend | None = None,
 ) -> list[TuneResult]:
     """Tune each shape on this device within ``budget_s`` seconds in total; store the winners.
+
+    ``backend`` runs the candidates (:mod:`graphtune.autotune.workers`: ``InProcess()``, the
+    default, ``ProcessPool(n)`` or ``RayBackend(n, address)``).
 
     Examples
     --------
@@ -239,7 +260,7 @@ def tune_shapes(
                 progress(f"[{i + 1}/{len(shapes)}] {shape}: {msg}")
 
         out.append(tune_shape(shape, strategy, Budget(share, max_candidates), device=device, db=db,
-                              progress=prog))
+                              progress=prog, backend=backend))
     return out
 
 

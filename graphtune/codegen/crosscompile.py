@@ -17,10 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -219,25 +217,32 @@ def compile_many(jobs: list[CompileJob]) -> list[KernelResources | KernelError]:
     """Run several cross-compilations; failures come back as :class:`KernelError` values.
 
     Under ``TRITON_INTERPRET=1`` Triton's own ``tl.max``/``tl.sum`` are interpreter functions
-    and cannot be compiled, so the jobs then run in one child process without that variable.
+    and cannot be compiled, so the jobs then run on worker processes without that variable
+    (:class:`graphtune.autotune.workers.ProcessPool`, started once and kept): one compile task
+    per job, run concurrently on up to two workers; a compiler that crashes or hangs (killed
+    after ``_COMPILE_TIMEOUT_S``) costs that job, not the run.
     """
     if not triton.knobs.runtime.interpret:
         return [_compile_guarded(j) for j in jobs]
-    payload = pickle.dumps([(_fn_ref(j.fn), j.args, j.kwargs, j.num_warps, j.num_stages, j.arch, j.use_cache)
-                            for j in jobs])
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    with tempfile.TemporaryDirectory(prefix="graphtune-xc-") as tmp:
-        result = os.path.join(tmp, "result.pkl")  # a file, not stdout: nothing the child prints can corrupt it
-        cmd = [sys.executable, "-c", "from graphtune.codegen.crosscompile import _child_main; _child_main()", result]
-        try:
-            proc = subprocess.run(cmd, input=payload, capture_output=True, env=env, timeout=300 + 120 * len(jobs))
-        except subprocess.TimeoutExpired as e:
-            raise KernelError(f"cross-compilation worker timed out after {e.timeout:.0f} s") from None
-        if proc.returncode != 0 or not os.path.exists(result):
-            raise KernelError(f"cross-compilation worker failed: {proc.stderr.decode(errors='replace')[-2000:]}")
-        with open(result, "rb") as f:
-            out = pickle.load(f)
-    return [r if isinstance(r, KernelResources) else KernelError(r) for r in out]
+    from graphtune.autotune import workers  # lazy: codegen does not import autotune at module level
+
+    tasks = [workers.Task("compile", "graphtune.codegen.crosscompile:_compile_task",
+                          (_fn_ref(j.fn), j.args, j.kwargs, j.num_warps, j.num_stages, j.arch, j.use_cache),
+                          timeout=_COMPILE_TIMEOUT_S) for j in jobs]
+    global _POOL
+    if _POOL is None:
+        _POOL = workers.ProcessPool(max(1, min(2, os.cpu_count() or 1)), env={"TRITON_INTERPRET": None})
+    out: list[KernelResources | KernelError] = []
+    for r in _POOL.run(tasks):
+        if not r.ok:
+            out.append(KernelError(f"cross-compilation worker: {r.error}"))
+        else:
+            out.append(r.value if isinstance(r.value, KernelResources) else KernelError(str(r.value)))
+    return out
+
+
+_COMPILE_TIMEOUT_S = 420.0  # one config: Triton + ptxas take 1-5 s here; a slow first import too
+_POOL: Any = None  # the compile workers (graphtune.autotune.workers.ProcessPool), started on first use
 
 
 def _fn_ref(fn: Any) -> tuple[str, str]:
@@ -245,18 +250,14 @@ def _fn_ref(fn: Any) -> tuple[str, str]:
     return py.__module__, py.__name__
 
 
-def _child_main() -> None:
-    # worker side of compile_many: jobs pickled on stdin, results (or error strings) to the file argv[1]
+def _compile_task(payload: tuple) -> KernelResources | str:
+    # worker side of compile_many (a workers.Task): the kernel by module and name; an error as text
     import importlib
 
-    jobs = pickle.loads(sys.stdin.buffer.read())
-    out: list[Any] = []
-    for (mod, name), args, kwargs, nw, ns, arch, use_cache in jobs:
-        fn = getattr(importlib.import_module(mod), name)
-        r = _compile_guarded(CompileJob(fn, args, kwargs, nw, ns, arch, use_cache))
-        out.append(r if isinstance(r, KernelResources) else str(r))
-    with open(sys.argv[1], "wb") as f:
-        pickle.dump(out, f)
+    (mod, name), args, kwargs, nw, ns, arch, use_cache = payload
+    fn = getattr(importlib.import_module(mod), name)
+    r = _compile_guarded(CompileJob(fn, args, kwargs, nw, ns, arch, use_cache))
+    return r if isinstance(r, KernelResources) else str(r)
 
 
 def _compile_guarded(job: CompileJob) -> KernelResources | KernelError:
@@ -411,7 +412,9 @@ def static_rank(impl_name: str, op_args_meta: tuple, configs: list[KernelConfig]
     Returns
     -------
     list of (config, score, resources)
-        Best first. ``score`` is a relative throughput estimate in [0, 1]; configs that spill,
+        Best first. ``score`` is the roofline model's ``ideal / predicted`` time in (0, 1]
+        (:mod:`graphtune.codegen.costmodel`; implementations it has no traffic formula for keep the
+        resource heuristic ``_score``), comparable across configs and implementations of one problem; configs that spill,
         exceed the target's shared memory or fail to compile get ``-inf`` (resources ``None``
         when compilation failed) and sort last.
 
@@ -438,10 +441,14 @@ def static_rank(impl_name: str, op_args_meta: tuple, configs: list[KernelConfig]
     specs = [_SPECS[impl_name](op_args_meta, cfg) for cfg in configs]
     results = compile_many([CompileJob(sp.fn, sp.args, sp.kwargs, cfg.num_warps, cfg.num_stages, arch)
                             for sp, cfg in zip(specs, configs)])
+    from graphtune.codegen import costmodel  # roofline: ideal / predicted time (costmodel.py; docs/kernels.md)
+
     out: list[tuple[KernelConfig, float, KernelResources | None]] = []
     for cfg, sp, res in zip(configs, specs, results):
         if isinstance(res, KernelResources):
-            out.append((cfg, _score(res, sp, arch), res))
+            sc = costmodel.score(impl_name, op_args_meta, cfg, res, arch, blocks=blocks_per_sm(res, arch),
+                                 programs=sp.programs)
+            out.append((cfg, _score(res, sp, arch) if sc is None else sc, res))
         else:
             out.append((cfg, float("-inf"), None))
     # ties (common for decode) go to the config with more resident warps, then less shared memory

@@ -35,6 +35,8 @@ __all__ = ["install", "uninstall", "installed", "clear_cache", "resolve", "cache
 SELECTOR_NAME = "tuned"
 # graph op -> its family: the ops tuned dispatch serves (the families' declared graph_ops)
 _OPS: dict[str, OpFamily] = {g: f for f in families() for g in f.graph_ops}
+# the tuning-record ops behind them (a family's records are keyed by its ops[0])
+_SERVED_OPS: tuple[str, ...] = tuple(sorted({f.ops[0] for f in _OPS.values()}))
 
 # keys start with the database path: answers of one database never serve another
 _cache: dict[tuple, Callable[..., Any] | None] = {}
@@ -189,7 +191,9 @@ def _device_has_records(path: str, dev: torch.device) -> bool:
             try:
                 store = _db.get_db(path)
                 fp = fingerprint.current(dev)
-                has = bool(store is not None and store.has_records(fp.device, fp.versions))
+                # only the ops this selector serves: e.g. lean decode's tuned CPU configs are read
+                # by its own selector, and must not make HF-driven forwards take the captured graph
+                has = bool(store is not None and store.has_records(fp.device, fp.versions, _SERVED_OPS))
             except Exception:  # noqa: BLE001 - an unreadable database is reported by resolve()
                 has = True
         _has_records[(path, dev)] = has

@@ -285,3 +285,20 @@ def test_may_serve_follows_records_tune_and_cachelevel(tuned_db):
     assert not dispatch.may_serve(cpu, ctx)
     with flags.Context(CACHELEVEL=0):
         assert not dispatch.may_serve(cpu)
+
+
+def test_records_of_ops_dispatch_does_not_serve_do_not_count_for_may_serve(tuned_db):
+    from graphtune.codegen.lean_decode.key import LeanShape
+
+    cpu = torch.device("cpu")
+    shape = LeanShape((64, 20, 7), 4, 2, 32)
+    impl = registry.get_impl("lean_decode", "cpu.lean")
+    fp, key = fingerprint.current("cpu"), shape.key()
+    tuned_db.put(Record("lean_decode", "cpu.lean", impl.source_hash, fp.device, fp.device_name, fp.versions,
+                        key.shape_key, key.q_bucket, key.kv_bucket, impl.default.to_dict(), 10.0, 9.0, 11.0, 5, 20.0,
+                        "measured", shape.to_dict()))
+    dispatch.clear_cache()
+    # lean decode's tuned configs are read by its own selector, inside forwards that have a lean plan
+    assert not dispatch.may_serve(cpu)
+    put(tuned_db, "cpu.gqa_fold", KernelConfig.make(THREADS=1))
+    assert dispatch.may_serve(cpu)

@@ -21,7 +21,7 @@ from torch import Tensor
 from graphtune.codegen.registry import KernelConfig
 from graphtune.errors import ShapeError
 
-from graphtune.codegen.tree_attention.plan import TreePlan, ancestor_mask, plan_for, plan_tree
+from graphtune.codegen.tree_attention.plan import TreePlan, ancestor_mask, plan_tree
 
 __all__ = ["tree_attention", "plan_tree", "ancestor_mask", "TreePlan"]
 

@@ -376,7 +376,7 @@ def tree_compile_args(dtype: torch.dtype, group: int, max_n: int, head_dim: int,
     Strides of contiguous ``q [Hq, T, D]`` and pool ``[Hkv, S, D]`` (unit last stride, as a real
     launch would specialise).
     """
-    hq, hkv, d, S, T = group * num_kv_heads, num_kv_heads, head_dim, pool_slots, tokens
+    hkv, d, S, T = num_kv_heads, head_dim, pool_slots, tokens
     i64 = torch.int64
     args = (dtype, dtype, dtype, dtype, torch.float32, i64, i64, i64, torch.int32,
             T * d, d, 1,

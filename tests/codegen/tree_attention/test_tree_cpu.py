@@ -7,7 +7,6 @@ computed by torch's SDPA. Tolerances: ``tree_cases.TOL``.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from graphtune.codegen.registry import KernelConfig, get_impl
 from graphtune.codegen.tree_attention.cpu import BATCH_MODES, tree_attention_cpu
@@ -17,7 +16,7 @@ from graphtune.codegen.tree_attention.plan import plan_tree
 from graphtune.codegen.tree_attention.reference import tree_attention_ref
 from graphtune.errors import PlanError, ShapeError
 
-from tree_cases import assert_close, make_case, oracle, poisoned_case
+from tree_cases import assert_close, causal_oracle, make_case, oracle, poisoned_case
 
 CFGS = [KernelConfig.make(BATCH=b) for b in BATCH_MODES]
 
@@ -73,25 +72,14 @@ def test_cpu_reads_only_each_rows_slots():
 def test_chain_tree_attention_is_causal_attention_over_context_plus_chain(ctx, n):
     """The oracle: a chain draft sees exactly the keys bottom-right causal attention lets it see."""
     args = make_case(ctxs=[ctx, ctx + 3], ns=[n, n], kinds="chain", layout="packed", d=32)
-    q, k, v, starts, ctxs, cu, _ = args
-    scale = 0.2
-    for i in range(2):
-        s, c = int(starts[i]), int(ctxs[i])
-        a, b = int(cu[i]), int(cu[i + 1])
-        keys = slice(s, s + c + n)
-        causal = torch.ones(n, c + n, dtype=torch.bool).tril(c)  # query j sees keys <= c + j
-        want_o = F.scaled_dot_product_attention(q[None, :, a:b].double(), k[None, :, keys].double(),
-                                                v[None, :, keys].double(), attn_mask=causal, scale=scale,
-                                                enable_gqa=True)[0]
-        scores = torch.einsum("hnd,hsd->hns", q[:, a:b].double(),
-                              k[:, keys].double().repeat_interleave(q.shape[0] // k.shape[0], 0)) * scale
-        want_l = torch.logsumexp(scores.masked_fill(~causal, float("-inf")), -1)
-        for cfg in CFGS:
-            o, l = tree_attention_cpu(*args, scale, config=cfg)
-            torch.testing.assert_close(o[:, a:b].double(), want_o, atol=2e-5, rtol=0)
-            torch.testing.assert_close(l[:, a:b].double(), want_l, atol=2e-5, rtol=0)
-        ro, rl = tree_attention_ref(*args, scale)
-        torch.testing.assert_close(ro[:, a:b].double(), want_o, atol=2e-6, rtol=0)
+    want_o, want_l = causal_oracle(args, 0.2)
+    for cfg in CFGS:
+        o, l = tree_attention_cpu(*args, 0.2, config=cfg)
+        torch.testing.assert_close(o.double(), want_o, atol=2e-5, rtol=0)
+        torch.testing.assert_close(l.double(), want_l, atol=2e-5, rtol=0)
+    ro, rl = tree_attention_ref(*args, 0.2)
+    torch.testing.assert_close(ro.double(), want_o, atol=2e-6, rtol=0)
+    torch.testing.assert_close(rl.double(), want_l, atol=2e-6, rtol=0)
 
 
 def test_reference_in_fp64_agrees_with_fp32():

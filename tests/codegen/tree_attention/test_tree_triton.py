@@ -29,7 +29,7 @@ from graphtune.codegen.tree_attention.triton_kernels import (  # noqa: E402
 )
 from graphtune.errors import KernelError, PlanError, ShapeError  # noqa: E402
 
-from tree_cases import assert_close, make_case, oracle, poisoned_case  # noqa: E402
+from tree_cases import assert_close, causal_oracle, make_case, oracle, poisoned_case  # noqa: E402
 
 SMALL = KernelConfig.make(BLOCK_M=16, BLOCK_N=16)  # short interpreter loops, several query blocks per row
 
@@ -91,6 +91,15 @@ def test_triton_half_precision_within_dtype_tolerance(dtype):
     want = oracle(args)
     for cfg in (None, SMALL):
         assert_close(tree_attention_triton(*args, config=cfg), want, dtype, str(cfg))
+
+
+def test_chain_tree_attention_is_causal_attention_over_context_plus_chain():
+    args = make_case(ctxs=[0, 21, 5], ns=[3, 6, 1], kinds="chain", layout="packed", d=32)
+    want_o, want_l = causal_oracle(args, 0.2)
+    for cfg in (None, SMALL):
+        o, l = tree_attention_triton(*args, 0.2, config=cfg)
+        torch.testing.assert_close(o.double(), want_o, atol=2e-5, rtol=0)
+        torch.testing.assert_close(l.double(), want_l, atol=2e-5, rtol=0)
 
 
 def test_triton_draft_longer_than_one_ancestor_word():

@@ -8,6 +8,7 @@ mantissa bits (2e-3); bf16 -> 7 bits (2e-2); LSE is accumulated in fp32 everywhe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from graphtune.codegen.tree_attention.reference import tree_attention_ref
 
@@ -68,6 +69,26 @@ def poisoned_case(**kw):
         used[int(starts[i]):int(starts[i] + ctxs[i] + cu[i + 1] - cu[i])] = True
     k[:, ~used], v[:, ~used] = float("nan"), float("nan")
     return q, k, v, starts, ctxs, cu, par
+
+
+def causal_oracle(args, scale):
+    """For chain drafts: per row, bottom-right causal attention over context + chain by torch's SDPA (float64).
+
+    Independent of graphtune's reference: returns ``(out [Hq, T, D] fp64, lse [Hq, T] fp64)``, the LSE
+    from ``torch.logsumexp`` of the causally masked scores.
+    """
+    q, k, v, starts, ctxs, cu, _ = args
+    outs, lses = [], []
+    for i in range(len(starts)):
+        s, c, a, b = int(starts[i]), int(ctxs[i]), int(cu[i]), int(cu[i + 1])
+        n = b - a
+        qd, kd, vd = q[:, a:b].double(), k[:, s:s + c + n].double(), v[:, s:s + c + n].double()
+        causal = torch.ones(n, c + n, dtype=torch.bool).tril(c)  # query j sees keys <= c + j
+        outs.append(F.scaled_dot_product_attention(qd[None], kd[None], vd[None], attn_mask=causal, scale=scale,
+                                                   enable_gqa=True)[0])
+        scores = torch.einsum("hnd,hsd->hns", qd, kd.repeat_interleave(q.shape[0] // k.shape[0], 0)) * scale
+        lses.append(torch.logsumexp(scores.masked_fill(~causal, float("-inf")), -1))
+    return torch.cat(outs, 1), torch.cat(lses, 1)
 
 
 def oracle(args, scale=None):
