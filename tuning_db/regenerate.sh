@@ -25,6 +25,11 @@ for t in sm_90 sm_80; do
   $GT tune --target $t --budget 30s,10c --quiet --merge 2,8,9,1,64,float16
   $GT tune --target $t --budget 60s,10c --quiet --lean 1280+128x5,9,3,64,float16 --lean 4096+256x15,9,3,64,float16
 done
+# CPU: lean decode's tile/workers for the engine's ragged batches, measured on this machine. A CPU
+# record is keyed by the machine's fingerprint (ISA, cores, model name): it serves only that class.
+# Tuned dispatch ignores lean records for HF-driven forwards (runtime.dispatch.may_serve counts only
+# the ops it serves), so these change nothing but the lean plans of ragged decode steps.
+$GT tune --device cpu --budget 90s --quiet --lean 1280+128x5,9,3,64 --lean 4096+256x15,9,3,64
 "$PY" - "$DB" <<'EOF'
 import json, sys
 from pathlib import Path

@@ -234,10 +234,33 @@ def _run_chunk(runner: Callable[[list[SweepJob]], list[JobOutcome]], db: str,
         return runner(jobs)
 
 
+def _run_on_backend(backend: Any, run: Callable, chunks: list[list[SweepJob]],
+                    finish: Callable[[JobOutcome], None]) -> None:
+    from graphtune.autotune.workers import Task
+
+    wave = 2 * max(1, int(getattr(backend, "workers", 1) or 1))
+    db = str(flags.get("DB"))
+    for i in range(0, len(chunks), wave):
+        part = chunks[i:i + wave]
+        # the timeout covers every job of a chunk (cross-compiles take seconds each)
+        tasks = [Task("compile", "graphtune.autotune.sweep:_chunk_task", (run, db, c),
+                      timeout=float(flags.get("TUNE_TIMEOUT")) * len(c)) for c in part]
+        for c, r in zip(part, backend.run(tasks)):
+            outs = r.value if r.ok else [JobOutcome(j.key, 0.0, None, r.error) for j in c]
+            for out in outs:
+                finish(out)
+
+
+def _chunk_task(payload: tuple) -> list[JobOutcome]:
+    # a worker-backend task (workers.execute calls it with the payload)
+    run, db, jobs = payload
+    return _run_chunk(run, db, jobs)
+
+
 def make_executor(workers: int) -> Executor:
     """The process pool sweep jobs run on (``spawn``: no forked torch/Triton state).
 
-    A stand-in until ``graphtune.autotune.workers`` provides the shared worker backends.
+    The default when neither ``--workers`` nor ``--ray`` asks for a shared worker backend.
     """
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_worker_init)
@@ -302,7 +325,8 @@ class SweepResult:
 
 def run_sweep(jobs: list[SweepJob], *, workers: int = 2, chunk: int = 1, db: Any = True,
               journal: str | os.PathLike | None = None, quiet: bool = False,
-              runner: Callable[[list[SweepJob]], list[JobOutcome]] | None = None) -> SweepResult:
+              runner: Callable[[list[SweepJob]], list[JobOutcome]] | None = None,
+              backend: Any = None) -> SweepResult:
     """Run ``jobs`` (:func:`plan_sweep`) on ``workers`` processes, skipping journaled ones; store records.
 
     Parameters
@@ -317,6 +341,10 @@ def run_sweep(jobs: list[SweepJob], *, workers: int = 2, chunk: int = 1, db: Any
         Default :func:`journal_path` of the tuning database.
     runner : callable, optional
         ``fn(jobs) -> [JobOutcome]``, run by the workers (default :data:`RUNNER`).
+    backend : graphtune.autotune.workers.Backend, optional
+        Run the chunks on one of the shared worker backends (process pool, Ray: ``--workers`` /
+        ``--ray``) instead of a local pool of ``workers`` processes; chunks go out in waves of two
+        per worker and are journaled as each wave returns.
 
     Examples
     --------
@@ -360,7 +388,9 @@ def run_sweep(jobs: list[SweepJob], *, workers: int = 2, chunk: int = 1, db: Any
             if left[g] == 0:
                 _store_group(g, groups[g], by_key, done, store, jr, stored, res)
         chunks = [todo[i:i + max(1, chunk)] for i in range(0, len(todo), max(1, chunk))]
-        if workers <= 0:
+        if backend is not None:
+            _run_on_backend(backend, run, chunks, finish)
+        elif workers <= 0:
             for c in chunks:
                 for out in run(c):
                     finish(out)
@@ -441,12 +471,21 @@ def cli_run(args: Any, shapes: list) -> int:
         raise OptionError("--all-families sweeps the families' own problems; drop --shape/--merge/--lean "
                           "(or tune them with --target)")
     jobs = plan_sweep(parse_targets(args.targets), fams, max_configs=cands)
+    backend = None
+    if getattr(args, "ray", None) not in (None, False) or getattr(args, "workers", None):
+        from graphtune.autotune.workers import make_backend
+
+        backend = make_backend(getattr(args, "workers", None), getattr(args, "ray", None))
     try:
-        res = run_sweep(jobs, workers=args.jobs, db=None if args.no_store else True, quiet=args.quiet)
+        res = run_sweep(jobs, workers=args.jobs, db=None if args.no_store else True, quiet=args.quiet,
+                        backend=backend)
     except KeyboardInterrupt:
         print(f"graphtune: sweep interrupted; finished jobs are in {journal_path()}: rerun the same command "
               "to resume", file=sys.stderr)
         return 130
+    finally:
+        if backend is not None:
+            backend.close()
     print(res.summary())
     return 0 if res.failed < res.ran or res.ran == 0 else 1
 

@@ -204,3 +204,23 @@ def test_validate_static_on_a_cpu_without_the_interpreter_raises_option_error_sa
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(OptionError, match="TRITON_INTERPRET=1"):
         validate_static([MergeShape(2, 1, 4, 1, 32)], max_configs=2)
+
+
+def test_sweep_on_the_shared_process_pool_backend_runs_every_job_once_and_resumes(fake, tmp_path, monkeypatch):
+    from graphtune.autotune.workers import ProcessPool
+
+    runner, counter = fake
+    # the pool's spawned workers import the stand-in runner from tmp_path
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    jobs = plan_sweep(["sm_90"], ["merge_states"], max_configs=4)
+    db = TuningDB(str(tmp_path / "t.db"))
+    with ProcessPool(2) as pool:
+        waves = []
+        real = pool.run
+        monkeypatch.setattr(pool, "run", lambda tasks: waves.append(len(tasks)) or real(tasks))
+        first = run_sweep(jobs, db=db, quiet=True, runner=runner.run, backend=pool, chunk=2)
+        assert sum(waves) == -(-len(jobs) // 2) and max(waves) <= 4  # chunks of 2, waves of 2 per worker
+        assert first.ran == len(jobs) == _count(counter) and first.failed == 0
+        again = run_sweep(jobs, db=db, quiet=True, runner=runner.run, backend=pool)
+    assert again.ran == 0 and again.skipped == len(jobs) and _count(counter) == len(jobs)
+    assert len(db.records()) == len({j.group for j in jobs})
