@@ -77,6 +77,10 @@ class _OptimizedForward:
     ``past_key_values=`` before) or positionally.
     """
 
+    # run the model's own forward where the captured graph cannot gain (see __init__); tests of the
+    # captured path itself switch it off for the models they build
+    PLAIN_WHEN_IDLE = True
+
     def __init__(self, forward: Any, options: Options) -> None:
         self.backend = GraphtuneBackend(Options(**{**dict(options.items()), "inductor": False}))
         self.compiled = torch.compile(forward, backend=self.backend, dynamic=options.dynamic)
@@ -87,7 +91,8 @@ class _OptimizedForward:
         # Dynamo's guards and its region's Python, so the model's own forward runs instead (exact:
         # it is the oracle). Other attention forms (eager matmul/softmax) gain from the rewrite.
         cfg = getattr(getattr(forward, "__self__", None), "config", None)
-        self.plain = forward if getattr(cfg, "_attn_implementation", None) == "sdpa" else None
+        sdpa = getattr(cfg, "_attn_implementation", None) == "sdpa"
+        self.plain = forward if sdpa and self.PLAIN_WHEN_IDLE else None
         self.plain_calls = 0  # forwards that ran the plain forward (tests, explain)
         try:  # positional parameter names, to find inputs passed positionally (bound once)
             params = inspect.signature(forward).parameters.values()

@@ -14,6 +14,15 @@ FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(autouse=True)
+def _captured_path(monkeypatch):
+    # these tests check the captured, rewritten forward; an SDPA model with nothing planned and no
+    # tuned record would run its own forward instead (tests/runtime/test_hf_usage.py covers that)
+    from graphtune.api import _OptimizedForward
+
+    monkeypatch.setattr(_OptimizedForward, "PLAIN_WHEN_IDLE", False)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_dynamo():
     # Dynamo caches compiled frames per code object; every test builds new model instances.
     torch._dynamo.reset()
