@@ -157,6 +157,7 @@ def test_n_samples_16_of_1500_token_prompt_64_new(benchmark, smol):
         if k != "engine":
             info[f"speedup_vs_{k}"] = med[k] / med["engine"]
     info["kv_bytes_engine"], info["kv_bytes_hf"] = res.stats.kv_bytes, res.stats.hf_kv_bytes
+    info["goals"] = {"speedup_vs_hf_generate": 8.0, "speedup_vs_hf_generate_batch": 2.0}  # the (graphtune report)
     info["profile_engine"] = profile_breakdown(fns["engine"])
     benchmark.extra_info.update(info)
     print(f"\n[16 samples x {len(ids)}-token prompt, {new} new] " + ", ".join(f"{k} {v:.1f}s" for k, v in med.items()))
@@ -186,7 +187,7 @@ def test_ragged_1x4k_15x256_32_new_vs_hf_left_padded(benchmark, smol):
     hf = outs["hf_generate"][:, L:].tolist()
     same = sum(a == b for a, b in zip(hf, outs["engine"].sequences))
     info = {"engine_s": med["engine"], "hf_generate_s": med["hf_generate"],
-            "speedup": med["hf_generate"] / med["engine"], "rows_identical": same,
+            "speedup": med["hf_generate"] / med["engine"], "goal": 5.0, "rows_identical": same,
             "profile_engine": profile_breakdown(fns["engine"])}
     benchmark.extra_info.update(info)
     print(f"\n[ragged 1x{len(long_)} + 15x~{len(shorts[0])}, {new} new] engine {med['engine']:.1f}s, HF "
@@ -225,7 +226,7 @@ def test_batch1_decode_tokens_per_s_at_1k_context(benchmark, smol):
     te, th = statistics.median(x[0] for x in e), statistics.median(x[0] for x in h)
     steps = new - 1
     prof = profile_breakdown(lambda: eng.generate([ids], new, eos_token_id=[]))
-    info = {"engine_tok_s": steps / te, "hf_tok_s": steps / th, "ratio": th / te,
+    info = {"engine_tok_s": steps / te, "hf_tok_s": steps / th, "ratio": th / te, "goal": 1.0,
             "python_overhead_ms_per_step": prof["python"] / new * 1e3, "profile_engine": prof}
     benchmark.extra_info.update(info)
     print(f"\n[batch 1, {len(ids)}-token context, {new} new] decode engine {info['engine_tok_s']:.1f} tok/s, "
@@ -241,7 +242,8 @@ def test_kv_bytes_held_16_samples_x_1500(benchmark, smol):
     ids = chat_prompt(tok, _n(1500))
     plan = graphtune.Engine(model, tok).plan([ids], max_new_tokens=_n(64), num_return_sequences=16)
     ratio = plan.hf_kv_bytes / plan.kv_bytes
-    benchmark.extra_info.update({"engine_bytes": plan.kv_bytes, "hf_bytes": plan.hf_kv_bytes, "hf_over_engine": ratio})
+    benchmark.extra_info.update({"engine_bytes": plan.kv_bytes, "hf_bytes": plan.hf_kv_bytes, "hf_over_engine": ratio,
+                                 "goal_hf_over_engine": 8.0})
     print(f"\n[KV held, 16 x {len(ids)}] engine {plan.kv_bytes / 2**20:.1f} MiB, HF {plan.hf_kv_bytes / 2**20:.1f} "
           f"MiB: 1/{ratio:.1f} of HF's")
     benchmark.pedantic(lambda: None, rounds=1)
@@ -265,7 +267,7 @@ def test_first_call_on_new_batch_shape_vs_plain_hf_first_call(benchmark, smol):
     t = time.perf_counter()
     out_hf = model.generate(x, **kw)
     t_hf = time.perf_counter() - t
-    info = {"graphtune_first_s": t_fast, "hf_first_s": t_hf, "ratio": t_hf / t_fast,
+    info = {"graphtune_first_s": t_fast, "hf_first_s": t_hf, "ratio": t_hf / t_fast, "goal": 1.0,
             "route": fast.generate.last_route, "identical": bool(torch.equal(out_fast, out_hf))}
     benchmark.extra_info.update(info)
     print(f"\n[first call, 4 ragged chat prompts, {new} new] optimize+generate {t_fast:.1f}s, plain HF {t_hf:.1f}s: "
