@@ -31,25 +31,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from bench_engine import _fmt, profile_breakdown  # noqa: E402
+from bench_engine import _fmt, profile_breakdown, smol  # noqa: E402,F401  (smol: the module's model fixture)
 
 ROUNDS = int(os.environ.get("GRAPHTUNE_BENCH_ROUNDS", "3"))
-THREADS = int(os.environ.get("GRAPHTUNE_BENCH_THREADS", "1"))
 NEW = int(os.environ.get("GRAPHTUNE_BENCH_SPEC_NEW", "128"))
-
-
-@pytest.fixture(scope="module")
-def smol():
-    from graphtune.models import smollm2
-
-    try:
-        model, tok = smollm2()
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"SmolLM2 unavailable: {e}")
-    prev = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield model, tok
-    torch.set_num_threads(prev)
 
 
 def _chat(tok: Any, user: str) -> list[int]:

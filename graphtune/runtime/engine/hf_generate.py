@@ -106,6 +106,7 @@ class EngineGenerate:
         self.hf_generate = hf_generate
         self.speculative = speculative  # optimize(model, speculative=...): the engine's drafter
         self._engine: Engine | None = None
+        self._lookup_engines: dict[tuple[int, int], Engine] = {}  # prompt_lookup_num_tokens calls
         self.last_route: str = ""
         self.last_speculation: Any = None  # per-row speculation counters of the last engine call
 
@@ -158,8 +159,11 @@ class EngineGenerate:
         if lookup:  # HF's prompt lookup decoding, served by the engine's n-gram drafter
             from graphtune.runtime.engine.drafters import NGramDrafter
 
-            engine = Engine(self.model, speculative=NGramDrafter(max_ngram=gc.max_matching_ngram_size or 2),
-                            spec_tokens=int(lookup))
+            key = (gc.max_matching_ngram_size or 2, int(lookup))
+            engine = self._lookup_engines.get(key)
+            if engine is None:  # one per setting: an Engine checks the model once when built
+                engine = self._lookup_engines[key] = Engine(
+                    self.model, speculative=NGramDrafter(max_ngram=key[0]), spec_tokens=key[1])
         rows = B * n
         on_tokens = None
         if streamer is not None:

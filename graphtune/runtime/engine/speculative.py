@@ -295,7 +295,7 @@ class Speculator:
                 stats.proposed += len(d)
                 stats.accepted += len(path)
                 stats.steps += 1
-                st.observe(len(path), max(_depths(d.parents)) + 1)  # type: ignore[arg-type]
+                st.observe(len(path), max(depth[i]))  # the draft's depth (verify depths count the root as 0)
             out.append(emitted)
         return out
 
