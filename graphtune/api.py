@@ -192,7 +192,8 @@ def _optimize_dynamo(model: nn.Module, options: Options) -> nn.Module:
         from graphtune.runtime.engine.hf_generate import EngineGenerate
 
         # generate through graphtune's engine where it supports the call, HF's loop otherwise
-        new.generate = EngineGenerate(new, type(model).generate.__get__(new), options.speculative)
+        new.generate = EngineGenerate(new, type(model).generate.__get__(new), options.speculative,
+                                      options.sparse_prefill)
     return new
 
 
@@ -240,6 +241,10 @@ def optimize(model: nn.Module, example_inputs: Any = None, **options: Any) -> nn
         make_drafter(opts.speculative)  # an unknown shorthand or object fails here, naming itself
         if not opts.engine:
             raise OptionError("speculative=... runs inside graphtune's engine; it needs engine=True")
+    if opts.sparse_prefill is not None:
+        from graphtune.runtime.sparse_prefill import make_sparse
+
+        make_sparse(opts.sparse_prefill)  # an unknown shorthand fails here, naming itself
     install_runtime()
     method = opts.capture
     if method == "auto":
@@ -389,7 +394,8 @@ def _engine_text(model: nn.Module, args: tuple, kwargs: dict, opts: Options) -> 
     gen = vars(model).get("generate")  # an optimized model's engine keeps its last call's statistics
     eng = getattr(gen, "_engine", None)
     if not isinstance(eng, Engine):
-        eng = Engine(model, speculative=opts.speculative or getattr(gen, "speculative", None))
+        eng = Engine(model, speculative=opts.speculative or getattr(gen, "speculative", None),
+                     sparse_prefill=opts.sparse_prefill or getattr(gen, "sparse_prefill", None))
     return "generate: graphtune engine\n" + str(eng.plan(rows))
 
 

@@ -156,6 +156,17 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="measure candidates on Ray actors (--workers of them) at ADDRESS, or on a local 2-CPU "
                         "cluster without one (pip install 'graphtune[distributed]')")
+    a = p.add_argument_group("sparse prefill accuracy (graphtune/runtime/sparse_tune.py)")
+    a.add_argument("--accuracy", action="store_true",
+                   help="tune PBS sparse prefill (tau per layer, block, segment) for --model under --min-top1 "
+                        "next-token agreement with dense attention on real text; store the winner")
+    a.add_argument("--model", default="smollm2", help="--accuracy: 'smollm2' (default) or a graphtune.models family")
+    a.add_argument("--length", type=int, default=4096, help="--accuracy: calibration prompt tokens")
+    a.add_argument("--min-top1", type=float, default=0.99, help="--accuracy: required top-1 agreement (0..1]")
+    a.add_argument("--block", type=int, default=None, help="--accuracy: PBS block (default: the flag)")
+    a.add_argument("--segment", type=int, default=None, help="--accuracy: PBS segment (default: the flag)")
+    a.add_argument("--no-permute", action="store_true", help="--accuracy: tune the no-permutation variant")
+    a.add_argument("--max-runs", type=int, default=6, help="--accuracy: most end-to-end prefills to try")
     s = p.add_argument_group("sweeps and validation of static mode (graphtune/autotune/sweep.py)")
     s.add_argument("--all-families", action="store_true",
                    help="cross-compile every op family's Triton configs for --targets (resumable; --budget Nc caps "
@@ -193,6 +204,10 @@ def _tune(args: argparse.Namespace) -> int:
 
     from graphtune.autotune.shapes import parse_lean_shape
 
+    if args.accuracy:
+        from graphtune.cli_tune_accuracy import run_accuracy
+
+        return run_accuracy(args)
     shapes: list = [parse_shape(s) for s in args.shape] + [parse_merge_shape(s) for s in args.merge]
     shapes += [parse_lean_shape(s) for s in args.lean]
     if args.batch or args.seq or args.model_config:

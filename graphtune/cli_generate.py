@@ -29,6 +29,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-kv-tokens", type=int, default=None, help="KV budget in tokens (rows beyond it wait)")
     p.add_argument("--speculative", choices=("ngram", "layerskip"), default=None,
                    help="speculative decoding (lossless): prompt lookup or the model's first layers as drafter")
+    p.add_argument("--sparse-prefill", choices=("pbs", "block"), default=None,
+                   help="approximate block-sparse prefill of long prompts (accuracy-tuned settings if stored)")
     p.add_argument("--plan", action="store_true", help="print the engine's plan before running")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.add_argument("--progress", action="store_true", help="progress line on stderr")
@@ -71,7 +73,8 @@ def _generate(args: argparse.Namespace) -> int:
         prompts = DEFAULT_PROMPTS
     model, tok = _load(args.model)
     ids = _encode(tok, prompts, not args.no_chat, model.config.vocab_size)
-    eng = Engine(model, tok, max_kv_tokens=args.max_kv_tokens, speculative=args.speculative)
+    eng = Engine(model, tok, max_kv_tokens=args.max_kv_tokens, speculative=args.speculative,
+                 sparse_prefill=args.sparse_prefill)
     if args.plan:
         print(eng.plan(ids, args.max_new_tokens, args.num_return_sequences))
     t0 = time.perf_counter()

@@ -99,6 +99,11 @@ FLAGS: dict[str, Flag] = {
         Flag("ENGINE_SPEC_TOKEN_COST", float, -1.0,
              "engine, speculative decoding: cost of verifying one more token relative to a forward's fixed "
              "cost (-1: greedy measures it per call, sampling uses 0.15, measured for SmolLM2 on one CPU thread)"),
+        Flag("SPARSE_PREFILL_MIN_LEN", int, 2048,
+             "sparse prefill (opt-in): shortest prompt (keys of a prefill call) that runs block-sparse"),
+        Flag("SPARSE_PREFILL_TAU", float, 0.9, "sparse prefill: attention mass each query block's kept key blocks cover"),
+        Flag("SPARSE_PREFILL_BLOCK", int, 128, "sparse prefill: key/query block size"),
+        Flag("SPARSE_PREFILL_SEGMENT", int, 256, "sparse prefill: permutation segment size (a multiple of the block)"),
         Flag("LEAN_MIN_SKEW", float, -1.0, "lean decode: min max/mean KV-length skew to use it (-1: measured default)"),
         Flag("LEAN_TRITON_ON_CPU", bool, False,
              "route CPU tensors through lean decode's Triton path (tests; needs TRITON_INTERPRET=1)"),
@@ -215,6 +220,12 @@ class Options:
     engine : bool
         Generation models: ``generate`` runs graphtune's engine (its own KV cache and decode
         loop) for every configuration it supports, and Hugging Face's loop otherwise.
+    sparse_prefill : str, PBSConfig, SparsePrefill or None
+        Opt-in approximate prefill attention for long prompts: ``"pbs"`` (permuted block-sparse,
+        PBS-Attn), ``"block"`` (the same selection without the permutation), a
+        :class:`~graphtune.codegen.pbs_attention.plan.PBSConfig`, a
+        :class:`~graphtune.runtime.sparse_prefill.SparsePrefill` (per-layer configs, e.g. from
+        ``graphtune tune --accuracy``), or None (off: every attention is exact). Decode stays dense.
     speculative : str, Drafter or None
         Speculative decoding in the engine's ``generate``: ``"ngram"`` (prompt lookup),
         ``"layerskip"`` (self-speculative early exit), a
@@ -235,6 +246,7 @@ class Options:
     lean_decode: bool = True
     engine: bool = True
     speculative: object = None
+    sparse_prefill: object = None
     tune: bool = True
     rtol: float = 1e-5
     atol: float = 1e-5

@@ -35,6 +35,7 @@ from graphtune.runtime.engine.drafters import Drafter, describe_drafter, make_dr
 from graphtune.runtime.engine.sampling import Sampling, select_tokens
 from graphtune.runtime.engine.speculative import SpecRowStats, Speculator
 from graphtune.codegen.lean_decode.plan import make_plan
+from graphtune.runtime.sparse_prefill import SparseStats, make_sparse
 from graphtune.runtime.engine.step import LEAN_TILE, StepPlan, decode_plan, prefill_plan, run_attention
 
 __all__ = ["Engine", "EnginePlan", "EngineResult", "EngineStats"]
@@ -107,6 +108,7 @@ class EnginePlan:
     hf_kv_bytes: int  # KV HF generate holds at the end: rows x (longest prompt + new tokens)
     decode: str  # the first decode step's schedule of the private tails
     speculation: str = ""  # the drafter, and the last call's per-row speculation counters
+    sparse: str = ""  # opt-in sparse prefill: settings, and the last call's per-layer density
 
     def __str__(self) -> str:
         mb = 1 << 20
@@ -117,6 +119,7 @@ class EnginePlan:
                  f"  {self.decode}", "  prefix tree:"]
         lines += [f"    {line}" for line in self.tree.splitlines()]
         lines += [f"  {line}" for line in self.speculation.splitlines()]
+        lines += [f"  {line}" for line in self.sparse.splitlines()]
         return "\n".join(lines)
 
 
@@ -152,6 +155,10 @@ class Engine:
         Lossless (greedy tokens are the model's own; sampling keeps its distribution).
     spec_tokens : int
         Most draft tokens per row per step (default ``GRAPHTUNE_ENGINE_SPEC_TOKENS``).
+    sparse_prefill : str, PBSConfig, SparsePrefill or None
+        Opt-in approximate prefill of long prompts: ``"pbs"`` (permuted block-sparse attention),
+        ``"block"`` (no permutation), a config, or None (exact). Decode stays dense.
+        :attr:`last_sparse` holds the per-layer densities of the last sparse prefill.
 
     Examples
     --------
@@ -166,7 +173,8 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any = None, *, max_kv_tokens: int | None = None,
                  min_shared: int | None = None, max_batch_tokens: int | None = None,
-                 speculative: str | Drafter | None = None, spec_tokens: int | None = None) -> None:
+                 speculative: str | Drafter | None = None, spec_tokens: int | None = None,
+                 sparse_prefill: Any = None) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise OptionError(f"graphtune.Engine cannot run this model: {reason}")
@@ -181,6 +189,7 @@ class Engine:
                               f"({self.min_shared}) must be >= 1, max_kv_tokens ({self.max_kv_tokens}) >= 0")
         self.last_plan: PrefixTree | None = None
         self.drafter = make_drafter(speculative)
+        self.sparse = make_sparse(sparse_prefill, model)
         self.last_speculation: list[SpecRowStats] | None = None
         self.spec_tokens = flags.get("ENGINE_SPEC_TOKENS") if spec_tokens is None else spec_tokens
         if self.spec_tokens < 1:
@@ -243,7 +252,17 @@ class Engine:
             lp = make_plan(lengths, r.kv_heads, LEAN_TILE, max(1, min(torch.get_num_threads(), len(lengths) * r.kv_heads)))
             decode = f"private tails: lean decode over ragged lengths {min(lengths)}..{max(lengths)}: {lp.summary()}"
         return EnginePlan(len(ids), sum(map(len, ids)), tree.prompt_tokens(), len(tree.shared), tree.describe(),
-                          need * bpt, hf * bpt, decode, self._describe_speculation())
+                          need * bpt, hf * bpt, decode, self._describe_speculation(), self._describe_sparse())
+
+    @property
+    def last_sparse(self) -> SparseStats | None:
+        """Per-layer, per-head density of the last sparse prefill call (``sparse_prefill=`` only)."""
+        return None if self.sparse is None else self.sparse.stats
+
+    def _describe_sparse(self) -> str:
+        if self.sparse is None:
+            return ""
+        return self.sparse.describe() + "\n" + self.sparse.stats.describe()
 
     def _describe_speculation(self) -> str:
         if self.drafter is None:
@@ -454,7 +473,7 @@ class Engine:
                 if n.filled + m < len(n.tokens):
                     break  # cut: its descendants wait for the next forward
                 i += 1
-            plan = prefill_plan(spans)
+            plan = prefill_plan(spans, self.sparse)
             ids = torch.tensor([t for n, off, m in spans for t in n.tokens[off:off + m]], dtype=torch.long)
             pos = torch.cat([torch.arange(n.start + off, n.start + off + m) for n, off, m in spans])
             hidden = self._forward(plan, pool, ids, pos)

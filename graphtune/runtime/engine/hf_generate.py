@@ -101,10 +101,12 @@ def why_not(model: Any, args: tuple, kwargs: dict[str, Any]) -> str | None:
 class EngineGenerate:
     """Replaces ``generate`` on an optimized model: the engine where it applies, HF's loop otherwise."""
 
-    def __init__(self, model: Any, hf_generate: Callable[..., Any], speculative: Any = None) -> None:
+    def __init__(self, model: Any, hf_generate: Callable[..., Any], speculative: Any = None,
+                 sparse_prefill: Any = None) -> None:
         self.model = model
         self.hf_generate = hf_generate
         self.speculative = speculative  # optimize(model, speculative=...): the engine's drafter
+        self.sparse_prefill = sparse_prefill  # optimize(model, sparse_prefill=...): opt-in PBS prefill
         self._engine: Engine | None = None
         self._lookup_engines: dict[tuple[int, int], Engine] = {}  # prompt_lookup_num_tokens calls
         self.last_route: str = ""
@@ -153,7 +155,7 @@ class EngineGenerate:
             eos = gc.eos_token_id
             pad = eos[0] if isinstance(eos, (list, tuple)) else eos
         if self._engine is None:
-            self._engine = Engine(self.model, speculative=self.speculative)
+            self._engine = Engine(self.model, speculative=self.speculative, sparse_prefill=self.sparse_prefill)
         engine = self._engine
         lookup = getattr(gc, "prompt_lookup_num_tokens", None)
         if lookup:  # HF's prompt lookup decoding, served by the engine's n-gram drafter
@@ -163,7 +165,8 @@ class EngineGenerate:
             engine = self._lookup_engines.get(key)
             if engine is None:  # one per setting: an Engine checks the model once when built
                 engine = self._lookup_engines[key] = Engine(
-                    self.model, speculative=NGramDrafter(max_ngram=key[0]), spec_tokens=key[1])
+                    self.model, speculative=NGramDrafter(max_ngram=key[0]), spec_tokens=key[1],
+                    sparse_prefill=self.sparse_prefill)
         rows = B * n
         on_tokens = None
         if streamer is not None:

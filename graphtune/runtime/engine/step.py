@@ -16,10 +16,13 @@ tokens, or spans of prefix-tree nodes being prefilled). Each layer's attention t
      (:mod:`graphtune.codegen.lean_decode`), no padding computed;
    - ``tree``: speculative verification: each row's private keys plus the draft tokens on the
      query's own path in the row's draft tree (:mod:`graphtune.codegen.tree_attention`);
+   - ``pbs``: opt-in sparse prefill (``Engine(sparse_prefill=...)``): a long node span over the
+     node's keys so far, permuted block-sparse (:mod:`graphtune.runtime.sparse_prefill`;
+     approximate, replaces that span's ``fold`` + ``causal`` pair);
 
 3. merges each token's partial results by log-sum-exp (:func:`graphtune.ir.reference.merge_stacked`).
 
-Exact: every token attends to exactly the keys of its row's prefix (its chain of nodes) and,
+Exact (except ``pbs`` calls): every token attends to exactly the keys of its row's prefix (its chain of nodes) and,
 within its own span, causally; only the order of floating-point reductions differs from dense
 attention over the concatenated KV.
 """
@@ -39,6 +42,7 @@ from graphtune.ir.ops import flash_cpu
 from graphtune.ir.reference import merge_lse
 from graphtune.runtime.engine.kv_pool import KVPool
 from graphtune.runtime.engine.prefix_tree import Node
+from graphtune.runtime.sparse_prefill import SparsePrefill, run_sparse
 
 __all__ = ["Call", "StepPlan", "prefill_plan", "decode_plan", "verify_plan", "run_attention"]
 
@@ -49,7 +53,7 @@ LEAN_TILE = 256  # keys per lean tile (the lean family's CPU default)
 class Call:
     """One attention call of a layer (see the module docstring for the kinds)."""
 
-    kind: str  # "fold" | "causal" | "strided" | "lean" | "tree"
+    kind: str  # "fold" | "causal" | "strided" | "lean" | "tree" | "pbs"
     level: int  # where its partial goes in the per-token stack
     idx: Tensor | None = None  # packed query tokens (fold, strided, lean)
     q0: int = 0  # causal: packed span [q0, q1)
@@ -57,7 +61,7 @@ class Call:
     slot: int = 0  # first key slot (fold, causal, strided: first row's)
     length: int = 0  # keys (fold, causal, strided)
     stride: int = 0  # strided: slots between consecutive rows' ranges
-    lean: object = None  # lean: (plan, program, starts); tree: the tree-attention plan
+    lean: object = None  # lean: (plan, program, starts); tree: the tree-attention plan; pbs: SparsePrefill
 
 
 @dataclass
@@ -89,11 +93,12 @@ def _group_ancestors(nodes_tokens: Sequence[tuple[Node, Tensor]]) -> list[Call]:
     return calls
 
 
-def prefill_plan(spans: Sequence[tuple[Node, int, int]]) -> StepPlan:
+def prefill_plan(spans: Sequence[tuple[Node, int, int]], sparse: SparsePrefill | None = None) -> StepPlan:
     """Plan a forward computing ``spans``: ``(node, offset, count)`` token spans of nodes, packed in order.
 
     A span's ancestors must be resident and complete by the end of this forward's writes (the
-    engine orders spans parents first).
+    engine orders spans parents first). With ``sparse`` (opt-in), a span whose node holds at least
+    ``sparse.min_len`` keys by its end runs one ``pbs`` call over them instead of fold + causal.
     """
     calls: list[Call] = []
     writes, per_span = [], []
@@ -104,6 +109,11 @@ def prefill_plan(spans: Sequence[tuple[Node, int, int]]) -> StepPlan:
         writes.append(torch.arange(node.slot + off, node.slot + off + m))
         per_span.append((node, toks))
         d = _depth(node)
+        if sparse is not None and sparse.applies(off + m, m):
+            levels = max(levels, d + 1)
+            calls.append(Call("pbs", -1, q0=t, q1=t + m, slot=node.slot, length=off + m, lean=sparse))
+            t += m
+            continue
         top = d + (1 if off else 0)  # own causal partial goes on the last level
         levels = max(levels, top + 1)
         if off:
@@ -112,7 +122,7 @@ def prefill_plan(spans: Sequence[tuple[Node, int, int]]) -> StepPlan:
         t += m
     calls += _group_ancestors(per_span)
     for c in calls:
-        if c.kind == "causal":
+        if c.kind in ("causal", "pbs"):
             c.level = levels - 1
     plan = StepPlan(t, torch.cat(writes), calls, levels)
     plan.kv_read = sum(c.length for c in calls)
@@ -205,6 +215,10 @@ def run_attention(plan: StepPlan, pool: KVPool, layer: int, q: Tensor, k: Tensor
             o, l = flash_cpu(q[:, :, c.q0:c.q1], K[None, :, c.slot:c.slot + c.length],
                              V[None, :, c.slot:c.slot + c.length], None, True, scale)
             o, l = o[0], l[0]
+        elif c.kind == "pbs":  # the span's queries at the end of the node's keys so far
+            o, l = run_sparse(c.lean, layer, q[:, :, c.q0:c.q1], K[None, :, c.slot:c.slot + c.length],
+                              V[None, :, c.slot:c.slot + c.length], scale)
+            o, l = o[0], l[0]
         elif c.kind == "strided":
             n = c.idx.numel()
             size = (n, hkv, c.length, d)
@@ -226,7 +240,7 @@ def run_attention(plan: StepPlan, pool: KVPool, layer: int, q: Tensor, k: Tensor
             o, l = lean_attention_cpu(qs, kk, vv, lp, starts, scale=scale, program=program)
             o, l = o[:, :, 0].transpose(0, 1), l[:, :, 0].transpose(0, 1)
         if P == 1:
-            if c.kind == "causal":
+            if c.kind in ("causal", "pbs"):
                 out[:, c.q0:c.q1] = o
             elif c.kind == "tree":
                 out = o
@@ -236,7 +250,7 @@ def run_attention(plan: StepPlan, pool: KVPool, layer: int, q: Tensor, k: Tensor
             if c.kind == "tree":
                 out_st[c.level] = o
                 lse_st[c.level] = l
-            elif c.kind == "causal":
+            elif c.kind in ("causal", "pbs"):
                 out_st[c.level, :, c.q0:c.q1] = o
                 lse_st[c.level, :, c.q0:c.q1] = l
             else:

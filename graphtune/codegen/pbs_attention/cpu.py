@@ -1,0 +1,162 @@
+"""CPU implementation of PBS attention: ATen's flash kernel over gathered blocks, merged by log-sum-exp.
+
+Two parts, each on :func:`graphtune.ir.ops.flash_cpu` (ATen's CPU flash kernel, which returns the LSE):
+
+* **diagonal**: every query's own segment, causally, in original key order. Query segments are
+  stacked along the batch axis, so the whole diagonal part of a call is one kernel call
+  (``[B * segments, Hq, S, D]`` over ``[B * segments, Hkv, S, D]``; GQA by the kernel, no K/V
+  copy). A first query segment cut by a chunk boundary gets its own small masked call.
+* **off-diagonal**: per group of ``QBLOCKS`` query blocks, the selected key blocks of every query
+  head are gathered (``k[perm[block]]``: a copy of the selected keys only) and attended without a
+  causal mask; rows with fewer selected blocks than the group's widest are padded with a ``-inf``
+  additive mask.
+
+The two partials merge exactly by LSE (:func:`graphtune.ir.reference.merge_lse`). Knobs:
+``QBLOCKS`` (query blocks per off-diagonal call: fewer calls vs more padding). The block and
+segment sizes are the plan's (:class:`~.plan.PBSConfig`); they are tuned by accuracy
+(``graphtune tune --accuracy``), not by this implementation's config.
+
+Measured on this CPU: ``docs/ops/sparse-prefill.md``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from graphtune.codegen.pbs_attention.plan import DEFAULT_CONFIG, PBSConfig, PBSPlan, check_qkv, plan_pbs
+from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
+from graphtune.ir.args import softmax_scale
+from graphtune.ir.ops import flash_cpu
+
+__all__ = ["pbs_attention_cpu", "diagonal_attention", "CPU_DEFAULT_CONFIG", "CPU_CONFIGS"]
+
+CPU_DEFAULT_CONFIG = KernelConfig.make(BUCKET=1)
+CPU_CONFIGS = [KernelConfig.make(BUCKET=n) for n in (1, 2, 4, 8)]
+
+
+def diagonal_attention(q: Tensor, k: Tensor, v: Tensor, segment: int, scale: float) -> tuple[Tensor, Tensor]:
+    """Each query over its own segment's keys up to itself: ``(out [B, Hq, M, D], lse [B, Hq, M])``.
+
+    q: [B, Hq, M, D] at positions ``N - M ..``, k/v: [B, Hkv, N, D].
+    """
+    B, Hq, M, D = q.shape
+    N = k.shape[2]
+    S = segment
+    off = N - M
+    out = q.new_empty(B, Hq, M, D)
+    lse = q.new_empty(B, Hq, M, dtype=torch.float32)
+    first = min(-(-off // S) * S, N)  # first segment start at or after the first query
+    if first > off:  # queries [off, first) sit at the end of a segment that starts before them
+        s0 = (off // S) * S
+        qp = torch.arange(off, first)[:, None]
+        mask = torch.zeros(first - off, first - s0).masked_fill_(torch.arange(s0, first)[None, :] > qp, float("-inf"))
+        o, l = flash_cpu(q[:, :, : first - off], k[:, :, s0:first], v[:, :, s0:first], mask.to(q.dtype), False, scale)
+        out[:, :, : first - off], lse[:, :, : first - off] = o, l
+    full = (N - first) // S  # whole segments of queries
+    if full:
+        a, e = first - off, first - off + full * S
+
+        def seg(x: Tensor, lo: int) -> Tensor:  # [B, H, full*S, D] -> [B*full, H, S, D]
+            h = x.shape[1]
+            return x[:, :, lo:lo + full * S].reshape(B, h, full, S, D).transpose(1, 2).reshape(B * full, h, S, D)
+
+        o, l = flash_cpu(seg(q, a), seg(k, first), seg(v, first), None, True, scale)
+        out[:, :, a:e] = o.view(B, full, Hq, S, D).transpose(1, 2).reshape(B, Hq, full * S, D)
+        lse[:, :, a:e] = l.view(B, full, Hq, S).transpose(1, 2).reshape(B, Hq, full * S)
+    tail = N - (first + full * S)
+    if tail:  # the last, incomplete segment: a square causal block
+        o, l = flash_cpu(q[:, :, M - tail:], k[:, :, N - tail:], v[:, :, N - tail:], None, True, scale)
+        out[:, :, M - tail:], lse[:, :, M - tail:] = o, l
+    return out, lse
+
+
+def _permuted(k: Tensor, v: Tensor, plan: PBSPlan) -> tuple[Tensor, Tensor]:
+    # k, v gathered by the plan's permutation, padded to whole blocks: [B, Hkv, nkb * b, D] (once per plan)
+    got = plan.memo.get("kv_perm_cpu")
+    if got is None:
+        b = plan.config.block
+        pad = -plan.n % b
+        if plan.config.permute:
+            idx = plan.perm[..., None].expand_as(k)
+            k, v = k.gather(2, idx), v.gather(2, idx)
+        if pad or not k.is_contiguous():
+            k = torch.nn.functional.pad(k, (0, 0, 0, pad)).contiguous()
+            v = torch.nn.functional.pad(v, (0, 0, 0, pad)).contiguous()
+        got = plan.memo["kv_perm_cpu"] = (k, v)
+    return got
+
+
+def _off_diagonal(q: Tensor, k: Tensor, v: Tensor, plan: PBSPlan, scale: float, bucket: int) -> tuple[Tensor, Tensor]:
+    # every (batch, query head, query block) over its selected blocks of earlier segments, no causal
+    # mask. Items are grouped by their number of selected blocks (rounded up to `bucket`): one
+    # flash call per group, each item its own batch entry, so no kv head is repeated per query head
+    # and no item pays for another head's wider selection.
+    B, Hq, M, D = q.shape
+    b = plan.config.block
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    nqb = plan.q_blocks
+    kp, vp = _permuted(k, v, plan)  # [B, Hkv, N', D], N' a multiple of b
+    nkb = kp.shape[2] // b
+    kb = kp.reshape(B * Hkv * nkb, b * D)  # one row per (batch, kv head, block): whole-block copies
+    vb = vp.reshape(B * Hkv * nkb, b * D)
+    # flat block row of each selected block: ((batch * Hkv) + kv head) * nkb + block
+    base = ((torch.arange(B)[:, None] * Hkv + torch.arange(Hq)[None, :] // G) * nkb)[:, :, None, None]
+    rows = (plan.kv_index.long() + base).reshape(B * Hq * nqb, -1)  # [items, C]
+    count = plan.kv_count.reshape(-1).long()  # [items]
+    qpad = q if nqb * b == M else torch.nn.functional.pad(q, (0, 0, 0, nqb * b - M))
+    qi = qpad.reshape(B * Hq * nqb, b, D)  # item = (batch, query head, query block)
+    out = q.new_zeros(B * Hq * nqb, b, D)
+    lse = torch.full((B * Hq * nqb, b), float("-inf"))
+    width = (count + bucket - 1) // bucket * bucket  # the group an item runs in
+    for w in torch.unique(width[count > 0]).tolist():
+        items = (width == w).nonzero().squeeze(1)
+        n = items.numel()
+        c = min(w, rows.shape[1])
+        r = rows.index_select(0, items)[:, :c].reshape(-1)
+        ks = kb.index_select(0, r).view(n, 1, c * b, D)
+        vs = vb.index_select(0, r).view(n, 1, c * b, D)
+        cnt = count.index_select(0, items)
+        mask = None
+        if bool((cnt != c).any()):  # pads repeat the last selected block: mask them out
+            blk = torch.arange(c * b).div(b, rounding_mode="floor")
+            mask = torch.zeros(n, 1, 1, c * b, dtype=q.dtype).masked_fill_(blk >= cnt[:, None, None, None], float("-inf"))
+        o, l = flash_cpu(qi.index_select(0, items).unsqueeze(1), ks, vs, mask, False, scale)  # [n, 1, b, D]
+        out.index_copy_(0, items, o[:, 0])
+        lse.index_copy_(0, items, l[:, 0].float())  # fp64 inputs: the kernel's lse is fp64
+    return out.view(B, Hq, nqb * b, D)[:, :, :M], lse.view(B, Hq, nqb * b)[:, :, :M]
+
+
+def pbs_attention_cpu(q: Tensor, k: Tensor, v: Tensor, pbs: PBSConfig = DEFAULT_CONFIG, scale: float | None = None, *,
+                      plan: PBSPlan | None = None, config: KernelConfig = CPU_DEFAULT_CONFIG) -> tuple[Tensor, Tensor]:
+    """PBS attention on the CPU; ``(out [B, Hq, M, D], lse [B, Hq, M] fp32)``. See the module docstring."""
+    check_qkv(q, k, v, plan.config if plan is not None else pbs)
+    if plan is None:
+        plan = plan_pbs(q, k, pbs, scale, v)
+    sc = softmax_scale(scale, q.shape[-1])
+    od, ld = diagonal_attention(q, k, v, plan.config.segment, sc)
+    if int(plan.kv_count.max()) == 0:
+        return od, ld
+    oo, lo = _off_diagonal(q, k, v, plan, sc, int(config.get("BUCKET", 1)))
+    return _merge2(od, ld, oo, lo)
+
+
+def _merge2(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
+    # exact LSE merge of two partials, in place on o1 (the diagonal part always has keys: l1 finite)
+    lse = torch.logaddexp(l1, l2)  # [B, Hq, M]
+    w2 = torch.exp(l2 - lse)  # 0 where the off-diagonal part is empty (l2 = -inf)
+    o = o1.float() if o1.dtype != torch.float32 else o1
+    o.mul_((1.0 - w2)[..., None]).add_(o2.float() * w2[..., None])
+    return o.to(o1.dtype), lse
+
+
+def _fn(q, k, v, pbs=DEFAULT_CONFIG, scale=None, *, plan=None, config=CPU_DEFAULT_CONFIG):
+    return pbs_attention_cpu(q, k, v, pbs, scale, plan=plan, config=config)
+
+
+register_impl(Impl(
+    op="pbs_attention", name="cpu.gather", device="cpu", fn=_fn, default=CPU_DEFAULT_CONFIG,
+    configs=lambda args: list(CPU_CONFIGS),
+    source_hash=source_hash(diagonal_attention, _permuted, _off_diagonal, pbs_attention_cpu, _merge2),
+    supports=lambda args: args[0].device.type == "cpu",
+))

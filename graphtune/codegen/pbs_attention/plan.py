@@ -1,0 +1,297 @@
+"""Host plan of permuted block-sparse (PBS) prefill attention: key permutation and block selection.
+
+PBS-Attn (arXiv 2510.21270) makes causal prefill attention block-sparse. Keys are cut into
+*segments* of ``S`` tokens and *blocks* of ``b`` tokens (``S % b == 0``). A query block attends
+
+* **densely, causally** to its own (*diagonal*) segment, in original order;
+* to the **selected** blocks of earlier segments, with no mask: every key of an earlier segment
+  precedes every query of a later one, so the order of keys inside an earlier segment is free.
+
+That freedom is what PBS uses: within each segment the keys are **permuted** so that the keys
+the last queries attend to most come first, which clusters attention mass into few blocks. Then,
+per query block and query head, the blocks covering a ``tau`` fraction of the estimated mass
+are kept (plus the block holding token 0, the attention sink). Queries are never permuted, so
+the output needs no un-permutation.
+
+:func:`plan_pbs` does all of it once per call (per layer: the permutation depends on the layer's
+keys) and returns a :class:`PBSPlan`:
+
+* ``perm [B, Hkv, N]``: the original index of the key at each permuted position (identity in the
+  last segment, which is never off-diagonal, and everywhere when ``permute=False``). Per KV
+  head: the scores of a GQA group's query heads are averaged, so K/V are never repeated per
+  query head;
+* ``kv_count [B, Hq, nqb]`` / ``kv_index [B, Hq, nqb, C]``: each query block's selected
+  off-diagonal blocks of permuted keys, ascending (the first ``kv_count`` entries are valid).
+  Block index lists, not a dense mask: what a kernel iterates.
+
+Queries may be the last ``M`` of the ``N`` keys' positions (a chunk of a chunked prefill):
+query ``t`` sits at position ``N - M + t`` and sees keys ``<= N - M + t``; ``N - M`` must be a
+multiple of ``b``.
+
+Examples
+--------
+>>> import torch
+>>> q, k = torch.randn(1, 4, 512, 32), torch.randn(1, 2, 512, 32)
+>>> plan = plan_pbs(q, k, PBSConfig(block=64, segment=128, tau=1.0))
+>>> plan.kv_count[0, 0].tolist()  # tau=1 keeps every block of the earlier segments
+[0, 0, 2, 2, 4, 4, 6, 6]
+>>> round(plan.density().mean().item(), 3)
+1.0
+>>> sparse = plan_pbs(q, k, PBSConfig(block=64, segment=128, tau=0.5))
+>>> bool((sparse.kv_count <= plan.kv_count).all())
+True
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
+from graphtune.errors import PlanError, ShapeError
+from graphtune.ir.args import softmax_scale
+
+__all__ = ["PBSConfig", "PBSPlan", "plan_pbs", "permute_keys", "select_blocks", "check_qkv", "DEFAULT_CONFIG",
+           "ACCURACY_IMPL"]
+
+
+@dataclass(frozen=True)
+class PBSConfig:
+    """The knobs of PBS prefill: block ``b``, segment ``S``, coverage ``tau``, permutation, sink.
+
+    The paper's defaults: ``b=128, S=256, tau=0.9``, keys-only permutation, the sink block forced.
+    ``tau >= 1`` keeps every block (exact: dense causal attention for any permutation).
+    ``permute=False`` is the no-permutation block-sparse variant (same selection, identity
+    permutation), which measures what the permutation buys.
+    """
+
+    block: int = 128
+    segment: int = 256
+    tau: float = 0.9
+    permute: bool = True
+    sink: bool = True
+
+    def __post_init__(self) -> None:
+        for f in ("block", "segment"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise PlanError(f"PBSConfig.{f} must be a positive int, got {v!r}")
+        if self.segment % self.block:
+            raise PlanError(f"PBSConfig: segment {self.segment} is not a multiple of block {self.block}")
+        if not (isinstance(self.tau, (int, float)) and 0.0 < float(self.tau)):
+            raise PlanError(f"PBSConfig.tau must be a number > 0 (a fraction of attention mass), got {self.tau!r}")
+
+    def __str__(self) -> str:
+        return f"b={self.block} S={self.segment} tau={self.tau:g}{'' if self.permute else ' no-perm'}"
+
+
+DEFAULT_CONFIG = PBSConfig()
+
+
+@dataclass
+class PBSPlan:
+    """One call's permutation and block selection (see the module docstring); read by every implementation."""
+
+    config: PBSConfig
+    n: int  # keys
+    m: int  # queries (the last m positions)
+    perm: Tensor  # [B, Hkv, N] int64: original key index at each permuted position
+    kv_count: Tensor  # [B, Hq, nqb] int32: selected off-diagonal blocks per query block
+    kv_index: Tensor  # [B, Hq, nqb, C] int32: their permuted block indices, ascending (C >= 1)
+    memo: dict[Any, Any] = field(default_factory=dict)  # what implementations derive (gathered K/V, tables)
+
+    @property
+    def q_offset(self) -> int:
+        return self.n - self.m
+
+    @property
+    def q_blocks(self) -> int:
+        return -(-self.m // self.config.block)
+
+    def q_block_abs(self) -> Tensor:
+        """``[nqb]`` absolute block index (over keys) of each query block."""
+        return torch.arange(self.q_blocks) + self.q_offset // self.config.block
+
+    def diag_blocks(self) -> Tensor:
+        """``[nqb]`` key blocks each query block computes densely: its segment's, up to its own."""
+        a = self.q_block_abs()
+        per_seg = self.config.segment // self.config.block
+        return a - (a // per_seg) * per_seg + 1
+
+    def density(self) -> Tensor:
+        """``[B, Hq]`` computed key blocks over the causal key blocks (1.0: dense causal)."""
+        a = self.q_block_abs().to(self.kv_count.device)
+        causal = (a + 1).sum().float()
+        done = self.kv_count.float().sum(-1) + self.diag_blocks().to(self.kv_count.device).sum().float()
+        return done / causal
+
+    def off_diagonal_keys(self) -> Tensor:
+        """``[B, Hq, nqb, C*b]`` original key indices of the selected blocks (pads repeat the last valid one)."""
+        b = self.config.block
+        B, Hq, nqb, C = self.kv_index.shape
+        G = Hq // self.perm.shape[1]
+        pos = (self.kv_index.long()[..., None] * b + torch.arange(b, device=self.perm.device)).reshape(B, Hq, nqb * C * b)
+        perm = self.perm.repeat_interleave(G, 1)
+        return perm.gather(2, pos.clamp_max(self.n - 1)).view(B, Hq, nqb, C * b)
+
+    def describe(self) -> str:
+        d = self.density()
+        return (f"PBS {self.config}: N={self.n} queries={self.m} density {float(d.mean()):.3f} "
+                f"(heads {float(d.min()):.3f}..{float(d.max()):.3f})")
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, config: PBSConfig) -> tuple[int, int, int, int, int]:
+    """Validate ``q [B, Hq, M, D]``, ``k, v [B, Hkv, N, D]``; returns ``(B, Hq, Hkv, M, N)``."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ShapeError(f"PBS attention wants q [B, Hq, M, D], k/v [B, Hkv, N, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, Hq, M, D = q.shape
+    _, Hkv, N, _ = k.shape
+    if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[3] != D:
+        raise ShapeError(f"PBS attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if Hq % Hkv:
+        raise ShapeError(f"PBS attention: {Hq} query heads are not a multiple of {Hkv} kv heads")
+    if M > N or M < 1:
+        raise ShapeError(f"PBS attention: {M} queries over {N} keys (want 1 <= M <= N)")
+    if (N - M) % config.block:
+        raise PlanError(f"PBS attention: the queries start at key {N - M}, not a multiple of block {config.block}")
+    return B, Hq, Hkv, M, N
+
+
+def permute_keys(q: Tensor, k: Tensor, config: PBSConfig, scale: float | None = None) -> Tensor:
+    """``[B, Hkv, N]`` PBS key permutation: within each earlier segment, keys by descending importance.
+
+    Importance of key ``j``: the mean over the last query block's rows (and the GQA group's heads)
+    of ``softmax(q k^T * scale)`` over all keys the row sees (causal). The last segment — the one
+    holding the last query, never anyone's off-diagonal segment — keeps its order.
+    """
+    B, Hq, M, D = q.shape
+    _, Hkv, N, _ = k.shape
+    S = config.segment
+    last_seg = (N - 1) // S  # segments [0, last_seg) are permuted
+    perm = torch.arange(N, device=k.device).expand(B, Hkv, N).clone()
+    if not config.permute or last_seg == 0:
+        return perm
+    G = Hq // Hkv
+    nb = min(config.block, M)
+    # [B, Hkv, G*nb, D]: the group's heads along the rows, the scale folded in (no pass over the scores)
+    qt = (q[:, :, M - nb:].float() * softmax_scale(scale, D)).reshape(B, Hkv, G * nb, D)
+    s = torch.matmul(qt, k.float().transpose(-1, -2))  # [B, Hkv, G*nb, N]
+    pos = torch.arange(N - nb, N, device=k.device).repeat(G)  # each row's query position
+    # only the last nb keys can be after a row's query
+    s[..., N - nb:].masked_fill_(torch.arange(N - nb, N, device=k.device) > pos[:, None], float("-inf"))
+    imp = torch.softmax(s, -1).mean(2)[..., : last_seg * S]  # [B, Hkv, last_seg*S]
+    order = imp.reshape(B, Hkv, last_seg, S).argsort(dim=-1, descending=True, stable=True)
+    order = order + (torch.arange(last_seg, device=k.device) * S)[:, None]
+    perm[..., : last_seg * S] = order.reshape(B, Hkv, last_seg * S)
+    return perm
+
+
+def _block_mean(x: Tensor, b: int, n_valid: int) -> Tensor:
+    # x: [B, H, L, D] -> [B, H, ceil(L/b), D] mean over each block's valid rows (first n_valid of L)
+    B, H, L, D = x.shape
+    nb = -(-L // b)
+    pad = nb * b - L
+    xs = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(B, H, nb, b, D).sum(3)
+    cnt = torch.full((nb,), float(b), device=x.device)
+    cnt[-1] = b - pad if pad else b
+    return xs / cnt[:, None]
+
+
+def select_blocks(q: Tensor, k_perm: Tensor, perm: Tensor, config: PBSConfig, n: int,
+                  scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """``(kv_count [B, Hq, nqb] int32, kv_index [B, Hq, nqb, C] int32)``: tau-coverage block selection.
+
+    ``P_ij = softmax_j(mean(q block i) . mean(permuted key block j) * scale)`` over the blocks ``j``
+    of segments before query block ``i``'s; per row the smallest set of largest ``P_ij`` whose sum
+    reaches ``tau``, plus the block holding token 0 (``config.sink``). ``k_perm`` is ``k`` gathered
+    by ``perm`` (``[B, Hkv, N, D]``).
+    """
+    B, Hq, M, D = q.shape
+    Hkv = k_perm.shape[1]
+    b, S = config.block, config.segment
+    off = n - M
+    qp = _block_mean(q, b, M)  # [B, Hq, nqb, D]
+    nkb = -(-n // b)
+    kp = _block_mean(k_perm, b, n)  # [B, Hkv, nkb, D]
+    G = Hq // Hkv
+    nqb = qp.shape[2]
+    s = torch.matmul(qp.view(B, Hkv, G * nqb, D), kp.transpose(-1, -2)).view(B, Hq, nqb, nkb)
+    s = s * softmax_scale(scale, D)
+    qseg = (torch.arange(nqb, device=q.device) * b + off) // S  # segment of each query block
+    kseg = torch.arange(nkb, device=q.device) * b // S
+    allowed = kseg[None, :] < qseg[:, None]  # [nqb, nkb]: blocks of earlier segments (no mask needed)
+    if float(config.tau) >= 1.0:
+        sel = allowed.expand(B, Hq, nqb, nkb)
+    else:
+        p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num_(0.0)
+        ps, order = p.sort(-1, descending=True)
+        keep_sorted = (ps.cumsum(-1) - ps) < float(config.tau)  # smallest prefix reaching tau
+        sel = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted) & allowed
+    if config.sink:
+        # the block holding original token 0 (position of 0 in its kv head's permutation)
+        sink = (perm == 0).float().argmax(-1) // b  # [B, Hkv]
+        sink = sink.repeat_interleave(G, 1)  # [B, Hq]
+        hit = torch.nn.functional.one_hot(sink, nkb).bool()[:, :, None, :] & allowed
+        sel = sel | hit
+    count = sel.sum(-1)
+    C = max(1, int(count.max()))
+    idx = torch.where(sel, torch.arange(nkb, device=q.device), nkb).sort(-1).values[..., :C]
+    last = (idx.gather(-1, (count - 1).clamp_min(0)[..., None]))  # pad with the last valid block (in range)
+    idx = torch.where(idx >= nkb, last, idx).clamp_max(nkb - 1)
+    return count.to(torch.int32), idx.to(torch.int32).contiguous()
+
+
+def plan_pbs(q: Tensor, k: Tensor, config: PBSConfig = DEFAULT_CONFIG, scale: float | None = None,
+             v: Tensor | None = None) -> PBSPlan:
+    """Plan one PBS attention call: permutation (:func:`permute_keys`) and selection (:func:`select_blocks`).
+
+    Parameters
+    ----------
+    q : Tensor
+        ``[B, Hq, M, D]``, the last ``M`` positions' queries (after RoPE).
+    k : Tensor
+        ``[B, Hkv, N, D]`` all keys.
+    config : PBSConfig
+        Block, segment, tau, permutation on/off, sink.
+    scale : float, optional
+        Softmax scale (default ``1/sqrt(D)``).
+
+    Returns
+    -------
+    PBSPlan
+
+    Examples
+    --------
+    >>> import torch
+    >>> q, k = torch.randn(1, 2, 300, 16), torch.randn(1, 1, 300, 16)
+    >>> p = plan_pbs(q, k, PBSConfig(block=32, segment=64, tau=0.5))
+    >>> p.kv_index.shape[:3], p.perm.shape
+    (torch.Size([1, 2, 10]), torch.Size([1, 1, 300]))
+    """
+    check_qkv(q, k, k if v is None else v, config)
+    with torch.no_grad():
+        perm = permute_keys(q, k, config, scale)
+        k_perm = k.gather(2, perm[..., None].expand_as(k)) if config.permute else k
+        count, index = select_blocks(q, k_perm, perm, config, k.shape[2], scale)
+    plan = PBSPlan(config, int(k.shape[2]), int(q.shape[2]), perm, count, index)
+    if config.permute:
+        plan.memo["k_perm"] = k_perm
+    return plan
+
+
+# ``graphtune tune --accuracy`` stores its per-model result as a record of this pseudo-implementation:
+# never a kernel (no device type a tuner or dispatch lists), valid while the selection code that
+# the measured accuracy depends on is unchanged (its source hash).
+ACCURACY_IMPL = "pbs.accuracy"
+
+
+def _not_a_kernel(*args: Any, **kwargs: Any) -> Any:
+    raise PlanError(f"{ACCURACY_IMPL} is an accuracy-tuning record, not a kernel")
+
+
+register_impl(Impl(op="pbs_attention", name=ACCURACY_IMPL, device="accuracy", fn=_not_a_kernel,
+                   default=KernelConfig(), configs=lambda args: [],
+                   source_hash=source_hash(permute_keys, _block_mean, select_blocks), supports=lambda args: False))

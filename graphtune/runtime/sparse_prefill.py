@@ -1,0 +1,265 @@
+"""Sparse prefill in the runtime: an opt-in *selector* (never a graph rewrite) running PBS attention on long prefills.
+
+PBS attention (:mod:`graphtune.codegen.pbs_attention`) is approximate, so it is never inserted by
+a rewrite and never on by default. The user opts in with ``optimize(model, sparse_prefill="pbs")``
+or ``Engine(model, sparse_prefill="pbs")``; then
+
+* a prefill attention call (queries at the end of an exactly causal key range, no padding) with at
+  least ``min_len`` keys runs PBS, layer ``i`` with :meth:`SparsePrefill.for_layer` ``(i)``;
+* everything else — decode steps, short prompts, padded batches, speculative verification —
+  stays dense and exact.
+
+:class:`SparsePrefill` holds the settings (one :class:`PBSConfig`, optionally per-layer configs
+found by ``graphtune tune --accuracy``) and records, per layer, the per-head density chosen at the
+last call (:class:`SparseStats`, shown by ``explain`` and the engine's plan).
+
+A PBS failure (a kernel error) falls back to exact dense attention with a warning.
+
+Examples
+--------
+>>> s = make_sparse("pbs")
+>>> s.for_layer(3).tau, s.for_layer(3).permute, s.min_len
+(0.9, True, 2048)
+>>> make_sparse("block").for_layer(0).permute
+False
+>>> make_sparse(None) is None
+True
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from graphtune import flags
+from graphtune.codegen.pbs_attention.op import pbs_attention
+from graphtune.codegen.pbs_attention.plan import PBSConfig, PBSPlan, plan_pbs
+from graphtune.errors import GraphtuneError, OptionError
+from graphtune.ir.ops import flash_cpu
+from graphtune.runtime import context
+
+__all__ = ["SparsePrefill", "SparseStats", "make_sparse", "run_sparse", "select", "install", "uninstall",
+           "describe", "PLAN_NAME", "SHORTHANDS"]
+
+PLAN_NAME = "sparse_prefill"
+SHORTHANDS = ("pbs", "block")
+
+
+@dataclass
+class SparseStats:
+    """Per-layer density (computed key blocks / causal key blocks, per query head) of the last sparse call."""
+
+    density: dict[int, Tensor] = field(default_factory=dict)  # layer -> [Hq] (batch-mean)
+    keys: int = 0  # keys of the last call
+    fallbacks: int = 0
+
+    def mean(self) -> float:
+        if not self.density:
+            return float("nan")
+        return float(torch.stack([d.mean() for d in self.density.values()]).mean())
+
+    def describe(self, max_layers: int = 64) -> str:
+        if not self.density:
+            return "no sparse prefill call yet"
+        lines = [f"last sparse prefill: {self.keys} keys, mean density {self.mean():.3f} "
+                 f"(computed / causal key blocks){f', {self.fallbacks} dense fallbacks' if self.fallbacks else ''}"]
+        for i in sorted(self.density)[:max_layers]:
+            d = self.density[i]
+            heads = " ".join(f"{x:.2f}" for x in d.tolist())
+            lines.append(f"  layer {i:2d}: {float(d.mean()):.3f}  heads [{heads}]")
+        return "\n".join(lines)
+
+
+@dataclass
+class SparsePrefill:
+    """Settings of sparse prefill: the PBS config (per layer if tuned), the length threshold, the stats sink.
+
+    Parameters
+    ----------
+    config : PBSConfig
+        The config of every layer without its own entry in ``layers``.
+    min_len : int
+        Shortest key range (prompt) a prefill call must have to run sparse.
+    layers : dict, optional
+        Layer index -> :class:`PBSConfig` (from ``graphtune tune --accuracy``); a tau >= 1
+        entry makes that layer dense.
+    source : str
+        Where the settings came from (shown by ``explain``).
+    """
+
+    config: PBSConfig = field(default_factory=PBSConfig)
+    min_len: int = 2048
+    layers: Mapping[int, PBSConfig] = field(default_factory=dict)
+    source: str = "defaults"
+    stats: SparseStats = field(default_factory=SparseStats, compare=False)
+    _lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
+
+    def for_layer(self, layer: int) -> PBSConfig:
+        return self.layers.get(layer, self.config)
+
+    def applies(self, keys: int, queries: int) -> bool:
+        """Whether a prefill call of ``queries`` at the end of ``keys`` keys runs sparse."""
+        b = self.config.block
+        return keys >= self.min_len and (keys - queries) % b == 0 and keys > self.config.segment
+
+    def record(self, layer: int, plan: PBSPlan) -> None:
+        with self._lock:
+            self.stats.density[layer] = plan.density().mean(0).cpu()
+            self.stats.keys = plan.n
+
+    def describe(self) -> str:
+        tuned = f", {len(self.layers)} layers with their own config" if self.layers else ""
+        return (f"sparse prefill (approximate, opt-in): PBS {self.config}{tuned} on prefill calls with >= "
+                f"{self.min_len} keys; decode dense [{self.source}]")
+
+
+def make_sparse(spec: Any, model: Any = None) -> SparsePrefill | None:
+    """The :class:`SparsePrefill` for an option value (``None``/``False``: off); :class:`OptionError` otherwise.
+
+    ``"pbs"`` with a ``model`` uses the per-layer settings ``graphtune tune --accuracy`` stored for that
+    model, if the tuning database holds them; else the ``SPARSE_PREFILL_*`` flags.
+    """
+    if spec is None or spec is False:
+        return None
+    if isinstance(spec, SparsePrefill):
+        return spec
+    base = PBSConfig(flags.get("SPARSE_PREFILL_BLOCK"), flags.get("SPARSE_PREFILL_SEGMENT"),
+                     flags.get("SPARSE_PREFILL_TAU"))
+    if isinstance(spec, PBSConfig):
+        cfg, src = spec, "given PBSConfig"
+    elif spec == "pbs":
+        cfg, src = base, "flags"
+    elif spec == "block":
+        cfg, src = replace(base, permute=False), "flags, no permutation"
+    else:
+        raise OptionError(f"sparse_prefill={spec!r}: want one of {SHORTHANDS}, a PBSConfig, a SparsePrefill, or None")
+    min_len = flags.get("SPARSE_PREFILL_MIN_LEN")
+    if min_len < 1:
+        raise OptionError(f"GRAPHTUNE_SPARSE_PREFILL_MIN_LEN must be >= 1, got {min_len}")
+    if spec == "pbs" and model is not None:
+        try:
+            from graphtune.runtime.sparse_tune import tuned_sparse
+
+            tuned = tuned_sparse(model, min_len)
+        except Exception as e:  # noqa: BLE001 - an unreadable database must not stop generation
+            warnings.warn(f"graphtune sparse prefill: reading accuracy-tuned settings failed ({type(e).__name__}: "
+                          f"{e}); using the flags' config", RuntimeWarning, stacklevel=2)
+            tuned = None
+        if tuned is not None:
+            return tuned
+    return SparsePrefill(cfg, min_len, {}, src)
+
+
+def run_sparse(settings: SparsePrefill, layer: int, q: Tensor, k: Tensor, v: Tensor,
+               scale: float | None) -> tuple[Tensor, Tensor]:
+    """PBS attention of one layer's prefill call (``q [B,Hq,M,D]`` the last ``M`` of ``k, v [B,Hkv,N,D]``);
+    exact dense causal attention (with a warning) if PBS fails."""
+    cfg = settings.for_layer(layer)
+    if cfg.tau >= 1.0 and cfg.sink:  # a layer tuned dense
+        return _dense(q, k, v, scale)
+    try:
+        plan = plan_pbs(q, k, cfg, scale, v)
+        out = pbs_attention(q, k, v, cfg, scale, plan=plan)
+    except GraphtuneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a kernel failure must not lose the forward
+        settings.stats.fallbacks += 1
+        warnings.warn(f"graphtune sparse prefill: PBS attention failed on layer {layer} ({type(e).__name__}: {e}); "
+                      "using dense attention", RuntimeWarning, stacklevel=2)
+        return _dense(q, k, v, scale)
+    settings.record(layer, plan)
+    return out
+
+
+def _dense(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> tuple[Tensor, Tensor]:
+    M, N = q.shape[2], k.shape[2]
+    if M == N and q.device.type == "cpu":
+        return flash_cpu(q, k, v, None, True, scale)
+    from graphtune.codegen.pbs_attention.reference import dense_causal_ref
+
+    return dense_causal_ref(q, k, v, scale)
+
+
+# ---------------------------------------------------------------- the selector (optimize's forward path)
+
+@dataclass
+class _ForwardPlan:
+    settings: SparsePrefill
+    keys: int
+    calls: int = 0  # attention calls served (layer = call index: layers run in order)
+    masks: dict[Any, bool] = field(default_factory=dict)
+
+
+def _planner(ctx: context.BatchContext) -> None:
+    opts = ctx.options
+    settings = make_sparse(getattr(opts, "sparse_prefill", None)) if opts is not None else None
+    if settings is None or ctx.past_length:
+        return
+    cached = ctx.state.get("sparse_settings")
+    if cached is None or cached[0] is not opts.sparse_prefill:
+        cached = ctx.state["sparse_settings"] = (opts.sparse_prefill, settings)
+    settings = cached[1]
+    ids, mask = ctx.input_ids, ctx.attention_mask
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] < settings.min_len:
+        return
+    if isinstance(mask, Tensor) and int(torch.count_nonzero(mask)) != mask.numel():
+        return  # padded rows: PBS has no padding support; stay dense and exact
+    ctx.plans[PLAN_NAME] = _ForwardPlan(settings, int(ids.shape[1]))
+
+
+def _causal_call(plan: _ForwardPlan, q: Tensor, k: Tensor, mask: Any, is_causal: bool) -> bool:
+    M, N = q.shape[2], k.shape[2]
+    if N != plan.keys or M != N:
+        return False
+    if mask is None:
+        return bool(is_causal)
+    from graphtune.runtime.lean_decode import is_causal_mask, view_key
+
+    key = view_key(mask)
+    ok = plan.masks.get(key)
+    if ok is None:
+        ok = plan.masks[key] = is_causal_mask(mask, q.shape[0], M, N)
+    return ok
+
+
+def select(op: str, args: tuple, ctx: context.BatchContext | None) -> Callable[..., Any] | None:
+    """The PBS implementation for a long causal prefill call of an opted-in model, else None."""
+    if ctx is None or op not in ("attention", "attention_with_lse"):
+        return None
+    plan = ctx.plans.get(PLAN_NAME)
+    if plan is None:
+        return None
+    q, k, v, mask, is_causal = args[:5]
+    if not isinstance(q, Tensor) or q.dim() != 4 or not _causal_call(plan, q, k, mask, is_causal):
+        return None
+    if not plan.settings.applies(k.shape[2], q.shape[2]):
+        return None
+
+    def impl(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+        layer = plan.calls
+        plan.calls += 1
+        out, lse = run_sparse(plan.settings, layer, q, k, v, scale)
+        return (out, None) if op == "attention" else (out, lse)
+
+    return impl
+
+
+def describe(site: Any, q_shape: tuple | None, k_shape: tuple | None) -> str | None:
+    """How sparse prefill serves an attention site (for ``graphtune.explain``): only when opted in."""
+    return None
+
+
+def install(priority: int = 8) -> None:
+    """Register the sparse-prefill planner and selector (idempotent).
+
+    >>> install(); uninstall()
+    """
+    context.register_feature(context.Feature(PLAN_NAME, select, priority, plan=_planner))
+
+
+def uninstall() -> None:
+    context.unregister_feature(PLAN_NAME)
