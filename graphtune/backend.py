@@ -86,7 +86,10 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, opti
         return PipelineResult(original, [], [])
     real = _concrete_inputs(example_inputs) if (options.validating and example_inputs is not None) else None
     if real is not None and result.sites:
-        validate_rewrite(original, result.gm, real, options.rtol, options.atol)
+        from graphtune.runtime.context import exact_only
+
+        with exact_only():  # validate the rewrite, not the opt-in approximate selectors (sparse prefill)
+            validate_rewrite(original, result.gm, real, options.rtol, options.atol)
     if flags.get("DEBUG") >= 1:
         log.warning("graphtune: %s", ", ".join(f"{p.name}={p.matches}" for p in result.passes))
     if flags.get("DEBUG") >= 2:

@@ -15,7 +15,7 @@ from graphtune.autotune.measure import Candidate, Measurement
 from graphtune.autotune.search import STRATEGIES, Budget, CostModel, prerank
 from graphtune.autotune.shapes import AttentionShape, LeanShape, MergeShape
 from graphtune.codegen.family import families, family_of_op, load_impl_modules
-from graphtune.codegen.registry import Impl, get_impl, impls_for
+from graphtune.codegen.registry import Impl, get_impl, impls_for, record_kind_hash
 from graphtune.errors import KernelError, OptionError
 
 __all__ = ["TuneResult", "tune_shape", "tune_shapes", "tune_static", "summary_table", "load_impls",
@@ -64,7 +64,10 @@ def check_device(device: str | torch.device) -> torch.device:
 def is_valid(rec: Record) -> bool:
     """A record is valid while its implementation is registered with the same source hash."""
     impl = get_impl(rec.op, rec.impl)
-    return impl is not None and impl.source_hash == rec.source_hash
+    if impl is None:  # a non-kernel record (accuracy tuning): valid while its code is unchanged
+        h = record_kind_hash(rec.op, rec.impl)
+        return h is not None and h == rec.source_hash
+    return impl.source_hash == rec.source_hash
 
 
 def default_candidate(op: str, device_type: str, args: tuple | None = None) -> Candidate:

@@ -21,7 +21,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-__all__ = ["KernelConfig", "Impl", "register_impl", "impls_for", "get_impl", "source_hash", "all_impls"]
+__all__ = ["KernelConfig", "Impl", "register_impl", "impls_for", "get_impl", "source_hash", "all_impls",
+           "register_record_kind", "record_kind_hash"]
 
 
 @dataclass(frozen=True)
@@ -125,3 +126,19 @@ def get_impl(op: str, name: str) -> Impl | None:
 
 def all_impls() -> Iterable[Impl]:
     return list(_REGISTRY.values())
+
+
+_RECORD_KINDS: dict[tuple[str, str], str] = {}  # (op, name) -> source hash of records that are not kernels
+
+
+def register_record_kind(op: str, name: str, hash_: str) -> None:
+    """Declare tuning records of ``(op, name)`` that hold a non-kernel result (e.g. accuracy-tuned sparsity).
+
+    They are valid while the code they depend on hashes to ``hash_``; no tuner or dispatch runs them.
+    """
+    _RECORD_KINDS[(op, name)] = hash_
+
+
+def record_kind_hash(op: str, name: str) -> str | None:
+    """The source hash a non-kernel record kind must carry to be valid, or None if no such kind."""
+    return _RECORD_KINDS.get((op, name))

@@ -40,6 +40,7 @@ __all__ = [
     "unregister_feature",
     "feature_registered",
     "registered_features",
+    "exact_only",
 ]
 
 
@@ -110,6 +111,9 @@ class Feature:
         The implementations this feature returns call graphtune ops themselves (e.g. the
         shared-prefix decomposition's partial attentions). While one runs, this feature is not
         asked again, so the inner calls go to the features below it.
+    exact : bool
+        False for approximate features (sparse prefill): :func:`exact_only` turns them off, e.g.
+        while translation validation compares a rewritten graph with the original.
     """
 
     name: str
@@ -117,12 +121,14 @@ class Feature:
     priority: int = 0
     plan: Planner | None = None
     reenters: bool = False
+    exact: bool = True
 
 
 _features: dict[str, Feature] = {}
 _chain: tuple[Feature, ...] = ()  # by priority, highest first
 _running: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("graphtune_running_features",
                                                                           default=frozenset())
+_exact: contextvars.ContextVar[bool] = contextvars.ContextVar("graphtune_exact_only", default=False)
 
 
 def current() -> BatchContext | None:
@@ -169,6 +175,16 @@ def running(name: str) -> Iterator[None]:
         _running.reset(tok)
 
 
+@contextlib.contextmanager
+def exact_only() -> Iterator[None]:
+    """Within the block, approximate features (``Feature.exact=False``) are not asked: every op is exact."""
+    tok = _exact.set(True)
+    try:
+        yield
+    finally:
+        _exact.reset(tok)
+
+
 def _guarded(name: str, impl: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(impl)
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -180,8 +196,9 @@ def _guarded(name: str, impl: Callable[..., Any]) -> Callable[..., Any]:
 def _select(op: str, args: tuple) -> Callable[..., Any] | None:
     ctx = _current.get()
     busy = _running.get()
+    exact = _exact.get()
     for f in _chain:
-        if busy and f.name in busy:
+        if busy and f.name in busy or exact and not f.exact:
             continue
         impl = f.select(op, args, ctx)
         if impl is not None:

@@ -111,6 +111,11 @@ class SparsePrefill:
             self.stats.density[layer] = plan.density().mean(0).cpu()
             self.stats.keys = plan.n
 
+    def record_dense(self, layer: int, heads: int, keys: int) -> None:
+        with self._lock:
+            self.stats.density[layer] = torch.ones(heads)
+            self.stats.keys = keys
+
     def describe(self) -> str:
         tuned = f", {len(self.layers)} layers with their own config" if self.layers else ""
         return (f"sparse prefill (approximate, opt-in): PBS {self.config}{tuned} on prefill calls with >= "
@@ -159,7 +164,8 @@ def run_sparse(settings: SparsePrefill, layer: int, q: Tensor, k: Tensor, v: Ten
     """PBS attention of one layer's prefill call (``q [B,Hq,M,D]`` the last ``M`` of ``k, v [B,Hkv,N,D]``);
     exact dense causal attention (with a warning) if PBS fails."""
     cfg = settings.for_layer(layer)
-    if cfg.tau >= 1.0 and cfg.sink:  # a layer tuned dense
+    if layer in settings.layers and cfg.tau >= 1.0:  # a layer tuned dense: exact attention, no plan
+        settings.record_dense(layer, q.shape[1], k.shape[2])
         return _dense(q, k, v, scale)
     try:
         plan = plan_pbs(q, k, cfg, scale, v)
@@ -258,7 +264,7 @@ def install(priority: int = 8) -> None:
 
     >>> install(); uninstall()
     """
-    context.register_feature(context.Feature(PLAN_NAME, select, priority, plan=_planner))
+    context.register_feature(context.Feature(PLAN_NAME, select, priority, plan=_planner, exact=False))
 
 
 def uninstall() -> None:

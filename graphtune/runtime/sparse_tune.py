@@ -30,9 +30,8 @@ from graphtune.autotune import db as _db
 from graphtune.autotune import fingerprint
 from graphtune.autotune.db_records import Record
 from graphtune.autotune.tuner import is_valid
-from graphtune.codegen.pbs_attention.plan import ACCURACY_IMPL, PBSConfig, plan_pbs
+from graphtune.codegen.pbs_attention.plan import ACCURACY_IMPL, SELECTION_HASH, PBSConfig, plan_pbs
 from graphtune.codegen.pbs_attention.stats import kept_mass
-from graphtune.codegen.registry import get_impl
 from graphtune.codegen.tuning_key import pow2_bucket
 from graphtune.errors import OptionError
 from graphtune.runtime.sparse_accuracy import Capture, calibration_ids, capture, compare_logits, sparse_logits
@@ -167,9 +166,8 @@ def store(res: AccuracyTuning) -> Record | None:
     c = res.best
     if c is None:
         return None
-    impl = get_impl(OP, ACCURACY_IMPL)
     fp = fingerprint.current("cpu")
-    rec = Record(op=OP, impl=ACCURACY_IMPL, source_hash=impl.source_hash, device="any", device_name="any",
+    rec = Record(op=OP, impl=ACCURACY_IMPL, source_hash=SELECTION_HASH, device="any", device_name="any",
                  versions=fp.versions, shape_key=f"model_{res.model}", q_bucket=pow2_bucket(res.length),
                  kv_bucket=pow2_bucket(res.length),
                  config={"params": {"BLOCK": c.config.block, "SEGMENT": c.config.segment,

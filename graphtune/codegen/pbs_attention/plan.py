@@ -49,12 +49,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
+from graphtune.codegen.registry import register_record_kind, source_hash
 from graphtune.errors import PlanError, ShapeError
 from graphtune.ir.args import softmax_scale
 
 __all__ = ["PBSConfig", "PBSPlan", "plan_pbs", "permute_keys", "select_blocks", "check_qkv", "DEFAULT_CONFIG",
-           "ACCURACY_IMPL"]
+           "ACCURACY_IMPL", "SELECTION_HASH"]
 
 
 @dataclass(frozen=True)
@@ -282,16 +282,9 @@ def plan_pbs(q: Tensor, k: Tensor, config: PBSConfig = DEFAULT_CONFIG, scale: fl
     return plan
 
 
-# ``graphtune tune --accuracy`` stores its per-model result as a record of this pseudo-implementation:
-# never a kernel (no device type a tuner or dispatch lists), valid while the selection code that
-# the measured accuracy depends on is unchanged (its source hash).
+# ``graphtune tune --accuracy`` stores its per-model result as a record of this kind: not a kernel
+# (no tuner or dispatch runs it), valid while the selection code the measured accuracy depends on
+# is unchanged (its source hash).
 ACCURACY_IMPL = "pbs.accuracy"
-
-
-def _not_a_kernel(*args: Any, **kwargs: Any) -> Any:
-    raise PlanError(f"{ACCURACY_IMPL} is an accuracy-tuning record, not a kernel")
-
-
-register_impl(Impl(op="pbs_attention", name=ACCURACY_IMPL, device="accuracy", fn=_not_a_kernel,
-                   default=KernelConfig(), configs=lambda args: [],
-                   source_hash=source_hash(permute_keys, _block_mean, select_blocks), supports=lambda args: False))
+SELECTION_HASH = source_hash(permute_keys, _block_mean, select_blocks)
+register_record_kind("pbs_attention", ACCURACY_IMPL, SELECTION_HASH)

@@ -1,0 +1,158 @@
+"""Shared builders and independent oracles of the PBS-attention tests.
+
+Everything here is computed *without* the package's plan/reference helpers (loops over blocks,
+float64), so that a test comparing against it can catch a bug in either.
+
+Tolerances of an implementation against the fp32 reference computed from the same (rounded)
+inputs, ``(out atol, lse atol)``: fp32 -> summation order only (1e-5); fp16 -> the output is
+rounded to 10 mantissa bits and the two partials (diagonal, off-diagonal) are each rounded
+before their merge (2e-3); bf16 -> 7 bits (2e-2); the LSE is accumulated in fp32 everywhere
+(2e-4 for 16-bit inputs).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-4), torch.bfloat16: (2e-2, 2e-4)}
+
+# (block, segment) pairs the fuzzed tests draw from
+BLOCK_SEGMENTS = [(32, 64), (64, 128), (64, 256), (128, 256)]
+
+
+def make_qkv(b, hq, hkv, d, n, m=None, *, dtype=torch.float32, seed=0):
+    """Random ``q [b, hq, m, d]``, ``k, v [b, hkv, n, d]`` (``m`` defaults to ``n``)."""
+    g = torch.Generator().manual_seed(seed)
+    m = n if m is None else m
+    q = torch.randn(b, hq, m, d, generator=g)
+    k = torch.randn(b, hkv, n, d, generator=g)
+    v = torch.randn(b, hkv, n, d, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def make_structured(b, hq, hkv, d, n, m=None, *, seed=0, frac=0.03, kmag=8.0, qmag=4.0):
+    """Like ``PBSShape.make_args``: a few "heavy" keys scattered through every segment (plus key 0)
+    lean towards a direction every query leans towards; ``kmag``/``qmag`` set how strongly."""
+    g = torch.Generator().manual_seed(seed)
+    m = n if m is None else m
+    q = torch.randn(b, hq, m, d, generator=g)
+    k = torch.randn(b, hkv, n, d, generator=g)
+    v = torch.randn(b, hkv, n, d, generator=g)
+    u = torch.randn(d, generator=g)
+    u = u / u.norm()
+    heavy = torch.rand(b, hkv, n, generator=g) < frac
+    heavy[..., 0] = True
+    return q + qmag * u, k + heavy[..., None] * kmag * u, v
+
+
+def random_segment_perm(b, hkv, n, segment, g):
+    """``[b, hkv, n]`` int64: a random permutation inside every segment but the last (identity there)."""
+    perm = torch.arange(n).expand(b, hkv, n).clone()
+    for s in range((n - 1) // segment):
+        lo = s * segment
+        for i in range(b):
+            for h in range(hkv):
+                perm[i, h, lo:lo + segment] = lo + torch.randperm(segment, generator=g)
+    return perm
+
+
+def fuzz_shape(seed):
+    """A random problem ``dict(b, hq, hkv, d, n, m, block, segment)``: GQA group 1/3/4, batch 1-2,
+    ``n`` not a multiple of the block or segment (mostly), chunk offsets ``m < n``, head dims 8..64."""
+    g = torch.Generator().manual_seed(1000 + seed)
+
+    def pick(xs):
+        return xs[int(torch.randint(len(xs), (), generator=g))]
+
+    block, segment = pick(BLOCK_SEGMENTS)
+    group = pick([1, 3, 4])
+    hkv = pick([1, 2])
+    b = pick([1, 2])
+    d = pick([8, 16, 24, 40, 64])
+    n = int(torch.randint(segment + 1, min(1024, 4 * segment) + 1, (), generator=g))
+    if n % block == 0:
+        n += 1 + int(torch.randint(block - 1, (), generator=g))
+    chunks = int(torch.randint(0, (n - 1) // block + 1, (), generator=g))  # whole blocks cut off the queries
+    if bool(torch.rand((), generator=g) < 0.4):
+        chunks = 0  # a whole prefill (M == N: also checked against SDPA)
+    return dict(b=b, hq=group * hkv, hkv=hkv, d=d, n=n, m=n - chunks * block, block=block, segment=segment)
+
+
+def causal_oracle(q, k, v, scale=None, mask=None):
+    """Float64 attention of ``q [B, Hq, M, D]`` (the last ``M`` positions) over ``k, v [B, Hkv, N, D]``:
+    bottom-right causal, or by ``mask [B, Hq, M, N]`` when given. Returns ``(out, lse)`` in fp64."""
+    M, N, D = q.shape[2], k.shape[2], q.shape[3]
+    G = q.shape[1] // k.shape[1]
+    sc = 1.0 / math.sqrt(D) if scale is None else scale
+    kk, vv = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    s = q.double() @ kk.transpose(-1, -2) * sc
+    if mask is None:
+        mask = torch.arange(N)[None, :] <= (torch.arange(M) + N - M)[:, None]
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.softmax(s, -1) @ vv, lse
+
+
+def loop_mask(plan):
+    """``[B, Hq, M, N]`` bool: the keys each query sees under ``plan``, built by loops from the
+    plan's fields (``perm``, ``kv_count``, ``kv_index``) and the rules of the module docstring."""
+    b, S = plan.config.block, plan.config.segment
+    B, Hq, nqb, _ = plan.kv_index.shape
+    M, N, off = plan.m, plan.n, plan.n - plan.m
+    G = Hq // plan.perm.shape[1]
+    mask = torch.zeros(B, Hq, M, N, dtype=torch.bool)
+    for t in range(M):  # own segment, causal, original order
+        p = off + t
+        mask[:, :, t, (p // S) * S:p + 1] = True
+    for i in range(B):
+        for h in range(Hq):
+            for qb in range(nqb):
+                rows = slice(qb * b, min(M, (qb + 1) * b))
+                for j in plan.kv_index[i, h, qb, : int(plan.kv_count[i, h, qb])].tolist():
+                    keys = plan.perm[i, h // G, j * b:min(N, (j + 1) * b)]
+                    mask[i, h, rows, keys] = True
+    return mask
+
+
+def pooled_probs(q, k, plan, scale=None):
+    """``(p [B, Hq, nqb, nkb] fp64, allowed [nqb, nkb] bool)``: the selection's block probabilities,
+    recomputed by loops: ``softmax_j(mean(q block i) . mean(permuted key block j) * scale)`` over
+    the blocks ``j`` of segments strictly before query block ``i``'s (0 elsewhere)."""
+    b, S = plan.config.block, plan.config.segment
+    B, Hq, M, D = q.shape
+    N = k.shape[2]
+    G = Hq // k.shape[1]
+    off = N - M
+    nqb, nkb = -(-M // b), -(-N // b)
+    sc = 1.0 / math.sqrt(D) if scale is None else scale
+    allowed = torch.zeros(nqb, nkb, dtype=torch.bool)
+    for i in range(nqb):
+        for j in range(nkb):
+            allowed[i, j] = (j * b) // S < (off + i * b) // S
+    p = torch.zeros(B, Hq, nqb, nkb, dtype=torch.float64)
+    for x in range(B):
+        for h in range(Hq):
+            kh = k[x, h // G].double()[plan.perm[x, h // G]]
+            kbar = torch.stack([kh[j * b:(j + 1) * b].mean(0) for j in range(nkb)])
+            for i in range(nqb):
+                cols = allowed[i].nonzero().squeeze(1)
+                if cols.numel() == 0:
+                    continue
+                qbar = q[x, h, i * b:(i + 1) * b].double().mean(0)
+                p[x, h, i, cols] = torch.softmax(kbar[cols] @ qbar * sc, 0)
+    return p, allowed
+
+
+def selected(plan, x, h, i):
+    """The selected block indices of (batch ``x``, query head ``h``, query block ``i``) as a set."""
+    return set(plan.kv_index[x, h, i, : int(plan.kv_count[x, h, i])].tolist())
+
+
+def assert_close(got, want, dtype, what=""):
+    """``got``/``want``: ``(out, lse)``; out compared in fp32 at ``TOL[dtype]``; -inf LSEs must match."""
+    (go, gl), (wo, wl) = got, want
+    oa, la = TOL[dtype]
+    assert go.shape == wo.shape and gl.shape == wl.shape, what
+    torch.testing.assert_close(go.float(), wo.float(), atol=oa, rtol=0, msg=lambda m: f"{what} out: {m}")
+    torch.testing.assert_close(gl.float(), wl.float(), atol=la, rtol=0, msg=lambda m: f"{what} lse: {m}")

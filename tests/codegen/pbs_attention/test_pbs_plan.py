@@ -1,0 +1,326 @@
+"""The PBS host plan: the key permutation (a permutation inside each earlier segment, by descending
+importance, per KV head), the tau-coverage block selection (allowed range, order, coverage and
+minimality, monotone in tau, the sink), density, GQA without repeating K/V, and refused inputs.
+
+Pooled probabilities, importances and densities are recomputed here by loops
+(``pbs_cases.pooled_probs``), not with the plan's own helpers.
+"""
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from graphtune.codegen.pbs_attention.plan import PBSConfig, check_qkv, plan_pbs
+from graphtune.errors import PlanError, ShapeError
+
+from pbs_cases import fuzz_shape, make_qkv, make_structured, pooled_probs, selected
+
+# (b, hq, hkv, d, n, m, block, segment): odd n, chunks, GQA and MHA, one segment only, n < block
+SHAPES = {
+    "gqa3_odd_n": (1, 6, 2, 16, 777, 777, 64, 128),
+    "chunk_mid_segment": (2, 4, 1, 24, 700, 700 - 3 * 64, 64, 256),
+    "mha_small_blocks": (1, 2, 2, 8, 301, 301 - 4 * 32, 32, 64),
+    "single_last_query": (1, 4, 4, 16, 9 * 32 + 1, 1, 32, 64),
+    "one_segment": (2, 3, 1, 16, 100, 100, 32, 128),
+    "n_below_block": (1, 2, 1, 8, 5, 5, 32, 64),
+}
+
+
+def _plan(name, tau=0.7, permute=True, sink=True, structured=False, seed=0):
+    b, hq, hkv, d, n, m, blk, seg = SHAPES[name]
+    if structured:
+        q, k, _ = make_structured(b, hq, hkv, d, n, m, seed=seed)
+    else:
+        q, k, _ = make_qkv(b, hq, hkv, d, n, m, seed=seed)
+    return q, k, plan_pbs(q, k, PBSConfig(blk, seg, tau, permute, sink))
+
+
+# ----------------------------------------------------------------------------------------- permutation
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+@pytest.mark.parametrize("permute", [True, False])
+def test_perm_permutes_only_within_earlier_segments_and_is_identity_in_the_last(name, permute):
+    q, k, plan = _plan(name, permute=permute, structured=True)
+    B, Hkv, N = k.shape[0], k.shape[1], k.shape[2]
+    S = plan.config.segment
+    assert plan.perm.shape == (B, Hkv, N) and plan.perm.dtype == torch.int64
+    last = (N - 1) // S
+    ident = torch.arange(N).expand(B, Hkv, N)
+    if not permute or last == 0:
+        assert torch.equal(plan.perm, ident), "no permutation asked (or one segment): identity"
+        return
+    for s in range(last):
+        seg = plan.perm[..., s * S:(s + 1) * S]
+        assert torch.equal(seg.sort(-1).values, torch.arange(s * S, (s + 1) * S).expand_as(seg)), f"segment {s}"
+    assert torch.equal(plan.perm[..., last * S:], ident[..., last * S:]), "last segment must keep its order"
+    assert not torch.equal(plan.perm, ident), "heavy keys scattered through segments should move"
+
+
+@pytest.mark.parametrize("name", ["gqa3_odd_n", "chunk_mid_segment", "mha_small_blocks"])
+def test_perm_orders_each_segment_by_descending_last_block_importance(name):
+    """Independent importance: mean over the last query block's rows and the group's heads of the causal softmax."""
+    q, k, plan = _plan(name, structured=True, seed=3)
+    B, Hq, M, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G, S = Hq // Hkv, plan.config.segment
+    nb = min(plan.config.block, M)
+    for x in range(B):
+        for h in range(Hkv):
+            rows = []
+            for hq in range(h * G, (h + 1) * G):
+                for t in range(M - nb, M):
+                    pos = N - M + t
+                    s = (q[x, hq, t].double() @ k[x, h].double().T) / math.sqrt(D)
+                    s[pos + 1:] = float("-inf")
+                    rows.append(torch.softmax(s, 0))
+            imp = torch.stack(rows).mean(0)
+            for s in range((N - 1) // S):
+                got = imp[plan.perm[x, h, s * S:(s + 1) * S]]
+                assert bool((got[:-1] >= got[1:] - 1e-9).all()), f"batch {x} kv head {h} segment {s} not descending"
+
+
+def test_perm_is_per_kv_head_and_equals_planning_each_gqa_group_alone():
+    q, k, _ = make_structured(2, 12, 3, 16, 600, 600 - 2 * 64, seed=1)
+    cfg = PBSConfig(64, 128, 0.6)
+    plan = plan_pbs(q, k, cfg)
+    assert plan.perm.shape == (2, 3, 600) and plan.kv_index.shape[:3] == (2, 12, plan.q_blocks)
+    assert plan.memo["k_perm"].shape == k.shape  # permuted keys per KV head, not per query head
+    for h in range(3):
+        alone = plan_pbs(q[:, 4 * h:4 * h + 4], k[:, h:h + 1], cfg)
+        assert torch.equal(alone.perm[:, 0], plan.perm[:, h]), f"kv head {h}: permutation depends on other groups"
+        assert torch.equal(alone.kv_count, plan.kv_count[:, 4 * h:4 * h + 4])
+        for x in range(2):
+            for hq in range(4):
+                for i in range(plan.q_blocks):
+                    assert selected(alone, x, hq, i) == selected(plan, x, 4 * h + hq, i)
+    # the groups do not share one permutation (each kv head has its own keys)
+    assert not torch.equal(plan.perm[:, 0], plan.perm[:, 1])
+
+
+class _Shapes(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numels.append((str(func), tuple(t.shape)))
+        return out
+
+
+def test_plan_never_materializes_k_repeated_per_query_head():
+    # Hq=12 over Hkv=3; D=16 and block 32 so no legitimate intermediate has B*Hq*N*D elements
+    B, Hq, Hkv, D, N, M = 1, 12, 3, 16, 520, 520 - 4 * 32
+    q, k, _ = make_qkv(B, Hq, Hkv, D, N, M)
+    with _Shapes() as rec:
+        plan_pbs(q, k, PBSConfig(32, 128, 0.8))
+    big = [(f, s) for f, s in rec.numels if math.prod(s) == B * Hq * N * D]
+    assert not big, f"K repeated per query head: {big}"
+
+
+# ----------------------------------------------------------------------------------------- selection
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+@pytest.mark.parametrize("tau", [0.3, 0.9, 1.0])
+def test_kv_index_lists_allowed_blocks_ascending_unique_padded_in_range(name, tau):
+    q, k, plan = _plan(name, tau=tau)
+    b, S = plan.config.block, plan.config.segment
+    B, Hq, nqb, C = plan.kv_index.shape
+    N, off = k.shape[2], plan.q_offset
+    assert C >= 1 and plan.kv_count.dtype == torch.int32 and plan.kv_index.dtype == torch.int32
+    assert nqb == -(-q.shape[2] // b) == plan.q_blocks
+    assert int(plan.kv_count.max()) == C or int(plan.kv_count.max()) == 0
+    nkb = -(-N // b)
+    assert bool((plan.kv_index >= 0).all()) and bool((plan.kv_index < nkb).all()), "pads must stay in range"
+    for x in range(B):
+        for h in range(Hq):
+            for i in range(nqb):
+                n = int(plan.kv_count[x, h, i])
+                qseg = (off + i * b) // S
+                assert n <= qseg * (S // b), "more blocks than earlier segments hold"
+                idx = plan.kv_index[x, h, i, :n].tolist()
+                assert idx == sorted(set(idx)), f"({x},{h},{i}) not ascending/unique: {idx}"
+                assert all(j * b // S < qseg for j in idx), f"({x},{h},{i}) selects a block of its own/later segment"
+                if 0 < n < C:
+                    assert plan.kv_index[x, h, i, n:].eq(idx[-1]).all(), "pads repeat the last valid block"
+                if tau >= 1.0:
+                    assert n == qseg * (S // b), "tau=1 keeps every block of the earlier segments"
+
+
+def test_tau_one_keeps_everything_the_docstring_example():
+    q, k = torch.randn(1, 4, 512, 32), torch.randn(1, 2, 512, 32)
+    plan = plan_pbs(q, k, PBSConfig(block=64, segment=128, tau=1.0))
+    assert plan.kv_count[0, 0].tolist() == [0, 0, 2, 2, 4, 4, 6, 6]
+    assert plan.diag_blocks().tolist() == [1, 2, 1, 2, 1, 2, 1, 2]
+
+
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("permute", [True, False])
+def test_selection_is_the_smallest_top_set_reaching_tau_of_pooled_mass(permute, structured):
+    """Recomputed pooled probabilities: kept mass >= tau, kept minus its smallest < tau, nothing unkept outweighs a kept one."""
+    for name in ("gqa3_odd_n", "chunk_mid_segment", "mha_small_blocks"):
+        for tau in (0.3, 0.6, 0.9):
+            q, k, plan = _plan(name, tau=tau, permute=permute, sink=False, structured=structured, seed=2)
+            p, allowed = pooled_probs(q, k, plan)
+            B, Hq, nqb, _ = p.shape
+            checked = 0
+            for x in range(B):
+                for h in range(Hq):
+                    for i in range(nqb):
+                        keep = selected(plan, x, h, i)
+                        if not bool(allowed[i].any()):
+                            assert not keep
+                            continue
+                        pk = torch.tensor(sorted(p[x, h, i, j].item() for j in keep))
+                        mass = float(pk.sum())
+                        if abs(mass - tau) < 1e-6 or abs(mass - float(pk.min()) - tau) < 1e-6:
+                            continue  # fp32 vs fp64 ties at the threshold
+                        assert mass >= tau, f"{name} tau={tau} ({x},{h},{i}): kept mass {mass:.4f}"
+                        assert mass - float(pk.min()) < tau, f"{name} tau={tau} ({x},{h},{i}): not minimal"
+                        rest = [p[x, h, i, j].item() for j in allowed[i].nonzero().squeeze(1).tolist() if j not in keep]
+                        if rest:
+                            assert max(rest) <= float(pk.min()) + 1e-6, f"{name} ({x},{h},{i}): skipped a heavier block"
+                        checked += 1
+            assert checked > 0
+
+
+@pytest.mark.parametrize("name", ["gqa3_odd_n", "chunk_mid_segment", "single_last_query"])
+@pytest.mark.parametrize("permute", [True, False])
+def test_selection_shrinks_monotonically_as_tau_decreases(name, permute):
+    taus = [1.0, 0.95, 0.8, 0.5, 0.2, 0.05]
+    plans = [_plan(name, tau=t, permute=permute, structured=True)[2] for t in taus]
+    for hi, lo, th, tl in zip(plans, plans[1:], taus, taus[1:]):
+        assert torch.equal(hi.perm, lo.perm), "the permutation must not depend on tau"
+        assert bool((lo.kv_count <= hi.kv_count).all()), f"tau {tl} keeps more blocks than tau {th}"
+        B, Hq, nqb = hi.kv_count.shape
+        for x in range(B):
+            for h in range(Hq):
+                for i in range(nqb):
+                    assert selected(lo, x, h, i) <= selected(hi, x, h, i), f"tau {tl} not a subset of tau {th}"
+        assert bool((lo.density() <= hi.density() + 1e-7).all())
+
+
+@pytest.mark.parametrize("name", ["gqa3_odd_n", "chunk_mid_segment", "mha_small_blocks", "single_last_query"])
+@pytest.mark.parametrize("permute", [True, False])
+def test_sink_block_holding_key_zero_is_added_for_every_query_block_past_segment_zero(name, permute):
+    _, _, with_sink = _plan(name, tau=0.05, permute=permute, sink=True, seed=4)
+    _, _, without = _plan(name, tau=0.05, permute=permute, sink=False, seed=4)
+    b, S = with_sink.config.block, with_sink.config.segment
+    B, Hq, nqb = with_sink.kv_count.shape
+    G = Hq // with_sink.perm.shape[1]
+    for x in range(B):
+        for h in range(Hq):
+            sink = int((with_sink.perm[x, h // G] == 0).nonzero()) // b
+            for i in range(nqb):
+                past_zero = (with_sink.q_offset + i * b) // S > 0
+                got, base = selected(with_sink, x, h, i), selected(without, x, h, i)
+                assert (sink in got) == past_zero, f"({x},{h},{i}): sink block {sink} in {got}"
+                assert got == (base | {sink} if past_zero else base), "the sink is added, nothing else changes"
+
+
+# ----------------------------------------------------------------------------------------- density
+
+
+def _loop_density(plan):
+    b, S = plan.config.block, plan.config.segment
+    B, Hq, nqb = plan.kv_count.shape
+    out = torch.zeros(B, Hq)
+    for x in range(B):
+        for h in range(Hq):
+            done = causal = 0
+            for i in range(nqb):
+                a = plan.q_offset // b + i  # absolute key block of the query block
+                causal += a + 1
+                done += int(plan.kv_count[x, h, i]) + (a - (a * b // S) * (S // b) + 1)
+            out[x, h] = done / causal
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_density_is_one_at_tau_one_and_in_zero_one_otherwise(name):
+    _, _, dense = _plan(name, tau=1.0)
+    assert torch.equal(dense.density(), torch.ones_like(dense.density()))
+    for tau in (0.2, 0.7):
+        _, _, sparse = _plan(name, tau=tau, structured=True)
+        d = sparse.density()
+        assert d.shape == sparse.kv_count.shape[:2]
+        assert bool((d > 0).all()) and bool((d <= 1).all())
+        torch.testing.assert_close(d, _loop_density(sparse), atol=1e-6, rtol=0)
+        assert "density" in sparse.describe() and str(sparse.config) in sparse.describe()
+
+
+def test_density_drops_below_one_on_long_sparse_problems():
+    q, k, plan = _plan("gqa3_odd_n", tau=0.5, structured=True)
+    assert float(plan.density().max()) < 0.9
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(block=64, segment=96), "segment 96 is not a multiple of block 64"),
+    (dict(block=0), "block must be a positive int"),
+    (dict(block=True), "block must be a positive int"),
+    (dict(segment=-128), "segment must be a positive int"),
+    (dict(block=64.0), "block must be a positive int"),
+    (dict(tau=0.0), "tau must be a number > 0"),
+    (dict(tau=-0.5), "tau must be a number > 0"),
+    (dict(tau=float("nan")), "tau must be a number > 0"),
+    (dict(tau="0.9"), "tau must be a number > 0"),
+])
+def test_bad_config_raises_plan_error_naming_the_field(kw, match):
+    with pytest.raises(PlanError, match=match):
+        PBSConfig(**kw)
+
+
+def test_config_str_names_its_knobs():
+    assert str(PBSConfig(64, 128, 0.8)) == "b=64 S=128 tau=0.8"
+    assert str(PBSConfig(64, 128, 0.8, permute=False)) == "b=64 S=128 tau=0.8 no-perm"
+
+
+@pytest.mark.parametrize("qs, ks, vs, err, match", [
+    ((1, 4, 64, 16), (1, 2, 64), (1, 2, 64, 16), ShapeError, "wants q \\[B, Hq, M, D\\]"),
+    ((1, 4, 64, 16), (2, 2, 64, 16), (2, 2, 64, 16), ShapeError, "do not match"),
+    ((1, 4, 64, 16), (1, 2, 64, 8), (1, 2, 64, 8), ShapeError, "do not match"),
+    ((1, 4, 64, 16), (1, 2, 64, 16), (1, 2, 32, 16), ShapeError, "do not match"),
+    ((1, 4, 64, 16), (1, 3, 64, 16), (1, 3, 64, 16), ShapeError, "4 query heads are not a multiple of 3 kv heads"),
+    ((1, 4, 96, 16), (1, 2, 64, 16), (1, 2, 64, 16), ShapeError, "96 queries over 64 keys"),
+    ((1, 4, 0, 16), (1, 2, 64, 16), (1, 2, 64, 16), ShapeError, "0 queries over 64 keys"),
+    ((1, 4, 40, 16), (1, 2, 64, 16), (1, 2, 64, 16), PlanError, "start at key 24, not a multiple of block 32"),
+])
+def test_bad_shapes_are_refused_naming_the_problem(qs, ks, vs, err, match):
+    cfg = PBSConfig(32, 64, 0.9)
+    q, k, v = torch.randn(qs), torch.randn(ks), torch.randn(vs)
+    with pytest.raises(err, match=match):
+        check_qkv(q, k, v, cfg)
+    with pytest.raises(err, match=match):
+        plan_pbs(q, k, cfg, v=v)
+
+
+def test_check_qkv_returns_the_dimensions():
+    q, k, v = make_qkv(2, 6, 3, 8, 100, 100 - 64)
+    assert check_qkv(q, k, v, PBSConfig(32, 64)) == (2, 6, 3, 36, 100)
+
+
+# ----------------------------------------------------------------------------------------- fuzz
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fuzzed_plans_are_well_formed(seed):
+    s = fuzz_shape(seed)
+    q, k, _ = make_qkv(s["b"], s["hq"], s["hkv"], s["d"], s["n"], s["m"], seed=seed)
+    cfg = PBSConfig(s["block"], s["segment"], 0.6)
+    plan = plan_pbs(q, k, cfg)
+    b, S, N = s["block"], s["segment"], s["n"]
+    assert (plan.n, plan.m, plan.q_offset) == (N, s["m"], N - s["m"])
+    for seg in range((N - 1) // S):
+        blk = plan.perm[..., seg * S:(seg + 1) * S]
+        assert torch.equal(blk.sort(-1).values, torch.arange(seg * S, (seg + 1) * S).expand_as(blk))
+    qseg = (torch.arange(plan.q_blocks) * b + plan.q_offset) // S
+    assert bool((plan.kv_count <= (qseg * (S // b)).to(torch.int32)).all()), s
+    assert bool((plan.density() <= 1).all()) and bool((plan.density() > 0).all()), s

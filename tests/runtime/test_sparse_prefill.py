@@ -1,0 +1,187 @@
+"""Sparse prefill in the runtime: opt-in only, exact at tau=1 through every path, dense for decode/short/padded
+calls, per-layer density recorded, a failing kernel falls back to dense with a warning, accuracy tuning
+stored and used."""
+import warnings
+
+import pytest
+import torch
+
+import graphtune
+from graphtune import flags
+from graphtune.codegen.pbs_attention.plan import PBSConfig
+from graphtune.errors import OptionError
+from graphtune.models import build_model
+from graphtune.runtime import sparse_prefill as sp
+from graphtune.runtime.sparse_prefill import SparsePrefill, make_sparse
+
+EXACT = PBSConfig(32, 64, 1.0)
+SPARSE = PBSConfig(32, 64, 0.5)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return build_model("llama", "sdpa", max_position_embeddings=2048)
+
+
+def _prompts(n=(600, 451), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 200, (k,), generator=g).tolist() for k in n]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_engine_sparse_prefill_at_tau_1_is_token_identical_to_dense(family):
+    m = build_model(family, "sdpa", max_position_embeddings=2048) if family != "gpt2" else build_model(
+        family, "sdpa", n_positions=2048)
+    p = _prompts()
+    want = graphtune.Engine(m).generate(p, max_new_tokens=8).sequences
+    s = SparsePrefill(EXACT, min_len=256)
+    eng = graphtune.Engine(m, sparse_prefill=s)
+    assert eng.generate(p, max_new_tokens=8).sequences == want
+    assert s.stats.density and all(float(d.min()) == pytest.approx(1.0) for d in s.stats.density.values())
+
+
+def test_engine_sparse_prefill_exact_with_chunks_and_shared_prefixes(llama):
+    base = _prompts((700,))[0]
+    p = [base + [5, 6, 7], base + [9, 10], _prompts((300,), 1)[0]]
+    want = graphtune.Engine(llama).generate(p, max_new_tokens=6).sequences
+    s = SparsePrefill(EXACT, min_len=256)
+    got = graphtune.Engine(llama, max_batch_tokens=160, sparse_prefill=s).generate(p, max_new_tokens=6).sequences
+    assert got == want
+    assert s.stats.density, "no chunk ran sparse"
+
+
+def test_engine_sparse_prefill_records_density_and_explains_it(llama):
+    s = SparsePrefill(SPARSE, min_len=256)
+    eng = graphtune.Engine(llama, sparse_prefill=s)
+    eng.generate(_prompts(), max_new_tokens=4)
+    st = eng.last_sparse
+    assert sorted(st.density) == [0, 1]  # both layers
+    assert all(0.0 < float(d.mean()) < 1.0 for d in st.density.values())
+    text = str(eng.plan(_prompts(), 4))
+    assert "sparse prefill (approximate, opt-in)" in text and "layer  0:" in text
+
+
+def test_decode_and_short_prompts_stay_dense(llama, monkeypatch):
+    calls = []
+    real = sp.run_sparse
+
+    def spy(settings, layer, q, k, v, scale):
+        calls.append((q.shape[2], k.shape[2]))
+        return real(settings, layer, q, k, v, scale)
+
+    monkeypatch.setattr("graphtune.runtime.engine.step.run_sparse", spy)
+    s = SparsePrefill(SPARSE, min_len=500)
+    graphtune.Engine(llama, sparse_prefill=s).generate(_prompts((600, 100)), max_new_tokens=5)
+    assert calls and all(q == k == 600 for q, k in calls)  # the 600-token prefill only, per layer
+    assert len(calls) == llama.config.num_hidden_layers
+
+
+def test_kernel_failure_falls_back_to_dense_with_a_warning(llama, monkeypatch):
+    p = _prompts()
+    want = graphtune.Engine(llama).generate(p, max_new_tokens=4).sequences
+
+    def boom(*a, **k):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(sp, "pbs_attention", boom)
+    s = SparsePrefill(SPARSE, min_len=256)
+    with pytest.warns(RuntimeWarning, match="PBS attention failed"):
+        got = graphtune.Engine(llama, sparse_prefill=s).generate(p, max_new_tokens=4).sequences
+    assert got == want and s.stats.fallbacks > 0
+
+
+def test_optimize_forward_path_runs_pbs_on_long_unpadded_prefills_only(llama):
+    ids = torch.tensor([_prompts()[0]])
+    with torch.no_grad():
+        want = llama(ids).logits
+        s = SparsePrefill(EXACT, min_len=256)
+        got = graphtune.optimize(llama, sparse_prefill=s)(ids).logits
+        assert torch.allclose(got, want, atol=1e-4) and s.stats.density
+        s2 = SparsePrefill(SPARSE, min_len=256)
+        opt = graphtune.optimize(llama, sparse_prefill=s2)
+        opt(ids)
+        assert sorted(s2.stats.density) == [0, 1]
+        # a padded batch stays dense (no plan): its logits equal the plain model's
+        s3 = SparsePrefill(SPARSE, min_len=256)
+        mask = torch.ones(2, 600, dtype=torch.long)
+        mask[1, :100] = 0
+        x = torch.cat([ids, ids])
+        out = graphtune.optimize(llama, sparse_prefill=s3)(x, attention_mask=mask).logits
+        assert not s3.stats.density
+        assert torch.allclose(out, llama(x, attention_mask=mask).logits, atol=1e-4)
+
+
+def test_sparse_prefill_is_off_unless_asked(llama):
+    eng = graphtune.Engine(llama)
+    assert eng.sparse is None and eng.last_sparse is None
+    assert "sparse prefill" not in str(eng.plan(_prompts(), 4))
+    assert graphtune.flags.Options().sparse_prefill is None
+
+
+@pytest.mark.parametrize("bad", ["dense", 3, "PBS"])
+def test_unknown_sparse_prefill_values_are_refused_by_name(llama, bad):
+    with pytest.raises(OptionError, match="sparse_prefill"):
+        graphtune.Engine(llama, sparse_prefill=bad)
+    with pytest.raises(OptionError, match="sparse_prefill"):
+        graphtune.optimize(llama, sparse_prefill=bad)
+
+
+def test_shorthands_follow_the_flags():
+    with flags.Context(SPARSE_PREFILL_TAU=0.8, SPARSE_PREFILL_BLOCK=64, SPARSE_PREFILL_SEGMENT=512,
+                       SPARSE_PREFILL_MIN_LEN=4096):
+        s = make_sparse("pbs")
+        assert (s.config.tau, s.config.block, s.config.segment, s.min_len) == (0.8, 64, 512, 4096)
+        assert make_sparse("block").config.permute is False
+    with flags.Context(SPARSE_PREFILL_MIN_LEN=0), pytest.raises(OptionError, match="MIN_LEN"):
+        make_sparse("pbs")
+
+
+def test_accuracy_tuning_is_stored_and_used_by_pbs_shorthand(tmp_path, llama):
+    from graphtune.cli import main
+    from graphtune.runtime.sparse_tune import model_key, store, tune_accuracy, tuned_sparse
+
+    with flags.Context(DB=str(tmp_path / "acc.db")):
+        assert tuned_sparse(llama, 256) is None
+        ids = torch.randint(3, 200, (512,), generator=torch.Generator().manual_seed(3))
+        res = tune_accuracy(llama, None, ids=ids, length=512, min_top1=0.05, keep=64, config=PBSConfig(32, 64),
+                            max_runs=2)
+        assert res.best is not None and res.best.top1 >= 0.05 and "<- chosen" in res.table()
+        rec = store(res)
+        assert rec.shape_key == f"model_{model_key(llama)}"
+        got = tuned_sparse(llama, 256)
+        assert got is not None and got.source.startswith("tuned record")
+        assert {i: c.tau for i, c in got.layers.items()} == res.best.layers
+        assert make_sparse("pbs", llama).source == got.source  # the shorthand picks the tuned record
+        other = build_model("llama", "sdpa", seed=1)
+        assert make_sparse("pbs", other).source == "flags"  # another model's weights: not its record
+        # the CLI front end stores too (random-weight model: random calibration ids)
+        assert main(["tune", "--accuracy", "--model", "llama", "--length", "512", "--block", "32", "--segment", "64",
+                     "--min-top1", "0.05", "--max-runs", "1", "--quiet"]) in (0, 1)
+
+
+def test_tune_accuracy_refuses_a_bound_outside_0_1(llama):
+    from graphtune.runtime.sparse_tune import tune_accuracy
+
+    with pytest.raises(OptionError, match="min-top1"):
+        tune_accuracy(llama, None, ids=torch.arange(3, 515), min_top1=1.5)
+
+
+def test_accuracy_harness_agrees_with_dense_at_tau_1_and_passkey_prompt_holds_the_key(llama):
+    from graphtune.runtime.sparse_accuracy import capture, compare_logits, passkey_prompt, sparse_logits
+
+    ids = torch.randint(3, 200, (512,), generator=torch.Generator().manual_seed(1))
+    cap = capture(llama, ids, keep=64)
+    assert len(cap.qkv) == 2 and cap.logits.shape[0] == 64
+    top1, kl = compare_logits(cap.logits, sparse_logits(llama, ids, SparsePrefill(EXACT, 256), keep=64))
+    assert top1 == 1.0 and kl < 1e-8
+    top1, kl = compare_logits(cap.logits, sparse_logits(llama, ids, SparsePrefill(PBSConfig(32, 64, 0.2), 256), keep=64))
+    assert kl > 0.0
+
+    class Tok:  # characters as tokens
+        def __call__(self, s, add_special_tokens=False):
+            return type("E", (), {"input_ids": [ord(c) for c in s]})()
+
+    ids = passkey_prompt(Tok(), 2000, 0.5, 12345)
+    text = "".join(map(chr, ids))
+    assert len(ids) == 2000 and "pass key is 12345" in text and text.endswith("The pass key is")
+    assert 800 < text.index("12345") < 1200
