@@ -169,6 +169,70 @@ def _check_tree_impl(impl, case, choose):
         assert_matches(lse, want_l, LSE_TOL[dt], f"{impl.name}[{cfg}] lse", case)
 
 
+@dataclass(frozen=True)
+class PBSCase:
+    """A PBS prefill call: the last ``m`` of ``n`` positions' queries, the plan's knobs."""
+
+    dtype: str
+    b: int
+    hkv: int
+    group: int
+    n: int
+    m: int
+    block: int
+    segment: int
+    tau: float
+    permute: bool
+    scale: float | None
+    seed: int
+
+    def build(self):
+        from graphtune.codegen.pbs_attention.plan import PBSConfig, plan_pbs
+
+        g = torch.Generator().manual_seed(self.seed)
+        dt, d = DTYPES[self.dtype], 16
+        r = lambda *sh: torch.randn(*sh, generator=g).to(dt)  # noqa: E731
+        q, k, v = r(self.b, self.hkv * self.group, self.m, d), r(self.b, self.hkv, self.n, d), r(self.b, self.hkv, self.n, d)
+        pbs = PBSConfig(self.block, self.segment, self.tau, self.permute)
+        plan = plan_pbs(q, k, pbs, self.scale)
+        # oracle mask, walked here from the plan's block lists and permutation (original key indices)
+        off, hq = self.n - self.m, self.hkv * self.group
+        ok = torch.zeros(self.b, hq, self.m, self.n, dtype=torch.bool)
+        for bb in range(self.b):
+            for h in range(hq):
+                for t in range(self.m):
+                    pos = off + t
+                    i = t // self.block
+                    for j in plan.kv_index[bb, h, i, : int(plan.kv_count[bb, h, i])].tolist():
+                        for key in plan.perm[bb, h // self.group, j * self.block:(j + 1) * self.block].tolist():
+                            ok[bb, h, t, key] = True
+                    ok[bb, h, t, (pos // self.segment) * self.segment:pos + 1] = True
+        want = ref_attention(q, k, v, ok, False, self.scale, True)
+        return (q, k, v, pbs, self.scale), want
+
+
+@st.composite
+def pbs_cases(draw, dtypes=tuple(DTYPES)) -> PBSCase:
+    block = draw(st.sampled_from([16, 32]))
+    segment = block * draw(st.sampled_from([1, 2, 4]))
+    n = draw(st.integers(segment + 1, 5 * segment))
+    m = n - block * draw(st.integers(0, (n - 1) // block))
+    return PBSCase(draw(st.sampled_from(dtypes)), draw(st.integers(1, 2)), draw(st.integers(1, 2)),
+                   draw(st.sampled_from([1, 3])), n, m, block, segment, draw(st.sampled_from([0.3, 0.8, 1.0])),
+                   draw(st.booleans()), draw(st.sampled_from([None, 0.3])), draw(st.integers(0, 2**16)))
+
+
+def _check_pbs_impl(impl, case, choose):
+    args, (want_o, want_l) = case.build()
+    if not impl.supports(args):
+        raise _Unsupported
+    dt = args[0].dtype
+    for cfg in choose(_configs(impl, args)):
+        out, lse = impl.fn(*args, config=cfg)
+        assert_matches(out, want_o, OUT_TOL[dt], f"{impl.name}[{cfg}] out", case)
+        assert_matches(lse, want_l, LSE_TOL[dt], f"{impl.name}[{cfg}] lse", case)
+
+
 class _Unsupported(Exception):
     """The implementation declines these arguments (``supports()`` is False, or a documented refusal)."""
 
@@ -257,6 +321,7 @@ OP_CHECKS = {
     "lean_decode": (lambda impl: lean_cases(), _check_lean_impl, ()),
     "shared_prefix_suffix_merge": (lambda impl: suffix_cases(), _check_suffix_merge_impl, ()),
     "tree_attention": (lambda impl: tree_cases(), _check_tree_impl, ()),
+    "pbs_attention": (lambda impl: pbs_cases(), _check_pbs_impl, ()),
 }
 
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from graphtune.codegen.pbs_attention.plan import DEFAULT_CONFIG, PBSConfig, PBSPlan, check_qkv, plan_pbs
 from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
+from graphtune.errors import PlanError
 from graphtune.ir.args import softmax_scale
 from graphtune.ir.ops import flash_cpu
 
@@ -71,9 +72,11 @@ def diagonal_attention(q: Tensor, k: Tensor, v: Tensor, segment: int, scale: flo
 
 
 def _permuted(k: Tensor, v: Tensor, plan: PBSPlan) -> tuple[Tensor, Tensor]:
-    # k, v gathered by the plan's permutation, padded to whole blocks: [B, Hkv, nkb * b, D] (once per plan)
+    # k, v gathered by the plan's permutation, padded to whole blocks: [B, Hkv, nkb * b, D] (once per plan
+    # and k/v: the memo is keyed by the tensors, so a plan called with other keys never reads stale ones)
+    src = (k.data_ptr(), v.data_ptr(), k._version, v._version, tuple(k.shape), k.stride(), v.stride(), k.dtype)
     got = plan.memo.get("kv_perm_cpu")
-    if got is None:
+    if got is None or got[0] != src:
         b = plan.config.block
         pad = -plan.n % b
         if plan.config.permute:
@@ -82,8 +85,8 @@ def _permuted(k: Tensor, v: Tensor, plan: PBSPlan) -> tuple[Tensor, Tensor]:
         if pad or not k.is_contiguous():
             k = torch.nn.functional.pad(k, (0, 0, 0, pad)).contiguous()
             v = torch.nn.functional.pad(v, (0, 0, 0, pad)).contiguous()
-        got = plan.memo["kv_perm_cpu"] = (k, v)
-    return got
+        got = plan.memo["kv_perm_cpu"] = (src, k, v)
+    return got[1], got[2]
 
 
 def _off_diagonal(q: Tensor, k: Tensor, v: Tensor, plan: PBSPlan, scale: float, bucket: int) -> tuple[Tensor, Tensor]:
@@ -130,9 +133,14 @@ def _off_diagonal(q: Tensor, k: Tensor, v: Tensor, plan: PBSPlan, scale: float, 
 def pbs_attention_cpu(q: Tensor, k: Tensor, v: Tensor, pbs: PBSConfig = DEFAULT_CONFIG, scale: float | None = None, *,
                       plan: PBSPlan | None = None, config: KernelConfig = CPU_DEFAULT_CONFIG) -> tuple[Tensor, Tensor]:
     """PBS attention on the CPU; ``(out [B, Hq, M, D], lse [B, Hq, M] fp32)``. See the module docstring."""
-    check_qkv(q, k, v, plan.config if plan is not None else pbs)
+    B, Hq, Hkv, M, N = check_qkv(q, k, v, plan.config if plan is not None else pbs)
     if plan is None:
         plan = plan_pbs(q, k, pbs, scale, v)
+    elif ((plan.n, plan.m) != (N, M) or tuple(plan.perm.shape) != (B, Hkv, N)
+          or tuple(plan.kv_count.shape[:2]) != (B, Hq)):
+        raise PlanError(f"PBS attention: the plan is for {plan.m} queries over {plan.n} keys, perm "
+                        f"{tuple(plan.perm.shape)}, kv_count {tuple(plan.kv_count.shape)}; the call has q "
+                        f"{tuple(q.shape)}, k {tuple(k.shape)}")
     sc = softmax_scale(scale, q.shape[-1])
     od, ld = diagonal_attention(q, k, v, plan.config.segment, sc)
     if int(plan.kv_count.max()) == 0:

@@ -72,6 +72,7 @@ class PBSConfig:
     tau: float = 0.9
     permute: bool = True
     sink: bool = True
+    local: int = 0
 
     def __post_init__(self) -> None:
         for f in ("block", "segment"):
@@ -230,6 +231,9 @@ def select_blocks(q: Tensor, k_perm: Tensor, perm: Tensor, config: PBSConfig, n:
         ps, order = p.sort(-1, descending=True)
         keep_sorted = (ps.cumsum(-1) - ps) < float(config.tau)  # smallest prefix reaching tau
         sel = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted) & allowed
+    if config.local:
+        # the `local` segments right before each query block's own: always computed (local context)
+        sel = sel | (allowed & (kseg[None, :] >= qseg[:, None] - config.local))
     if config.sink:
         # the block holding original token 0 (position of 0 in its kv head's permutation)
         sink = (perm == 0).float().argmax(-1) // b  # [B, Hkv]

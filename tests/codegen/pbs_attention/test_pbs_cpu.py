@@ -21,7 +21,7 @@ from graphtune.codegen.pbs_attention.stats import head_stats
 from graphtune.codegen.registry import KernelConfig
 from graphtune.errors import PlanError, ShapeError
 
-from pbs_cases import (TOL, assert_close, causal_oracle, fuzz_shape, loop_mask, make_qkv, make_structured,
+from pbs_cases import (assert_close, causal_oracle, fuzz_shape, loop_mask, make_qkv, make_structured,
                        random_segment_perm)
 
 BUCKETS = [KernelConfig.make(BUCKET=n) for n in (1, 2, 4)]
@@ -36,7 +36,8 @@ CASES = {
 
 def _random_perm_plan(q, k, cfg, seed):
     plan = plan_pbs(q, k, cfg)
-    plan.perm = random_segment_perm(k.shape[0], k.shape[1], k.shape[2], cfg.segment, torch.Generator().manual_seed(seed))
+    B, Hkv, N, _ = k.shape
+    plan.perm = random_segment_perm(B, Hkv, N, cfg.segment, torch.Generator().manual_seed(seed))
     plan.memo.clear()
     return plan
 
@@ -216,6 +217,27 @@ def test_cpu_refuses_bad_shapes_naming_them():
         pbs_attention_cpu(torch.randn(1, 4, 200, 16), k, v)
     with pytest.raises(PlanError, match="not a multiple of block 32"):
         pbs_attention_cpu(q[:, :, :100], k, v, PBSConfig(32, 64))
+
+
+def test_cpu_refuses_a_plan_made_for_another_shape():
+    q, k, v = make_qkv(1, 4, 2, 16, 600)
+    plan = plan_pbs(q, k, PBSConfig(64, 128, 0.5))
+    with pytest.raises(PlanError, match="plan is for 600 queries over 600 keys"):
+        pbs_attention_cpu(q[:, :, 64:], k, v, plan=plan)  # a chunk: the plan's query blocks do not line up
+    with pytest.raises(PlanError, match="plan is for"):
+        pbs_attention_cpu(q[:, :2], k[:, :1], v[:, :1], plan=plan)
+
+
+def test_a_plan_called_with_other_keys_does_not_reuse_its_gathered_keys():
+    q, k, v = make_qkv(1, 2, 1, 16, 600, seed=8)
+    plan = plan_pbs(q, k, PBSConfig(64, 128, 0.5))
+    pbs_attention_cpu(q, k, v, plan=plan)
+    k2, v2 = torch.randn_like(k), torch.randn_like(v)
+    assert_close(pbs_attention_cpu(q, k2, v2, plan=plan), causal_oracle(q, k2, v2, mask=pbs_mask(plan)),
+                 torch.float32, "new tensors")
+    v2.mul_(2.0)  # edited in place
+    assert_close(pbs_attention_cpu(q, k2, v2, plan=plan), causal_oracle(q, k2, v2, mask=pbs_mask(plan)),
+                 torch.float32, "edited in place")
 
 
 # ----------------------------------------------------------------------------------------- head_stats

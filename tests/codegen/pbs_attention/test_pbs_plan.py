@@ -162,7 +162,8 @@ def test_tau_one_keeps_everything_the_docstring_example():
 @pytest.mark.parametrize("structured", [False, True])
 @pytest.mark.parametrize("permute", [True, False])
 def test_selection_is_the_smallest_top_set_reaching_tau_of_pooled_mass(permute, structured):
-    """Recomputed pooled probabilities: kept mass >= tau, kept minus its smallest < tau, nothing unkept outweighs a kept one."""
+    """Recomputed pooled probabilities: kept mass >= tau, kept minus its smallest < tau, and no unkept
+    block outweighs a kept one."""
     for name in ("gqa3_odd_n", "chunk_mid_segment", "mha_small_blocks"):
         for tau in (0.3, 0.6, 0.9):
             q, k, plan = _plan(name, tau=tau, permute=permute, sink=False, structured=structured, seed=2)
