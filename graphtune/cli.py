@@ -158,15 +158,17 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
                         "cluster without one (pip install 'graphtune[distributed]')")
     a = p.add_argument_group("sparse prefill accuracy (graphtune/runtime/sparse_tune.py)")
     a.add_argument("--accuracy", action="store_true",
-                   help="tune PBS sparse prefill (tau per layer, block, segment) for --model under --min-top1 "
-                        "next-token agreement with dense attention on real text; store the winner")
+                   help="tune PBS sparse prefill for --model: which layers run sparse (by measured sensitivity) "
+                        "under --min-top1 next-token agreement with dense attention on real text; store the winner")
     a.add_argument("--model", default="smollm2", help="--accuracy: 'smollm2' (default) or a graphtune.models family")
     a.add_argument("--length", type=int, default=4096, help="--accuracy: calibration prompt tokens")
     a.add_argument("--min-top1", type=float, default=0.99, help="--accuracy: required top-1 agreement (0..1]")
     a.add_argument("--block", type=int, default=None, help="--accuracy: PBS block (default: the flag)")
     a.add_argument("--segment", type=int, default=None, help="--accuracy: PBS segment (default: the flag)")
     a.add_argument("--no-permute", action="store_true", help="--accuracy: tune the no-permutation variant")
-    a.add_argument("--max-runs", type=int, default=6, help="--accuracy: most end-to-end prefills to try")
+    a.add_argument("--tau", type=float, default=None, help="--accuracy: tau of the sparse layers (default: the flag)")
+    a.add_argument("--max-runs", type=int, default=8,
+                   help="--accuracy: most binary-search prefills (after one prefill per layer)")
     s = p.add_argument_group("sweeps and validation of static mode (graphtune/autotune/sweep.py)")
     s.add_argument("--all-families", action="store_true",
                    help="cross-compile every op family's Triton configs for --targets (resumable; --budget Nc caps "

@@ -41,13 +41,9 @@ DEFAULT_PROMPTS = ["Write a Python function that returns the square of a number.
 
 
 def _load(name: str) -> tuple[Any, Any]:
-    from graphtune import models
+    from graphtune.models import load_named
 
-    if name == "smollm2":
-        return models.smollm2()
-    if name == "demo":
-        return models.demo_model(attn_implementation="sdpa"), None
-    return models.build_model(name, "sdpa"), None
+    return load_named(name)
 
 
 def _encode(tok: Any, prompts: list[str], chat: bool, vocab: int) -> list[list[int]]:

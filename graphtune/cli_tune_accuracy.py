@@ -15,17 +15,18 @@ __all__ = ["run_accuracy"]
 
 def run_accuracy(args: argparse.Namespace) -> int:
     """Tune sparse prefill for ``args.model``; print the candidate table; store the winner unless ``--no-store``."""
-    from graphtune.cli_generate import _load
+    from graphtune.models import load_named
     from graphtune.codegen.pbs_attention.plan import PBSConfig
     from graphtune.runtime.sparse_accuracy import calibration_ids
     from graphtune.runtime.sparse_tune import store, tune_accuracy
 
     if args.length < 512:
         raise OptionError(f"--length must be >= 512 calibration tokens, got {args.length}")
-    cfg = PBSConfig(args.block or flags.get("SPARSE_PREFILL_BLOCK"), args.segment or flags.get("SPARSE_PREFILL_SEGMENT"))
+    cfg = PBSConfig(args.block or flags.get("SPARSE_PREFILL_BLOCK"), args.segment or flags.get("SPARSE_PREFILL_SEGMENT"),
+                    args.tau if args.tau is not None else flags.get("SPARSE_PREFILL_TAU"))
     if args.no_permute:
         cfg = replace(cfg, permute=False)
-    model, tok = _load(args.model)
+    model, tok = load_named(args.model)
     if tok is None:  # random-weight models: random token ids of their vocabulary
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(3, model.config.vocab_size, (args.length,), generator=g)
@@ -36,7 +37,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
                         progress=say, ids=ids, keep=min(512, args.length // 4))
     print(res.table())
     if res.best is None:
-        print(f"no candidate reached top-1 >= {args.min_top1} within {args.max_runs} runs; nothing stored "
+        print(f"no layer can run sparse with top-1 >= {args.min_top1} (searched {len(res.candidates)} settings); nothing stored "
               f"({res.seconds:.0f} s)")
         return 1
     if args.no_store:

@@ -14,7 +14,7 @@ from graphtune.errors import OptionError
 if TYPE_CHECKING:  # imported on first use, by __getattr__ below
     from graphtune.models_smollm2 import smollm2
 
-__all__ = ["FAMILIES", "ATTN_IMPLEMENTATIONS", "build_model", "demo_model", "model_config", "smollm2"]
+__all__ = ["FAMILIES", "ATTN_IMPLEMENTATIONS", "build_model", "demo_model", "model_config", "smollm2", "load_named"]
 
 # family -> (config class name, model class name, config kwargs for a small model)
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -98,3 +98,13 @@ def __getattr__(name: str) -> Any:
 
         return smollm2
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load_named(name: str) -> tuple[Any, Any]:
+    """``(model, tokenizer or None)`` for a command-line model name: ``smollm2`` (the real model), ``demo``,
+    or a family of :data:`FAMILIES` (random weights, SDPA attention, no tokenizer)."""
+    if name == "smollm2":
+        return smollm2()
+    if name == "demo":
+        return demo_model(attn_implementation="sdpa"), None
+    return build_model(name, "sdpa"), None

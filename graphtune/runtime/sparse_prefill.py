@@ -27,6 +27,8 @@ True
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import warnings
 from dataclasses import dataclass, field, replace
@@ -36,13 +38,16 @@ import torch
 from torch import Tensor
 
 from graphtune import flags
+from graphtune.autotune import db as _db
+from graphtune.autotune.tuner import is_valid
+from graphtune.codegen.pbs_attention.plan import ACCURACY_IMPL
 from graphtune.codegen.pbs_attention.op import pbs_attention
 from graphtune.codegen.pbs_attention.plan import PBSConfig, PBSPlan, plan_pbs
 from graphtune.errors import GraphtuneError, OptionError
 from graphtune.ir.ops import flash_cpu
 from graphtune.runtime import context
 
-__all__ = ["SparsePrefill", "SparseStats", "make_sparse", "run_sparse", "select", "install", "uninstall",
+__all__ = ["SparsePrefill", "SparseStats", "make_sparse", "model_key", "tuned_sparse", "run_sparse", "select", "install", "uninstall",
            "describe", "PLAN_NAME", "SHORTHANDS"]
 
 PLAN_NAME = "sparse_prefill"
@@ -147,8 +152,6 @@ def make_sparse(spec: Any, model: Any = None) -> SparsePrefill | None:
         raise OptionError(f"GRAPHTUNE_SPARSE_PREFILL_MIN_LEN must be >= 1, got {min_len}")
     if spec == "pbs" and model is not None:
         try:
-            from graphtune.runtime.sparse_tune import tuned_sparse
-
             tuned = tuned_sparse(model, min_len)
         except Exception as e:  # noqa: BLE001 - an unreadable database must not stop generation
             warnings.warn(f"graphtune sparse prefill: reading accuracy-tuned settings failed ({type(e).__name__}: "
@@ -157,6 +160,37 @@ def make_sparse(spec: Any, model: Any = None) -> SparsePrefill | None:
         if tuned is not None:
             return tuned
     return SparsePrefill(cfg, min_len, {}, src)
+
+
+def model_key(model: Any) -> str:
+    """A short hash of the model's architecture config and a sample of its weights (which model this is)."""
+    cfg = getattr(model, "config", None)
+    d = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else {}
+    d = {k: v for k, v in d.items() if k not in ("_name_or_path", "name_or_path", "transformers_version",
+                                                   "_attn_implementation", "attn_implementation", "torch_dtype",
+                                                   "dtype", "_commit_hash")}
+    h = hashlib.sha256(type(model).__name__.encode() + json.dumps(d, sort_keys=True, default=str).encode())
+    for p in list(model.parameters())[:2]:
+        h.update(p.detach().reshape(-1)[:4096].float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tuned_sparse(model: Any, min_len: int) -> SparsePrefill | None:
+    """The accuracy-tuned settings (``graphtune tune --accuracy``, the database holds for ``model`` (newest valid record), or None."""
+    store_ = _db.get_db()
+    if store_ is None:
+        return None
+    recs = [r for r in store_.records("op = ? AND impl = ? AND shape_key = ?",
+                                      ("pbs_attention", ACCURACY_IMPL, f"model_{model_key(model)}")) if is_valid(r)]
+    if not recs:
+        return None
+    r = max(recs, key=lambda x: x.created_at)
+    p = r.config.get("params", {})
+    base = PBSConfig(int(p["BLOCK"]), int(p["SEGMENT"]), 0.9, bool(p.get("PERMUTE", 1)), bool(p.get("SINK", 1)))
+    layers = {int(i): replace(base, tau=float(t)) for i, t in r.details.get("layers", {}).items()}
+    return SparsePrefill(base, min_len, layers,
+                         f"tuned record {r.record_id[:10]}: top-1 {r.details.get('top1', float('nan')):.4f} >= "
+                         f"{r.details.get('min_top1')} on {r.details.get('length')} tokens")
 
 
 def run_sparse(settings: SparsePrefill, layer: int, q: Tensor, k: Tensor, v: Tensor,
