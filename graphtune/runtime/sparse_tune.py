@@ -10,9 +10,11 @@ model and real text (:func:`~graphtune.runtime.sparse_accuracy.calibration_ids`)
    most layers 2e-5..4e-4);
 3. layers ordered by KL per unit of attention saved; a binary search finds the longest prefix of
    that order that, sparse together (the rest dense), keeps next-token top-1 agreement with dense
-   ``>= min_top1`` over the last positions.
+   ``>= min_top1`` over the last positions;
+4. then ``tau`` of those layers is lowered (``refine_taus``: 0.8, 0.7, ...) while the bound holds.
 
-Cost: ``L + log2(L) + 1`` prefills of ``length`` tokens (about 36 for a 30-layer model).
+Cost: ``L + log2(L) + 1`` prefills of ``length`` tokens plus a few for the tau refinement (about 40
+for a 30-layer model).
 
 The winner is a record of op ``pbs_attention``, kind ``pbs.accuracy`` (a non-kernel record, valid
 while the selection code is unchanged), keyed by the model (:func:`model_key`): ``"pbs"``
@@ -73,14 +75,14 @@ class AccuracyTuning:
     seconds: float = 0.0
 
     def table(self) -> str:
-        lines = [f"{'layer alone':<26} {'density':>8} {'top-1':>7} {'KL':>9}"]
-        lines += [f"layer {x.layer:<20} {x.density:8.3f} {x.top1:7.4f} {x.kl:9.2e}" for x in self.sensitivity]
-        lines.append(f"{'candidate':<26} {'density':>8} {'top-1':>7} {'KL':>9}")
+        lines = [f"{'layer alone':<40} {'density':>8} {'top-1':>7} {'KL':>9}"]
+        lines += [f"layer {x.layer:<34} {x.density:8.3f} {x.top1:7.4f} {x.kl:9.2e}" for x in self.sensitivity]
+        lines.append(f"{'candidate':<40} {'density':>8} {'top-1':>7} {'KL':>9}")
         for c in self.candidates:
             t1 = "-" if c.top1 is None else f"{c.top1:.4f}"
             kl = "-" if c.kl is None else f"{c.kl:.2e}"
             mark = "  <- chosen" if c is self.best else ""
-            lines.append(f"{c.name:<26} {c.density:8.3f} {t1:>7} {kl:>9}{mark}")
+            lines.append(f"{c.name:<40} {c.density:8.3f} {t1:>7} {kl:>9}{mark}")
         return "\n".join(lines)
 
 
@@ -111,6 +113,7 @@ def layer_sensitivity(model: Any, ids: torch.Tensor, dense_logits: torch.Tensor,
 
 def tune_accuracy(model: Any, tokenizer: Any, *, length: int = 4096, min_top1: float = 0.99, keep: int = 512,
                   config: PBSConfig | None = None, max_runs: int = 8, min_len: int | None = None,
+                  refine_taus: Sequence[float] = (0.8, 0.7, 0.6, 0.5),
                   progress: Callable[[str], None] | None = None, ids: torch.Tensor | None = None) -> AccuracyTuning:
     """Find the sparsest per-layer PBS setting whose top-1 agreement with dense is ``>= min_top1``.
 
@@ -132,19 +135,22 @@ def tune_accuracy(model: Any, tokenizer: Any, *, length: int = 4096, min_top1: f
     order = sorted(sens, key=lambda x: x.kl / max(1e-6, 1.0 - x.density))
     L = len(sens)
 
-    def candidate(j: int) -> Candidate:
+    def candidate(j: int, tau: float) -> Candidate:
         sparse = {x.layer for x in order[:j]}
-        layers = {x.layer: (cfg.tau if x.layer in sparse else 1.0) for x in sens}
+        layers = {x.layer: (tau if x.layer in sparse else 1.0) for x in sens}
+        # a layer's density at another tau is not measured: the measured one bounds it from above
         dens = sum(x.density if x.layer in sparse else 1.0 for x in sens) / L
-        name = "all layers" if j == L else f"{j} least sensitive layers"
-        return Candidate(name, cfg, layers, dens)
+        name = ("all layers" if j == L else f"{j} least sensitive layers") + f", tau {tau:g}"
+        return Candidate(name, replace(cfg, tau=tau), layers, dens)
 
-    tried: dict[int, Candidate] = {}
+    tried: dict[tuple[int, float], Candidate] = {}
 
-    def ok(j: int) -> bool:
-        c = tried[j] = candidate(j)
-        c.top1, c.kl = compare_logits(dense_logits, sparse_logits(model, ids, c.settings(ml), keep))
-        say(f"end to end: {c.name} sparse (density {c.density:.3f}): top-1 {c.top1:.4f}, KL {c.kl:.2e}")
+    def ok(j: int, tau: float = cfg.tau) -> bool:
+        c = tried[(j, tau)] = candidate(j, tau)
+        s = c.settings(ml)
+        c.top1, c.kl = compare_logits(dense_logits, sparse_logits(model, ids, s, keep))
+        c.density = s.stats.mean() if s.stats.density else c.density
+        say(f"end to end: {c.name} (density {c.density:.3f}): top-1 {c.top1:.4f}, KL {c.kl:.2e}")
         return c.top1 >= min_top1
 
     lo, hi, runs = 0, L, 0  # lo: the most layers known to meet the bound (0: all dense)
@@ -155,8 +161,19 @@ def tune_accuracy(model: Any, tokenizer: Any, *, length: int = 4096, min_top1: f
             lo = mid
         else:
             hi = mid - 1
-    res.candidates = [tried[j] for j in sorted(tried, reverse=True)]
-    res.best = tried.get(lo) if lo > 0 else None
+    best_key = (lo, cfg.tau) if lo > 0 else None
+    if best_key is not None and best_key not in tried:  # the search ended on a bound it never ran
+        best_key = (lo, cfg.tau) if ok(lo) else None
+    # then a lower tau for the chosen layers, while the bound holds
+    for t in (x for x in refine_taus if x < cfg.tau):
+        if best_key is None or runs >= max_runs + len(refine_taus):
+            break
+        runs += 1
+        if not ok(lo, t):
+            break
+        best_key = (lo, t)
+    res.candidates = [tried[k] for k in sorted(tried, key=lambda k: (-k[0], -k[1]))]
+    res.best = tried.get(best_key) if best_key is not None else None
     res.seconds = time.perf_counter() - t0
     return res
 
