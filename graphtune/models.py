@@ -104,7 +104,9 @@ def load_named(name: str) -> tuple[Any, Any]:
     """``(model, tokenizer or None)`` for a command-line model name: ``smollm2`` (the real model), ``demo``,
     or a family of :data:`FAMILIES` (random weights, SDPA attention, no tokenizer)."""
     if name == "smollm2":
-        return smollm2()
+        from graphtune.models_smollm2 import smollm2 as load_smollm2
+
+        return load_smollm2()
     if name == "demo":
         return demo_model(attn_implementation="sdpa"), None
     return build_model(name, "sdpa"), None

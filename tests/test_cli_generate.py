@@ -52,3 +52,25 @@ def test_generate_speculative_gives_the_same_greedy_tokens_and_reports_acceptanc
     assert cli.main(["generate", "--model", "llama", "--prompts", str(prompts), "--max-new-tokens", "4",
                      "--speculative", "ngram"]) == 0
     assert "--- speculative (ngram):" in capsys.readouterr().out
+
+
+def test_command_line_model_names_load_the_real_model_lazily(monkeypatch):
+    import graphtune.models_smollm2 as sm
+    from graphtune.models import load_named
+
+    monkeypatch.setattr(sm, "smollm2", lambda: ("real model", "tokenizer"))
+    assert load_named("smollm2") == ("real model", "tokenizer")
+    model, tok = load_named("llama")
+    assert tok is None and model.config.model_type == "llama"
+
+
+def test_generate_sparse_prefill_runs_and_plans_it(capsys, tmp_path):
+    p = tmp_path / "p.txt"
+    p.write_text("x" * 40 + "\n")
+    from graphtune import flags
+
+    with flags.Context(SPARSE_PREFILL_MIN_LEN=32, SPARSE_PREFILL_BLOCK=8, SPARSE_PREFILL_SEGMENT=16):
+        assert cli.main(["generate", "--model", "llama", "--prompts", str(p), "--max-new-tokens", "3",
+                     "--sparse-prefill", "pbs", "--plan", "--no-chat"]) == 0
+    out = capsys.readouterr().out
+    assert "sparse prefill (approximate, opt-in)" in out

@@ -146,6 +146,8 @@ def test_accuracy_tuning_is_stored_and_used_by_pbs_shorthand(tmp_path, llama):
         res = tune_accuracy(llama, None, ids=ids, length=512, min_top1=0.05, keep=64, config=PBSConfig(32, 64),
                             max_runs=2)
         assert res.best is not None and res.best.top1 >= 0.05 and "<- chosen" in res.table()
+        assert [x.layer for x in res.sensitivity] == [0, 1]  # one prefill per layer, that layer alone sparse
+        assert all(0.0 < x.density <= 1.0 and x.kl >= 0.0 for x in res.sensitivity)
         rec = store(res)
         assert rec.shape_key == f"model_{model_key(llama)}"
         got = tuned_sparse(llama, 256)
@@ -185,3 +187,21 @@ def test_accuracy_harness_agrees_with_dense_at_tau_1_and_passkey_prompt_holds_th
     text = "".join(map(chr, ids))
     assert len(ids) == 2000 and "pass key is 12345" in text and text.endswith("The pass key is")
     assert 800 < text.index("12345") < 1200
+
+
+def test_accuracy_tuning_keeps_the_most_sensitive_layer_dense_under_a_strict_bound(llama):
+    from graphtune.runtime.sparse_tune import tune_accuracy
+
+    ids = torch.randint(3, 200, (512,), generator=torch.Generator().manual_seed(3))
+    loose = tune_accuracy(llama, None, ids=ids, min_top1=0.05, keep=64, config=PBSConfig(32, 64, 0.5), max_runs=3,
+                          refine_taus=())
+    assert loose.best is not None and all(t == 0.5 for t in loose.best.layers.values())  # every layer sparse
+    worst = max(loose.sensitivity, key=lambda x: x.kl / max(1e-6, 1 - x.density))
+    both = loose.candidates[0]
+    # a bound between "all sparse" and "the least sensitive layer alone": the worst layer stays dense
+    alone = [x for x in loose.sensitivity if x is not worst][0]
+    if not both.top1 < alone.top1:
+        pytest.skip("this model's layers do not separate at this size")
+    strict = tune_accuracy(llama, None, ids=ids, min_top1=alone.top1, keep=64, config=PBSConfig(32, 64, 0.5),
+                           max_runs=3, refine_taus=())
+    assert strict.best is not None and strict.best.layers[worst.layer] == 1.0
