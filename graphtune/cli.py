@@ -163,8 +163,9 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--model", default="smollm2", help="--accuracy: 'smollm2' (default) or a graphtune.models family")
     a.add_argument("--length", type=int, default=4096, help="--accuracy: calibration prompt tokens")
     a.add_argument("--min-top1", type=float, default=0.99, help="--accuracy: required top-1 agreement (0..1]")
-    a.add_argument("--block", type=int, default=None, help="--accuracy: PBS block (default: the flag)")
-    a.add_argument("--segment", type=int, default=None, help="--accuracy: PBS segment (default: the flag)")
+    a.add_argument("--block", default=None, help="--accuracy: PBS block sizes to try, e.g. 64,128 (default: the flag)")
+    a.add_argument("--segment", default=None,
+                   help="--accuracy: PBS segment sizes to try, e.g. 256,512 (default: the flag); the sparsest winner is kept")
     a.add_argument("--no-permute", action="store_true", help="--accuracy: tune the no-permutation variant")
     a.add_argument("--tau", type=float, default=None, help="--accuracy: tau of the sparse layers (default: the flag)")
     a.add_argument("--max-runs", type=int, default=8,

@@ -13,6 +13,15 @@ from graphtune.errors import OptionError
 __all__ = ["run_accuracy"]
 
 
+def _ints(name: str, text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise OptionError(f"{name} {text!r}: want integers separated by commas, e.g. 64,128") from None
+
+
 def run_accuracy(args: argparse.Namespace) -> int:
     """Tune sparse prefill for ``args.model``; print the candidate table; store the winner unless ``--no-store``."""
     from graphtune.models import load_named
@@ -22,10 +31,12 @@ def run_accuracy(args: argparse.Namespace) -> int:
 
     if args.length < 512:
         raise OptionError(f"--length must be >= 512 calibration tokens, got {args.length}")
-    cfg = PBSConfig(args.block or flags.get("SPARSE_PREFILL_BLOCK"), args.segment or flags.get("SPARSE_PREFILL_SEGMENT"),
-                    args.tau if args.tau is not None else flags.get("SPARSE_PREFILL_TAU"))
-    if args.no_permute:
-        cfg = replace(cfg, permute=False)
+    blocks = _ints("--block", args.block) or [flags.get("SPARSE_PREFILL_BLOCK")]
+    segments = _ints("--segment", args.segment) or [flags.get("SPARSE_PREFILL_SEGMENT")]
+    tau = args.tau if args.tau is not None else flags.get("SPARSE_PREFILL_TAU")
+    cfgs = [PBSConfig(b, s, tau, not args.no_permute) for b in blocks for s in segments if s % b == 0]
+    if not cfgs:
+        raise OptionError(f"--block {args.block} / --segment {args.segment}: no segment is a multiple of a block")
     model, tok = load_named(args.model)
     if tok is None:  # random-weight models: random token ids of their vocabulary
         g = torch.Generator().manual_seed(0)
@@ -33,8 +44,18 @@ def run_accuracy(args: argparse.Namespace) -> int:
     else:
         ids = calibration_ids(tok, args.length)
     say = (lambda s: None) if args.quiet else (lambda s: print(f"[tune --accuracy] {s}", file=sys.stderr))
-    res = tune_accuracy(model, tok, length=args.length, min_top1=args.min_top1, config=cfg, max_runs=args.max_runs,
-                        progress=say, ids=ids, keep=min(512, args.length // 4))
+    results = []
+    for cfg in cfgs:  # one search per (block, segment); the sparsest winner is kept
+        say(f"block {cfg.block}, segment {cfg.segment}, tau {cfg.tau:g}{'' if cfg.permute else ', no permutation'}")
+        results.append(tune_accuracy(model, tok, length=args.length, min_top1=args.min_top1, config=cfg,
+                                     max_runs=args.max_runs, progress=say, ids=ids, keep=min(512, args.length // 4)))
+    met = [r for r in results if r.best is not None]
+    res = min(met, key=lambda r: r.best.density) if met else results[0]
+    if len(results) > 1:
+        for r in results:
+            c = r.best
+            print(f"block {r.candidates[0].config.block} segment {r.candidates[0].config.segment}: "
+                  + (f"{c.name}, density {c.density:.3f}, top-1 {c.top1:.4f}" if c else "nothing met the bound"))
     print(res.table())
     if res.best is None:
         print(f"no layer can run sparse with top-1 >= {args.min_top1} (searched {len(res.candidates)} settings); nothing stored "

@@ -157,8 +157,10 @@ def test_accuracy_tuning_is_stored_and_used_by_pbs_shorthand(tmp_path, llama):
         other = build_model("llama", "sdpa", seed=1)
         assert make_sparse("pbs", other).source == "flags"  # another model's weights: not its record
         # the CLI front end stores too (random-weight model: random calibration ids)
-        assert main(["tune", "--accuracy", "--model", "llama", "--length", "512", "--block", "32", "--segment", "64",
-                     "--min-top1", "0.05", "--max-runs", "1", "--quiet"]) in (0, 1)
+        assert main(["tune", "--accuracy", "--model", "llama", "--length", "512", "--block", "32", "--segment", "64,128",
+                     "--min-top1", "0.05", "--max-runs", "1", "--quiet"]) == 0
+        assert main(["tune", "--accuracy", "--model", "llama", "--length", "512", "--block", "48", "--segment", "64",
+                     "--quiet"]) == 2  # no segment is a multiple of the block: a usage error naming both
 
 
 def test_tune_accuracy_refuses_a_bound_outside_0_1(llama):
