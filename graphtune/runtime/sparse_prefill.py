@@ -45,6 +45,7 @@ from graphtune.codegen.pbs_attention.op import pbs_attention
 from graphtune.codegen.pbs_attention.plan import PBSConfig, PBSPlan, plan_pbs
 from graphtune.errors import GraphtuneError, OptionError
 from graphtune.ir.ops import flash_cpu
+from graphtune.ir.reference import merge_lse
 from graphtune.runtime import context
 
 __all__ = ["SparsePrefill", "SparseStats", "make_sparse", "model_key", "tuned_sparse", "run_sparse", "select", "install", "uninstall",
@@ -216,12 +217,19 @@ def run_sparse(settings: SparsePrefill, layer: int, q: Tensor, k: Tensor, v: Ten
 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> tuple[Tensor, Tensor]:
+    # exact causal attention of the last M queries over N keys: the N - M earlier keys unmasked, the
+    # last M causally (ATen's is_causal is top-left aligned), merged by LSE — as the engine's dense chunks
     M, N = q.shape[2], k.shape[2]
-    if M == N and q.device.type == "cpu":
-        return flash_cpu(q, k, v, None, True, scale)
-    from graphtune.codegen.pbs_attention.reference import dense_causal_ref
+    if q.device.type != "cpu":
+        from graphtune.codegen.pbs_attention.reference import dense_causal_ref
 
-    return dense_causal_ref(q, k, v, scale)
+        return dense_causal_ref(q, k, v, scale)
+    o2, l2 = flash_cpu(q, k[:, :, N - M:], v[:, :, N - M:], None, True, scale)
+    if M == N:
+        return o2, l2
+    o1, l1 = flash_cpu(q, k[:, :, :N - M], v[:, :, :N - M], None, False, scale)
+    out, lse = merge_lse(torch.stack([o1, o2]), torch.stack([l1, l2]), 0)
+    return out.to(q.dtype), lse
 
 
 # ---------------------------------------------------------------- the selector (optimize's forward path)

@@ -207,3 +207,24 @@ def test_accuracy_tuning_keeps_the_most_sensitive_layer_dense_under_a_strict_bou
     strict = tune_accuracy(llama, None, ids=ids, min_top1=alone.top1, keep=64, config=PBSConfig(32, 64, 0.5),
                            max_runs=3, refine_taus=())
     assert strict.best is not None and strict.best.layers[worst.layer] == 1.0
+
+
+def test_layers_tuned_dense_run_exact_flash_attention_on_chunks(llama, monkeypatch):
+    # a chunk (queries at the end of longer keys) of a layer tuned dense: exact, and never the fp32 reference
+    import graphtune.codegen.pbs_attention.reference as ref
+
+    def no_reference(*a, **k):
+        raise AssertionError("the slow reference ran")
+
+    monkeypatch.setattr(ref, "dense_causal_ref", no_reference)
+    p = _prompts((700,))
+    want = graphtune.Engine(llama).generate(p, max_new_tokens=4).sequences
+    s = SparsePrefill(SPARSE, min_len=256, layers={0: PBSConfig(32, 64, 1.0)})
+    got = graphtune.Engine(llama, max_batch_tokens=192, sparse_prefill=s).generate(p, max_new_tokens=4)
+    assert float(s.stats.density[0].min()) == 1.0 and float(s.stats.density[1].mean()) < 1.0
+    q, k, v = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 320, 16), torch.randn(1, 2, 320, 16)
+    out, lse = sp._dense(q, k, v, None)
+    monkeypatch.undo()
+    w, wl = ref.dense_causal_ref(q, k, v)
+    assert torch.allclose(out, w, atol=1e-5) and torch.allclose(lse, wl, atol=1e-5)
+    assert got.sequences[0][:1] == want[0][:1]  # the sparse layer may change later tokens; the run completes
