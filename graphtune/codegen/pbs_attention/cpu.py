@@ -6,13 +6,14 @@ Two parts, each on :func:`graphtune.ir.ops.flash_cpu` (ATen's CPU flash kernel, 
   stacked along the batch axis, so the whole diagonal part of a call is one kernel call
   (``[B * segments, Hq, S, D]`` over ``[B * segments, Hkv, S, D]``; GQA by the kernel, no K/V
   copy). A first query segment cut by a chunk boundary gets its own small masked call.
-* **off-diagonal**: per group of ``QBLOCKS`` query blocks, the selected key blocks of every query
-  head are gathered (``k[perm[block]]``: a copy of the selected keys only) and attended without a
-  causal mask; rows with fewer selected blocks than the group's widest are padded with a ``-inf``
-  additive mask.
+* **off-diagonal**: every (batch, query head, query block) item attends its selected blocks of the
+  permuted K/V (whole 128-key blocks copied with one ``index_select``: the selected keys only, no
+  K/V repeated per query head), without a causal mask. Items are grouped by their number of
+  selected blocks: one flash call per group, each item its own batch entry, so no item pays for
+  another head's wider selection.
 
-The two partials merge exactly by LSE (:func:`graphtune.ir.reference.merge_lse`). Knobs:
-``QBLOCKS`` (query blocks per off-diagonal call: fewer calls vs more padding). The block and
+The two partials merge exactly by LSE. Knob: ``BUCKET`` (round block counts up to a multiple:
+fewer calls, more ``-inf``-masked padding). The block and
 segment sizes are the plan's (:class:`~.plan.PBSConfig`); they are tuned by accuracy
 (``graphtune tune --accuracy``), not by this implementation's config.
 

@@ -64,7 +64,9 @@ class PBSConfig:
     The paper's defaults: ``b=128, S=256, tau=0.9``, keys-only permutation, the sink block forced.
     ``tau >= 1`` keeps every block (exact: dense causal attention for any permutation).
     ``permute=False`` is the no-permutation block-sparse variant (same selection, identity
-    permutation), which measures what the permutation buys.
+    permutation), which measures what the permutation buys. ``local=n`` also keeps the ``n``
+    segments right before each query block's own (local context; measured on SmolLM2: +0.8 points
+    of top-1 at tau 0.9 for +1% density, so off by default).
     """
 
     block: int = 128
