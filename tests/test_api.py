@@ -211,9 +211,10 @@ def test_optimize_leaves_the_callers_model_untouched_and_shares_weights():
     assert fast2.model.layers[1].self_attn is not m.model.layers[1].self_attn
 
 
-def test_sparse_prefill_is_not_an_option_until_the_feature_exists():
-    with pytest.raises(OptionError, match="unknown graphtune option 'sparse_prefill'"):
+def test_sparse_prefill_option_refuses_values_it_does_not_know_by_name():
+    with pytest.raises(OptionError, match="sparse_prefill=True: want one of"):
         graphtune.optimize(MLP(), sparse_prefill=True)
+    assert graphtune.flags.Options().sparse_prefill is None  # off unless asked
 
 
 class TinyLM(torch.nn.Module):
