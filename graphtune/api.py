@@ -6,7 +6,7 @@ import functools
 import inspect
 import logging
 import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -244,7 +244,9 @@ def optimize(model: nn.Module, example_inputs: Any = None, **options: Any) -> nn
     if opts.sparse_prefill is not None:
         from graphtune.runtime.sparse_prefill import make_sparse
 
-        make_sparse(opts.sparse_prefill)  # an unknown shorthand fails here, naming itself
+        # resolved once, with the model (its accuracy-tuned record, if stored): the forward path's
+        # planner and the engine behind generate share these settings; an unknown value fails here
+        opts = replace(opts, sparse_prefill=make_sparse(opts.sparse_prefill, model))
     install_runtime()
     method = opts.capture
     if method == "auto":

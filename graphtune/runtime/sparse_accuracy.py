@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from graphtune.codegen.pbs_attention.plan import PBSConfig, plan_pbs
+from graphtune.codegen.pbs_attention.plan import plan_pbs
 from graphtune.codegen.pbs_attention.stats import head_stats
 from graphtune.errors import OptionError
 from graphtune.ir.ops import flash_cpu

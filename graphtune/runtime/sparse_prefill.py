@@ -47,6 +47,7 @@ from graphtune.errors import GraphtuneError, OptionError
 from graphtune.ir.ops import flash_cpu
 from graphtune.ir.reference import merge_lse
 from graphtune.runtime import context
+from graphtune.runtime.lean_decode import is_causal_mask, view_key
 
 __all__ = ["SparsePrefill", "SparseStats", "make_sparse", "model_key", "tuned_sparse", "run_sparse", "select", "install", "uninstall",
            "describe", "PLAN_NAME", "SHORTHANDS"]
@@ -243,14 +244,18 @@ class _ForwardPlan:
 
 
 def _planner(ctx: context.BatchContext) -> None:
-    opts = ctx.options
-    settings = make_sparse(getattr(opts, "sparse_prefill", None)) if opts is not None else None
-    if settings is None or ctx.past_length:
+    spec = getattr(ctx.options, "sparse_prefill", None)
+    if spec is None or ctx.past_length:  # off, or a decode step: nothing to do
         return
-    cached = ctx.state.get("sparse_settings")
-    if cached is None or cached[0] is not opts.sparse_prefill:
-        cached = ctx.state["sparse_settings"] = (opts.sparse_prefill, settings)
-    settings = cached[1]
+    if isinstance(spec, SparsePrefill):  # optimize() resolved it
+        settings = spec
+    else:  # options built elsewhere (a backend): resolve once per request
+        cached = ctx.state.get("sparse_settings")
+        if cached is None or cached[0] is not spec:
+            cached = ctx.state["sparse_settings"] = (spec, make_sparse(spec))
+        settings = cached[1]
+        if settings is None:
+            return
     ids, mask = ctx.input_ids, ctx.attention_mask
     if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] < settings.min_len:
         return
@@ -265,8 +270,6 @@ def _causal_call(plan: _ForwardPlan, q: Tensor, k: Tensor, mask: Any, is_causal:
         return False
     if mask is None:
         return bool(is_causal)
-    from graphtune.runtime.lean_decode import is_causal_mask, view_key
-
     key = view_key(mask)
     ok = plan.masks.get(key)
     if ok is None:

@@ -1,8 +1,6 @@
 """Sparse prefill in the runtime: opt-in only, exact at tau=1 through every path, dense for decode/short/padded
 calls, per-layer density recorded, a failing kernel falls back to dense with a warning, accuracy tuning
 stored and used."""
-import warnings
-
 import pytest
 import torch
 
@@ -154,6 +152,8 @@ def test_accuracy_tuning_is_stored_and_used_by_pbs_shorthand(tmp_path, llama):
         assert got is not None and got.source.startswith("tuned record")
         assert {i: c.tau for i, c in got.layers.items()} == res.best.layers
         assert make_sparse("pbs", llama).source == got.source  # the shorthand picks the tuned record
+        opt = graphtune.optimize(llama, sparse_prefill="pbs")  # resolved once: forward path and engine share it
+        assert opt.generate.sparse_prefill.source == got.source
         other = build_model("llama", "sdpa", seed=1)
         assert make_sparse("pbs", other).source == "flags"  # another model's weights: not its record
         # the CLI front end stores too (random-weight model: random calibration ids)

@@ -151,7 +151,8 @@ def pbs_attention_cpu(q: Tensor, k: Tensor, v: Tensor, pbs: PBSConfig = DEFAULT_
 
 
 def _merge2(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
-    # exact LSE merge of two partials, in place on o1 (the diagonal part always has keys: l1 finite)
+    # exact LSE merge of two partials, in place on o1 (the diagonal part always has keys: l1 finite);
+    # ir.reference.merge_lse would stack both [B, Hq, M, D] partials first: ~2.5x slower at 8K
     lse = torch.logaddexp(l1, l2)  # [B, Hq, M]
     w2 = torch.exp(l2 - lse)  # 0 where the off-diagonal part is empty (l2 = -inf)
     o = o1.float() if o1.dtype != torch.float32 else o1

@@ -284,7 +284,7 @@ def plan_pbs(q: Tensor, k: Tensor, config: PBSConfig = DEFAULT_CONFIG, scale: fl
         count, index = select_blocks(q, k_perm, perm, config, k.shape[2], scale)
     plan = PBSPlan(config, int(k.shape[2]), int(q.shape[2]), perm, count, index)
     if config.permute:
-        plan.memo["k_perm"] = k_perm
+        plan.memo["k_perm"] = k_perm  # the permuted keys the selection saw (one per KV head)
     return plan
 
 

@@ -31,7 +31,7 @@ reduction order, which the tests check token for token.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch

@@ -201,7 +201,6 @@ def run_attention(plan: StepPlan, pool: KVPool, layer: int, q: Tensor, k: Tensor
     P = plan.levels
     if P == 1:
         out = q0.new_empty((hq, T, d))
-        lse = None
     else:
         out_st = q0.new_zeros((P, hq, T, d))
         lse_st = torch.full((P, hq, T), float("-inf"), dtype=torch.float32)
