@@ -8,8 +8,14 @@ Workloads (issue "Speculative verification"):
 2. Batch 8, mixed input-grounded tasks (code edits, docstrings, comments, a bug fix, extraction,
    a summary), prompt lookup vs the engine without speculation. (An open-ended row in such a batch
    bounds it: the batch takes as many steps as its least predictable row; workload 3 is that row.)
-3. Batch 1, open-ended chat: self-speculative (``"layerskip"``) and prompt lookup vs no
-   speculation: tokens/s and acceptance.
+3. Batch 1, open-ended chat: self-speculative (``"layerskip"``), a dynamic draft tree from the
+   early exit (``DynamicTreeDrafter``, DySpec-style) and prompt lookup vs no speculation:
+   tokens/s and acceptance.
+
+Before the workloads the model's linear layers are tuned for this machine and thread count
+(``tune_linears``, what ``graphtune tune --linears`` stores; ~35 s), as a deployment would. Workload
+1 also runs the engine with ``ENGINE_TUNED_LINEAR=0`` (F.linear everywhere), so the tuned linears'
+share of the speedup and speculation's are reported apart.
 
 Every speculative run's greedy tokens must equal the non-speculative engine's (and HF's) row by row:
 the run fails otherwise. Medians over ``GRAPHTUNE_BENCH_ROUNDS`` interleaved rounds (default 3
@@ -31,10 +37,23 @@ import torch
 
 pytest.importorskip("transformers")
 
-from bench_engine import _fmt, profile_breakdown, smol  # noqa: E402,F401  (smol: the module's model fixture)
+from bench_engine import THREADS, _fmt, profile_breakdown, smol  # noqa: E402,F401  (smol: the module's model fixture)
 
 ROUNDS = int(os.environ.get("GRAPHTUNE_BENCH_ROUNDS", "3"))
 NEW = int(os.environ.get("GRAPHTUNE_BENCH_SPEC_NEW", "128"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tuned_linears(smol):
+    """Tune the model's linear layers at this thread count into the benchmark's database (once)."""
+    from graphtune.runtime.engine.linear import tune_linears
+
+    t0 = time.perf_counter()
+    res = tune_linears(smol[0])
+    won = sum(r.impl != "cpu.aten" for r in res)
+    print(f"\n[tuned linears: {len(res)} shapes at {torch.get_num_threads()} threads in "
+          f"{time.perf_counter() - t0:.0f}s; {won} won by a non-default formulation]")
+    return res
 
 
 def _chat(tok: Any, user: str) -> list[int]:
@@ -96,19 +115,28 @@ def test_batch1_input_grounded_prompt_lookup(benchmark, smol):
 
     model, tok = smol
     ids = _chat(tok, _tasks()[0])
+    from graphtune import flags
+
     plain = graphtune.Engine(model, tok)
     spec = graphtune.Engine(model, tok, speculative="ngram")
+    with flags.Context(ENGINE_TUNED_LINEAR=False):
+        untuned = graphtune.Engine(model, tok)
+        untuned_spec = graphtune.Engine(model, tok, speculative="ngram")
     x = torch.tensor([ids])
     kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id)
     fns = {
         "engine": lambda: plain.generate([ids], NEW),
         "engine_ngram": lambda: spec.generate([ids], NEW),
+        "engine_untuned_linears": lambda: untuned.generate([ids], NEW),
+        "engine_ngram_untuned_linears": lambda: untuned_spec.generate([ids], NEW),
         "hf_prompt_lookup": lambda: model.generate(x, attention_mask=torch.ones_like(x), prompt_lookup_num_tokens=10, **kw),
         "hf_generate": lambda: model.generate(x, attention_mask=torch.ones_like(x), **kw),
     }
     med, outs = _timed(fns)
     want = outs["engine"].sequences[0]
     assert outs["engine_ngram"].sequences[0] == want, "speculative greedy output differs from the engine's"
+    for k in ("engine_untuned_linears", "engine_ngram_untuned_linears"):
+        assert outs[k].sequences[0] == want, f"{k}: greedy output differs from the engine's"
     hf = outs["hf_generate"][0, len(ids):].tolist()
     n_tok = len(want)
     info = {f"{k}_s": v for k, v in med.items()}
@@ -116,6 +144,9 @@ def test_batch1_input_grounded_prompt_lookup(benchmark, smol):
                 speedup_vs_engine=med["engine"] / med["engine_ngram"],
                 speedup_vs_hf_prompt_lookup=med["hf_prompt_lookup"] / med["engine_ngram"],
                 speedup_vs_hf_generate=med["hf_generate"] / med["engine_ngram"],
+                tuned_linears_speedup_engine=med["engine_untuned_linears"] / med["engine"],
+                speculation_speedup_untuned_linears=med["engine_untuned_linears"] / med["engine_ngram_untuned_linears"],
+                threads=torch.get_num_threads(),
                 hf_identical=hf[:n_tok] == want[:len(hf)], acceptance=outs["engine_ngram"].stats.acceptance,
                 tokens=n_tok, profile_engine_ngram=profile_breakdown(fns["engine_ngram"]))
     benchmark.extra_info.update(info)
@@ -124,6 +155,9 @@ def test_batch1_input_grounded_prompt_lookup(benchmark, smol):
     print(f"  engine+ngram: {info['speedup_vs_engine']:.2f}x vs engine, {info['speedup_vs_hf_prompt_lookup']:.2f}x vs "
           f"HF prompt lookup, {info['speedup_vs_hf_generate']:.2f}x vs HF generate; identical to HF greedy: "
           f"{info['hf_identical']}")
+    print(f"  tuned linears alone: engine {info['tuned_linears_speedup_engine']:.2f}x faster than with F.linear; "
+          f"speculation with F.linear linears: {info['speculation_speedup_untuned_linears']:.2f}x "
+          f"({torch.get_num_threads()} threads)")
     print(f"  {_spec_line(outs['engine_ngram'])}")
     print(f"  engine+ngram profile: {_fmt(info['profile_engine_ngram'])}")
     print(f"  text: {outs['engine_ngram'].texts[0][:200]!r}")
@@ -164,6 +198,10 @@ def test_batch1_open_chat_self_speculative(benchmark, smol):
     ids = _chat(tok, "Write a short story about a lighthouse keeper who finds a message in a bottle.")
     engines = {"engine": graphtune.Engine(model, tok),
                "engine_layerskip": graphtune.Engine(model, tok, speculative=graphtune.LayerSkipDrafter(layers=8, tokens=3)),
+               # DySpec-style trees from a deeper early exit (its argmax agrees with the model's on
+               # ~22% of positions after 20 layers, 3% after 8): top-4 children per node, 8 nodes
+               "engine_dytree": graphtune.Engine(model, tok, speculative=graphtune.DynamicTreeDrafter(
+                   layers=20, tokens=8, top_k=4, width=4)),
                "engine_ngram": graphtune.Engine(model, tok, speculative="ngram")}
     fns = {k: (lambda e=e: e.generate([ids], NEW)) for k, e in engines.items()}
     med, outs = _timed(fns)

@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 from graphtune import errors, flags  # noqa: E402
 from graphtune.ir import ops as _ops  # noqa: E402,F401  (registers torch.ops.graphtune.*)
 
-__all__ = ["optimize", "explain", "Report", "Engine", "Drafter", "NGramDrafter", "LayerSkipDrafter", "errors",
-           "flags", "__version__"]
+__all__ = ["optimize", "explain", "Report", "Engine", "Drafter", "NGramDrafter", "LayerSkipDrafter",
+           "DynamicTreeDrafter", "errors", "flags", "__version__"]
 
 
 def __getattr__(name: str):
@@ -26,7 +26,7 @@ def __getattr__(name: str):
         from graphtune.runtime.engine import Engine
 
         return Engine
-    if name in ("Drafter", "NGramDrafter", "LayerSkipDrafter"):
+    if name in ("Drafter", "NGramDrafter", "LayerSkipDrafter", "DynamicTreeDrafter"):
         from graphtune.runtime.engine import drafters
 
         return getattr(drafters, name)

@@ -156,11 +156,20 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="measure candidates on Ray actors (--workers of them) at ADDRESS, or on a local 2-CPU "
                         "cluster without one (pip install 'graphtune[distributed]')")
+    li = p.add_argument_group("linear layers of decode and verify steps (graphtune/codegen/linear)")
+    li.add_argument("--linear-shape", action="append", default=[], metavar="M,N,K[,dtype]",
+                    help="a linear shape to tune (repeatable): x [M, K] times a weight [N, K]")
+    li.add_argument("--linears", action="store_true",
+                    help="tune every linear layer shape of --model at 1..16, 32, ..., 512 rows (what the engine's "
+                         "decode, verify and prefill steps multiply; the LM head up to 128)")
+    li.add_argument("--threads", type=int, metavar="N",
+                    help="torch threads for this run: linear records are keyed by the thread count (default: torch's)")
     a = p.add_argument_group("sparse prefill accuracy (graphtune/runtime/sparse_tune.py)")
     a.add_argument("--accuracy", action="store_true",
                    help="tune PBS sparse prefill for --model: which layers run sparse (by measured sensitivity) "
                         "under --min-top1 next-token agreement with dense attention on real text; store the winner")
-    a.add_argument("--model", default="smollm2", help="--accuracy: 'smollm2' (default) or a graphtune.models family")
+    a.add_argument("--model", default="smollm2",
+                   help="--accuracy, --linears: 'smollm2' (default), 'demo' or a graphtune.models family")
     a.add_argument("--length", type=int, default=4096, help="--accuracy: calibration prompt tokens")
     a.add_argument("--min-top1", type=float, default=0.99, help="--accuracy: required top-1 agreement (0..1]")
     a.add_argument("--block", default=None, help="--accuracy: PBS block sizes to try, e.g. 64,128 (default: the flag)")
@@ -201,6 +210,19 @@ class _Progress:
             print(file=sys.stderr)
 
 
+def _linear_shapes(args: argparse.Namespace) -> list:
+    from graphtune.codegen.linear.key import parse_linear_shape
+
+    out = [parse_linear_shape(s) for s in args.linear_shape]
+    if args.linears:
+        from graphtune.models import load_named
+        from graphtune.runtime.engine.linear import model_linear_problems
+
+        model, _ = load_named(args.model)
+        out += [s for s in model_linear_problems(model) if s not in out]
+    return out
+
+
 @subcommand("tune", "tune attention implementations/configs for shapes and store the winners", _tune_args)
 def _tune(args: argparse.Namespace) -> int:
     from graphtune.autotune import parse_budget, parse_merge_shape, parse_shape, summary_table, tune_shapes, tune_static
@@ -211,8 +233,15 @@ def _tune(args: argparse.Namespace) -> int:
         from graphtune.cli_tune_accuracy import run_accuracy
 
         return run_accuracy(args)
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise OptionError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     shapes: list = [parse_shape(s) for s in args.shape] + [parse_merge_shape(s) for s in args.merge]
     shapes += [parse_lean_shape(s) for s in args.lean]
+    shapes += _linear_shapes(args)
     if args.batch or args.seq or args.model_config:
         heads, kvh, dim = args.heads, args.kv_heads, args.head_dim
         if args.model_config:
@@ -228,8 +257,8 @@ def _tune(args: argparse.Namespace) -> int:
 
         return cli_run(args, shapes)
     if not shapes:
-        raise OptionError("nothing to tune: give --shape B,H,KVH,L,S,D, --merge N,B,H,L,D, --lean LENGTHS,H,KVH,D "
-                          "or a workload (--batch, --seq, --heads, --head-dim)")
+        raise OptionError("nothing to tune: give --shape B,H,KVH,L,S,D, --merge N,B,H,L,D, --lean LENGTHS,H,KVH,D, "
+                          "--linear-shape M,N,K, --linears or a workload (--batch, --seq, --heads, --head-dim)")
     secs, cands = parse_budget(args.budget)
     db = None if args.no_store else True
     prog = _Progress(args.quiet)

@@ -27,8 +27,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the tokenizer's chat template")
     p.add_argument("--max-kv-tokens", type=int, default=None, help="KV budget in tokens (rows beyond it wait)")
-    p.add_argument("--speculative", choices=("ngram", "layerskip"), default=None,
-                   help="speculative decoding (lossless): prompt lookup or the model's first layers as drafter")
+    p.add_argument("--speculative", choices=("ngram", "layerskip", "dytree"), default=None,
+                   help="speculative decoding (lossless): prompt lookup, the model's first layers as drafter, "
+                        "or a dynamic draft tree from them")
     p.add_argument("--sparse-prefill", choices=("pbs", "block"), default=None,
                    help="approximate block-sparse prefill of long prompts (accuracy-tuned settings if stored)")
     p.add_argument("--plan", action="store_true", help="print the engine's plan before running")

@@ -92,6 +92,14 @@ FLAGS: dict[str, Flag] = {
         Flag("ENGINE_MAX_KV_TOKENS", int, 0, "engine: KV budget in tokens (0: no bound); rows beyond it wait"),
         Flag("ENGINE_MIN_SHARED", int, 16, "engine: shortest shared prompt prefix stored once"),
         Flag("ENGINE_MAX_BATCH_TOKENS", int, 2048, "engine: most tokens per prefill forward (longer prompts are chunked)"),
+        Flag("ENGINE_TUNED_LINEAR", bool, True,
+             "engine: run the model's linear layers in decode/verify steps with the tuned CPU formulation "
+             "for their shape ('graphtune tune --linear'; untuned shapes run F.linear)"),
+        Flag("ENGINE_LINEAR_MAX_ROWS", int, 4096,
+             "engine: tokens per forward up to which linear layers are routed to their tuned formulation"),
+        Flag("LINEAR_PACKED", bool, True,
+             "linear family: allow the oneDNN packed-weight implementation (keeps a second, blocked copy of "
+             "each weight it serves)"),
         Flag("ENGINE_SPEC_TOKENS", int, 10, "engine, speculative decoding: most draft tokens per row per step"),
         Flag("ENGINE_SPEC_MIN_ACCEPT", float, 0.1,
              "engine, speculative decoding: rows whose running per-token acceptance rate is below this "
@@ -228,7 +236,8 @@ class Options:
         ``graphtune tune --accuracy``), or None (off: every attention is exact). Decode stays dense.
     speculative : str, Drafter or None
         Speculative decoding in the engine's ``generate``: ``"ngram"`` (prompt lookup),
-        ``"layerskip"`` (self-speculative early exit), a
+        ``"layerskip"`` (self-speculative early exit), ``"dytree"`` (a dynamic draft tree from
+        the early exit), a
         :class:`~graphtune.runtime.engine.drafters.Drafter`, or None (off). Lossless: greedy
         output is the target model's, sampled output has the target's distribution.
     tune : bool

@@ -17,7 +17,7 @@ Examples
 --------
 >>> from graphtune.codegen.family import families, family_of_op
 >>> [f.name for f in families()][:4]
-['attention', 'lean_decode', 'merge_states', 'pbs_attention']
+['attention', 'lean_decode', 'linear', 'merge_states']
 >>> "spec_accept" in [f.name for f in families()]
 True
 >>> family_of_op("merge_states").default_impls["cpu"]

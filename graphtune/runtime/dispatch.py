@@ -30,13 +30,19 @@ from graphtune.errors import GraphtuneError
 from graphtune.ir.args import AttentionArgs
 from graphtune.runtime.context import Feature, feature_registered, register_feature, unregister_feature
 
-__all__ = ["install", "uninstall", "installed", "clear_cache", "resolve", "cache_info", "may_serve"]
+__all__ = ["install", "uninstall", "installed", "clear_cache", "resolve", "tuned_call", "cache_token", "cache_info", "may_serve"]
 
 SELECTOR_NAME = "tuned"
 # graph op -> its family: the ops tuned dispatch serves (the families' declared graph_ops)
 _OPS: dict[str, OpFamily] = {g: f for f in families() for g in f.graph_ops}
 # the tuning-record ops behind them (a family's records are keyed by its ops[0])
 _SERVED_OPS: tuple[str, ...] = tuple(sorted({f.ops[0] for f in _OPS.values()}))
+# families served per call by their record op directly, outside the graph (the engine's linears)
+_DIRECT: dict[str, OpFamily] = {f.ops[0]: f for f in families() if f.shape and not f.graph_ops}
+
+
+def _family(op: str) -> OpFamily | None:
+    return _OPS.get(op) or _DIRECT.get(op)
 
 # keys start with the database path: answers of one database never serve another
 _cache: dict[tuple, Callable[..., Any] | None] = {}
@@ -77,12 +83,15 @@ def _fast_key(op: str, args: tuple) -> tuple:
             out.append((len(a), a[0].shape, a[0].dtype, a[0].device) if a else 0)
         else:
             out.append(a)
-    return (_OPS[op].name, *out)
+    if op in _DIRECT:  # keyed by the thread count too (LinearShape.keys_of_call)
+        out.append(torch.get_num_threads())
+    return (_family(op).name, *out)  # type: ignore[union-attr]
 
 
 def _default_path(op: str, args: tuple, failed: Impl) -> tuple:
     # the family's untuned implementation on this device, or its reference if that one failed
-    fam = _OPS[op]
+    fam = _family(op)
+    assert fam is not None
     dev = _device(op, args).type
     impl = get_impl(fam.ops[0], fam.default_impls.get(dev, ""))
     if impl is not None and impl is not failed:
@@ -97,14 +106,19 @@ def _make_call(op: str, impl: Impl, cfg: KernelConfig, key: tuple) -> Callable[.
         try:
             return fn(*args, config=cfg)
         except Exception as e:  # noqa: BLE001 - any kernel failure falls back
+            call.dropped = True  # type: ignore[attr-defined]  # callers holding it (LinearRouter) stop too
             with _lock:
                 _cache[key] = None  # stop trying it for this key
                 first = key not in _warned
                 _warned.add(key)
             if first:
-                warnings.warn(f"graphtune: tuned implementation {impl.name}[{cfg}] failed "
-                              f"({type(e).__name__}: {e}); using the default path for this shape", stacklevel=2)
+                shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+                warnings.warn(f"graphtune: tuned implementation {impl.name}[{cfg}] of {op} failed on shapes "
+                              f"{shapes} ({type(e).__name__}: {e}); using the default path for this shape",
+                              stacklevel=2)
             return _default_path(op, args, impl)
+
+    call.dropped = False  # type: ignore[attr-defined]
 
     call.impl_name = impl.name  # type: ignore[attr-defined]
     call.config = cfg  # type: ignore[attr-defined]
@@ -135,7 +149,7 @@ def resolve(op: str, args: tuple) -> tuple[Impl, KernelConfig] | None:
     >>> resolve("attention", (q, k, k, None, False, None, False)) is None  # nothing tuned yet
     True
     """
-    fam = _OPS.get(op)
+    fam = _family(op)
     if fam is None:
         return None
     store = _db.get_db()  # the DB flag's database, as the selector's cache key
@@ -181,9 +195,9 @@ def _db_path() -> str:
     return _path_memo[1]
 
 
-def _device_has_records(path: str, dev: torch.device) -> bool:
-    """Whether the database at ``path`` holds any record for ``dev``'s fingerprint (memoized)."""
-    has = _has_records.get((path, dev))
+def _device_has_records(path: str, dev: torch.device, ops: tuple[str, ...] = _SERVED_OPS) -> bool:
+    """Whether the database at ``path`` holds any record of ``ops`` for ``dev``'s fingerprint (memoized)."""
+    has = _has_records.get((path, dev, ops))
     if has is None:
         # records of other devices (e.g. the shipped static GPU records) do not count
         has = False  # nothing is tuned for meta or other device types
@@ -193,10 +207,10 @@ def _device_has_records(path: str, dev: torch.device) -> bool:
                 fp = fingerprint.current(dev)
                 # only the ops this selector serves: e.g. lean decode's tuned CPU configs are read
                 # by its own selector, and must not make HF-driven forwards take the captured graph
-                has = bool(store is not None and store.has_records(fp.device, fp.versions, _SERVED_OPS))
+                has = bool(store is not None and store.has_records(fp.device, fp.versions, ops))
             except Exception:  # noqa: BLE001 - an unreadable database is reported by resolve()
                 has = True
-        _has_records[(path, dev)] = has
+        _has_records[(path, dev, ops)] = has
     return has
 
 
@@ -209,6 +223,13 @@ def _sync_generation() -> None:
             _ranked.clear()
             _cache_gen = gen
             _has_records.clear()
+
+
+def cache_token() -> tuple:
+    """Changes whenever an answer of :func:`tuned_call` may change (a database write in this
+    process, another database, ``clear_cache``): callers keeping their own table of answers
+    (the engine's linear router, per forward) compare it to know when to drop the table."""
+    return (_db._generation, _cache_gen, _db_path(), flags.get("CACHELEVEL"), torch.get_num_threads())
 
 
 def may_serve(device: torch.device, ctx: Any = None) -> bool:
@@ -230,12 +251,31 @@ def _selector(op: str, args: tuple, ctx: Any) -> Callable[..., Any] | None:
         return None
     if ctx is not None and not ctx.enabled("tune"):  # optimize(..., tune=False)
         return None
+    return tuned_call(op, args)
+
+
+def tuned_call(op: str, args: tuple) -> Callable[..., Any] | None:
+    """The tuned implementation for one call of ``op`` (a graph op or a family's record op, e.g.
+    ``"linear"``) bound to its config, or None: nothing tuned for this shape on this device, the
+    winner is the default path, or the database is disabled. Answers are cached per shape; a tuned
+    implementation that raises is dropped for its shape with one warning and the call falls back.
+
+    Examples
+    --------
+    >>> import torch
+    >>> tuned_call("linear", (torch.randn(2, 8), torch.randn(4, 8), None)) is None  # nothing tuned
+    True
+    """
+    fam = _family(op)
+    if fam is None:
+        return None
     _sync_generation()
     if flags.get("CACHELEVEL") <= 0:  # database disabled: defaults only
         return None
     path = _db_path()
     dev = _device(op, args)
-    if not _device_has_records(path, dev):  # the common untuned case costs one check per call
+    ops = _SERVED_OPS if op in _OPS else (fam.ops[0],)
+    if not _device_has_records(path, dev, ops):  # the common untuned case costs one check per call
         return None
     key = (path, *_fast_key(op, args))
     try:

@@ -21,6 +21,7 @@ The :class:`Drafter` protocol: ``propose(request) -> list[Draft]`` with a :class
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
@@ -29,7 +30,8 @@ from torch import Tensor
 
 from graphtune.errors import OptionError
 
-__all__ = ["Draft", "DraftRequest", "Drafter", "NGramDrafter", "LayerSkipDrafter", "make_drafter", "describe_drafter"]
+__all__ = ["Draft", "DraftRequest", "Drafter", "NGramDrafter", "LayerSkipDrafter", "DynamicTreeDrafter", "make_drafter",
+           "describe_drafter"]
 
 
 @dataclass
@@ -82,6 +84,11 @@ class DraftRequest:
         its warpers so ``q`` matches the target's warping).
     generators : list of torch.Generator or None
         Per-row generators (sampling); drafters draw from them for reproducibility.
+    tree_exit : callable or None
+        ``tree_exit(trees, layers) -> list of logits``: per row a draft tree ``(tokens, parents)``
+        so far (None: skip the row) run through the target's first ``layers`` layers with tree
+        attention; row ``i`` gets ``[1 + len(tokens), V]`` logits (after its last accepted token,
+        then after each node). The K/V it writes are those verification writes for the same nodes.
     """
 
     rows: list[int]
@@ -90,6 +97,7 @@ class DraftRequest:
     early_exit: Callable[[list[int], int], Tensor] | None = None
     sampling: Any = None
     generators: list[torch.Generator] | None = None
+    tree_exit: Callable[[list, int], list] | None = None
 
 
 @runtime_checkable
@@ -250,6 +258,135 @@ class LayerSkipDrafter:
         return [Draft(t, None, torch.stack(q) if q else None) for t, q in zip(toks, probs)]
 
 
+class DynamicTreeDrafter:
+    """Dynamic draft trees (DySpec-style) from the self-speculative draft: grow each row's tree where
+    the draft is most confident, up to a token budget per step.
+
+    Parameters
+    ----------
+    layers : int or None
+        Decoder layers of the draft (the target's first ``layers`` + its final norm and LM head;
+        default a quarter of the model's).
+    tokens : int
+        Most tree nodes per row per step (the engine's goodput may verify fewer).
+    top_k : int
+        Children considered per expanded node.
+    width : int
+        Nodes added per row per expansion round (one draft forward per round).
+
+    Each round runs every row's tree so far through the draft (``DraftRequest.tree_exit``: tree
+    attention, the K/V slots verification uses), turns the newest nodes' draft distributions
+    into candidate children scored by path probability (the product of draft probabilities from
+    the root), and adds the ``width`` best candidates of the row. Greedy: children are the draft's
+    top-k tokens. Sampling: children are drawn with replacement from the warped draft distribution
+    and carry it as ``q``, so the tree op's recursive rejection stays lossless. A high-probability
+    path grows deep, an uncertain position grows wide. The paper's draft is a separate small model:
+    SmolLM2 has none here, and the draft is the target's early exit (the issue's substitute).
+
+    Examples
+    --------
+    >>> import graphtune
+    >>> from graphtune.models import build_model
+    >>> eng = graphtune.Engine(build_model("llama"), speculative=DynamicTreeDrafter(layers=1, tokens=6))
+    >>> res = eng.generate([[1, 5, 6, 7, 5, 6]], max_new_tokens=6)
+    >>> len(res.sequences[0])
+    6
+    """
+
+    name = "dytree"
+
+    def __init__(self, layers: int | None = None, tokens: int = 8, top_k: int = 4, width: int = 2) -> None:
+        if layers is not None and layers < 1:
+            raise OptionError(f"DynamicTreeDrafter: layers must be >= 1, got {layers}")
+        for what, v in (("tokens", tokens), ("top_k", top_k), ("width", width)):
+            if v < 1:
+                raise OptionError(f"DynamicTreeDrafter: {what} must be >= 1, got {v}")
+        self.layers, self.tokens, self.top_k, self.width = layers, tokens, top_k, width
+
+    def propose(self, request: DraftRequest) -> list[Draft]:
+        if request.tree_exit is None:
+            raise OptionError("DynamicTreeDrafter needs the engine's tree-exit hook (run it inside graphtune.Engine)")
+        from graphtune.runtime.engine.sampling import warp
+
+        n = len(request.rows)
+        s = request.sampling
+        sample = s is not None and s.do_sample
+        want = [min(self.tokens, b) for b in request.budgets]
+        toks: list[list[int]] = [[] for _ in range(n)]
+        pars: list[list[int]] = [[] for _ in range(n)]
+        qs: list[list[Tensor]] = [[] for _ in range(n)]
+        score: list[list[float]] = [[] for _ in range(n)]  # log path probability of each node
+        # greedy: candidate children (score, token, parent) of the nodes seen so far
+        cands: list[list[tuple[float, int, int]]] = [[] for _ in range(n)]
+        fresh: list[list[int]] = [[-1] if want[i] > 0 else [] for i in range(n)]  # nodes whose q is not read yet
+        unexpanded: list[list[int]] = [[-1] if want[i] > 0 else [] for i in range(n)]  # sampling
+        while any(fresh):
+            logits = request.tree_exit([(toks[i], pars[i]) if fresh[i] else None for i in range(n)],
+                                       self.layers or 0)
+            for i in range(n):
+                if not fresh[i]:
+                    continue
+                lg = logits[i]  # [1 + nodes, V]: after the root, then after each node
+                q = (warp(lg, s) if sample else lg).float().softmax(-1)
+                if sample:
+                    self._expand_sampled(request, i, q, toks[i], pars[i], qs[i], score[i], unexpanded[i],
+                                         fresh[i], want[i])
+                else:
+                    self._grow_greedy(q, toks[i], pars[i], score[i], cands[i], fresh[i], want[i])
+        return [Draft(t, p, torch.stack(q) if q else None) for t, p, q in zip(toks, pars, qs)]
+
+    def _grow_greedy(self, q: Tensor, toks: list[int], pars: list[int], score: list[float],
+                     cands: list[tuple[float, int, int]], fresh: list[int], want: int) -> None:
+        # children of the newly read nodes join the candidates; the best by path probability are
+        # added, whichever node they hang below (DySpec's greedy expansion)
+        for e in fresh:
+            qe = q[e + 1]
+            base = score[e] if e >= 0 else 0.0
+            for t in torch.topk(qe, min(self.top_k, qe.numel())).indices.tolist():
+                pq = float(qe[t])
+                if pq > 0:
+                    cands.append((base + math.log(pq), int(t), e))
+        fresh.clear()
+        cands.sort(key=lambda c: -c[0])
+        room = min(self.width, want - len(toks))
+        for sc, t, e in cands[:room]:
+            fresh.append(len(toks))
+            toks.append(t)
+            pars.append(e)
+            score.append(sc)
+        del cands[:room]
+        if len(toks) >= want:  # full: the new nodes' children are not needed
+            fresh.clear()
+
+    def _expand_sampled(self, request: DraftRequest, i: int, q: Tensor, toks: list[int], pars: list[int],
+                        qs: list[Tensor], score: list[float], unexpanded: list[int], fresh: list[int],
+                        want: int) -> None:
+        # Lossless tree verification needs each node's children to be independent draws from its
+        # q: so a node is expanded once, with all of its children, their number fixed before they
+        # are drawn. Which nodes to expand (the likeliest paths) may depend on anything drawn
+        # before; which drawn children to keep may not (keeping the likelier of two draws would
+        # tilt them away from q).
+        fresh.clear()
+        unexpanded.sort(key=lambda e: -(score[e] if e >= 0 else 0.0))
+        g = request.generators[request.rows[i]] if request.generators else None
+        for e in unexpanded[:self.width]:
+            room = want - len(toks)
+            if room <= 0:
+                break
+            qe = q[e + 1]
+            base = score[e] if e >= 0 else 0.0
+            for t in torch.multinomial(qe, min(self.top_k, room), replacement=True, generator=g).tolist():
+                fresh.append(len(toks))
+                toks.append(int(t))
+                pars.append(e)
+                qs.append(qe)
+                score.append(base + math.log(float(qe[t])))
+        done = set(unexpanded[:self.width])
+        unexpanded[:] = [e for e in unexpanded if e not in done] + list(fresh)
+        if len(toks) >= want:
+            fresh.clear()
+
+
 def describe_drafter(d: Drafter) -> str:
     """One line naming a drafter and its settings (``explain``)."""
     if isinstance(d, NGramDrafter):
@@ -257,6 +394,9 @@ def describe_drafter(d: Drafter) -> str:
                 + (f", {d.branches} branches" if d.branches > 1 else "") + ")")
     if isinstance(d, LayerSkipDrafter):
         return f"layerskip (early exit after {d.layers or 'a quarter of the'} layers, {d.tokens} tokens)"
+    if isinstance(d, DynamicTreeDrafter):
+        return (f"dytree (dynamic tree from the early exit after {d.layers or 'a quarter of the'} layers, "
+                f"{d.tokens} nodes, top-{d.top_k}, {d.width} per round)")
     return getattr(d, "name", type(d).__name__)
 
 
@@ -269,7 +409,9 @@ def make_drafter(spec: Any) -> Drafter | None:
             return NGramDrafter()
         if spec == "layerskip":
             return LayerSkipDrafter()
-        raise OptionError(f"speculative={spec!r}: expected 'ngram', 'layerskip' or a Drafter")
+        if spec == "dytree":
+            return DynamicTreeDrafter()
+        raise OptionError(f"speculative={spec!r}: expected 'ngram', 'layerskip', 'dytree' or a Drafter")
     if isinstance(spec, Drafter):
         return spec
-    raise OptionError(f"speculative: expected 'ngram', 'layerskip' or a Drafter, got {type(spec).__name__}")
+    raise OptionError(f"speculative: expected 'ngram', 'layerskip', 'dytree' or a Drafter, got {type(spec).__name__}")

@@ -109,6 +109,7 @@ class EnginePlan:
     decode: str  # the first decode step's schedule of the private tails
     speculation: str = ""  # the drafter, and the last call's per-row speculation counters
     sparse: str = ""  # opt-in sparse prefill: settings, and the last call's per-layer density
+    linears: str = ""  # how the linear layers of decode/verify steps were served (tuned or F.linear)
 
     def __str__(self) -> str:
         mb = 1 << 20
@@ -120,6 +121,8 @@ class EnginePlan:
         lines += [f"    {line}" for line in self.tree.splitlines()]
         lines += [f"  {line}" for line in self.speculation.splitlines()]
         lines += [f"  {line}" for line in self.sparse.splitlines()]
+        if self.linears:
+            lines.append(f"  {self.linears}")
         return "\n".join(lines)
 
 
@@ -252,7 +255,8 @@ class Engine:
             lp = make_plan(lengths, r.kv_heads, LEAN_TILE, max(1, min(torch.get_num_threads(), len(lengths) * r.kv_heads)))
             decode = f"private tails: lean decode over ragged lengths {min(lengths)}..{max(lengths)}: {lp.summary()}"
         return EnginePlan(len(ids), sum(map(len, ids)), tree.prompt_tokens(), len(tree.shared), tree.describe(),
-                          need * bpt, hf * bpt, decode, self._describe_speculation(), self._describe_sparse())
+                          need * bpt, hf * bpt, decode, self._describe_speculation(), self._describe_sparse(),
+                          r.linears.describe())
 
     @property
     def last_sparse(self) -> SparseStats | None:

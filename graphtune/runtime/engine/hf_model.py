@@ -26,6 +26,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from graphtune.runtime.engine.linear import LinearRouter
+
 __all__ = ["ATTN_NAME", "unsupported_reason", "ModelRunner"]
 
 ATTN_NAME = "graphtune_engine"
@@ -128,6 +130,7 @@ class ModelRunner:
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // self.num_heads
         self.dtype = next(model.parameters()).dtype
         self.eos_default = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.linears = LinearRouter(model)  # tuned few-row linears inside engine forwards
 
     @contextlib.contextmanager
     def attention(self, step: Any) -> Iterator[None]:
@@ -142,7 +145,8 @@ class ModelRunner:
             _switched[id(cfg)] = (n + 1, old)
             cfg._attn_implementation = ATTN_NAME
         try:
-            yield
+            with self.linears.active():
+                yield
         finally:
             with _lock:
                 n, old = _switched.pop(id(cfg))
@@ -159,7 +163,8 @@ class ModelRunner:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """fp32 logits of hidden states ``[n, hidden]``."""
-        return self.head(hidden).float()
+        with self.linears.active():
+            return self.head(hidden).float()
 
     def early_exit_hidden(self, ids: Tensor, positions: Tensor, layers: int) -> Tensor:
         """Hidden states ``[T, hidden]`` after the first ``layers`` decoder layers and the model's

@@ -4,12 +4,15 @@ One speculative step over the active rows:
 
 1. **Draft.** The drafter proposes a small tree (usually a chain) per row, within a per-row budget
    (at most ``tokens``, never more than the row can still emit). Then **goodput** decides how many
-   of those tokens to verify (SmartSpec): a verify forward over ``T`` tokens costs ``a + b T``
-   (fitted online from this call's own forwards), a row's next draft token is accepted with its
-   running acceptance rate ``alpha_i`` (so its ``k``-th token adds ``alpha_i^k`` expected tokens),
-   and draft tokens are added, best marginal gain first, while they raise expected tokens per
-   second. On a CPU, where verifying a token costs real compute, this keeps speculation to the
-   rows and depths where it pays; a row that gets no draft tokens decodes one token as usual.
+   of those tokens to verify (SmartSpec): a verify forward over ``T`` tokens costs ``seconds(T)``
+   (:class:`CostModel`: measured online from this call's own forwards, a staircase rather than a
+   line on a CPU), a row's next draft token is accepted with its running acceptance rate
+   ``alpha_i`` (so its ``k``-th token adds ``alpha_i^k`` expected tokens; one rate after a fully
+   accepted draft and one after a rejection, as acceptance comes in bursts), the tokens are
+   ordered best marginal gain first, and the prefix of that order with the most expected tokens
+   per second is verified. On a CPU, where verifying a token can cost real compute, this keeps
+   speculation to the rows and depths where it pays; a row that gets no draft tokens decodes one
+   token as usual.
 2. **Verify.** One forward of the target over every row's last accepted token followed by its
    draft tokens, written into the row's KV range right after its accepted keys. Attention: the
    shared-prefix folds as in decode, plus tree attention over the row's private keys and the draft
@@ -31,7 +34,7 @@ reduction order, which the tests check token for token.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -69,23 +72,31 @@ class SpecRowStats:
 @dataclass
 class _RowState:
     hist: list[int]  # prompt + generated tokens (what the drafter reads; appended to in place)
-    hits: float = 1.0  # decayed counts of accepted / tested draft tokens, with a Beta(1, 1) prior
-    tests: float = 2.0
+    # decayed counts of accepted / tested draft tokens with a Beta(1, 1) prior, kept apart for
+    # steps after a fully accepted draft ([1]) and after a rejection ([0]). Why two: acceptance is
+    # bursty (a prompt-lookup draft inside a copied span is accepted whole, the first one after
+    # the copy ends is not), and one rate averages the two regimes into drafts too long for the
+    # second and too short for the first
+    hits: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    tests: list[float] = field(default_factory=lambda: [2.0, 2.0])
+    streak: int = 0  # 1: the row's last verified draft was accepted whole
 
     @property
     def alpha(self) -> float:
-        """Running per-token acceptance rate of this row's drafts."""
-        return self.hits / self.tests
+        """Running per-token acceptance rate of this row's drafts in its current regime."""
+        return self.hits[self.streak] / self.tests[self.streak]
 
     def observe(self, accepted: int, proposed_depth: int) -> None:
         # tokens are tested until the first rejection: accepted successes, then one failure
-        self.hits = DECAY * self.hits + accepted
-        self.tests = DECAY * self.tests + accepted + (1 if accepted < proposed_depth else 0)
-
+        k = self.streak
+        self.hits[k] = DECAY * self.hits[k] + accepted
+        self.tests[k] = DECAY * self.tests[k] + accepted + (1 if accepted < proposed_depth else 0)
+        self.streak = int(accepted >= proposed_depth)
 
     def relax(self) -> None:
-        self.hits = RELAX * self.hits + (1 - RELAX) * 1.0
-        self.tests = RELAX * self.tests + (1 - RELAX) * 2.0
+        for k in (0, 1):
+            self.hits[k] = RELAX * self.hits[k] + (1 - RELAX) * 1.0
+            self.tests[k] = RELAX * self.tests[k] + (1 - RELAX) * 2.0
 
 
 SAMPLING_TOKEN_COST = 0.15  # b / a measured for SmolLM2 on one CPU thread (ENGINE_SPEC_TOKEN_COST)
@@ -94,8 +105,14 @@ RELAX = 0.9  # per skipped step, how much of a row's history is kept while it is
 
 
 class CostModel:
-    """Seconds of one forward over ``T`` packed tokens, ``a + b T``, fitted by least squares over
-    this call's recent forwards (decode and verify steps).
+    """Seconds of one forward over ``T`` packed tokens, from this call's recent forwards (decode and
+    verify steps).
+
+    :meth:`seconds` is the median time measured at ``T`` where there is one, else the least-squares
+    line ``a + b T`` (:meth:`coeffs`), made non-decreasing in ``T``. Why not the line alone: on a
+    CPU the cost is a staircase, not a line. With tuned linears (:mod:`graphtune.codegen.linear`)
+    a forward over 2..4 tokens costs what a 1-token decode step costs and the next token adds a
+    step, so a line would charge the free tokens and under-charge the jump.
 
     ``fixed`` (``b / a``) replaces the measurement: sampling needs it, because how many draft
     tokens a row verifies decides how many random draws it consumes, so choices made from
@@ -126,6 +143,24 @@ class CostModel:
             b = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var)
         a = max(my - b * mx, 1e-6)
         return a, b
+
+    def table(self, upto: int) -> list[float] | None:
+        """``seconds(T)`` for ``T = 0..upto`` (None before the first observation)."""
+        ab = self.coeffs()
+        if ab is None:
+            return None
+        a, b = ab
+        per: dict[int, list[float]] = {}
+        if self.fixed is None:
+            for t, sec in self.obs:
+                per.setdefault(t, []).append(sec)
+        out, top = [], 0.0
+        for t in range(upto + 1):
+            got = per.get(t)
+            est = sorted(got)[len(got) // 2] if got else a + b * t
+            top = max(top, est)
+            out.append(top)
+        return out
 
 
 class Speculator:
@@ -192,30 +227,38 @@ class Speculator:
         return keep
 
     def _goodput(self, rows: Sequence[Any], lengths: list[int], extra: float) -> list[int]:
-        # a forward over B + k tokens costs a + b (B + k) (+ ``extra`` seconds per draft token);
-        # a row's j-th draft token adds alpha^j expected tokens; add the best one while it pays
-        ab = self.cost.coeffs()
-        if ab is None:  # no forward timed yet: take everything
-            return list(lengths)
-        a, b = ab
-        c = b + extra
+        # a forward over B + k tokens costs seconds(B + k) (+ ``extra`` seconds per draft token);
+        # a row's j-th draft token adds alpha^j expected tokens. Order the tokens best gain first,
+        # then keep the prefix of that order with the most expected tokens per second: a prefix,
+        # not "add while the next one pays", because the cost is a staircase (CostModel)
         B = len(lengths)
+        cost = self.cost.table(B + sum(lengths))
+        if cost is None:  # no forward timed yet: take everything
+            return list(lengths)
         alpha = [self.rows[row.index].alpha for row in rows]
-        keep = [0] * B
-        tokens, seconds = float(B), a + b * B
+        order: list[tuple[int, float]] = []
+        taken = [0] * B
         while True:
             best, gain = -1, 0.0
             for i, n in enumerate(lengths):
-                if keep[i] < n:
-                    g = alpha[i] ** (keep[i] + 1)
+                if taken[i] < n:
+                    g = alpha[i] ** (taken[i] + 1)
                     if g > gain:
                         best, gain = i, g
-            # adding a token pays iff (tokens + gain) / (seconds + c) > tokens / seconds
-            if best < 0 or gain * seconds <= c * tokens:
-                return keep
-            keep[best] += 1
+            if best < 0:
+                break
+            taken[best] += 1
+            order.append((best, gain))
+        tokens, best_n, best_rate = float(B), 0, B / cost[B]
+        for n, (_, gain) in enumerate(order, 1):
             tokens += gain
-            seconds += c
+            rate = tokens / (cost[B + n] + extra * n)
+            if rate > best_rate * (1 + 1e-9):
+                best_n, best_rate = n, rate
+        keep = [0] * B
+        for i, _ in order[:best_n]:
+            keep[i] += 1
+        return keep
 
     def step(self, engine: Any, active: Sequence[Any], max_new: int) -> list[list[int]] | None:
         """One speculative step: the emitted tokens per active row, or None if no row got a draft
@@ -230,7 +273,7 @@ class Speculator:
         t0 = time.perf_counter()
         request = DraftRequest([row.index for row in active], [self.rows[row.index].hist for row in active],
                                budgets, self._early_exit_hook(engine, active), self.sampling,
-                               self.gens)
+                               self.gens, self._tree_exit_hook(engine, active))
         drafts = [_clip(d, b) for d, b in zip(self.drafter.propose(request), budgets)]
         spent = time.perf_counter() - t0
         levels = max(budgets)
@@ -272,6 +315,33 @@ class Speculator:
             return self.runner.logits(hidden)
 
         return early_exit
+
+    def _tree_exit_hook(self, engine: Any, active: Sequence[Any]) -> Any:
+        def tree_exit(trees: list[tuple[list[int], list[int]] | None], layers: int) -> list[Tensor | None]:
+            # the rows' current draft trees through the first ``layers`` layers, with the same
+            # tree attention and slots as verification (node j at leaf.filled + 1 + j): those
+            # layers' K/V are what verification writes again for the same nodes
+            idx = [i for i, t in enumerate(trees) if t is not None]
+            if not idx:
+                return [None] * len(trees)
+            leaves = [active[i].leaf for i in idx]
+            parents = [[-1] + [p + 1 for p in trees[i][1]] for i in idx]  # type: ignore[index]
+            tokens = [[active[i].out[-1]] + list(trees[i][0]) for i in idx]  # type: ignore[index]
+            depth = [_depths(p) for p in parents]
+            plan = verify_plan(leaves, parents)
+            ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long)
+            pos = torch.tensor([leaf.start + leaf.filled + dd for leaf, ds in zip(leaves, depth) for dd in ds],
+                               dtype=torch.long)
+            n = layers or max(1, self.runner.num_layers // 4)
+            logits = self.runner.logits(engine._forward(plan, self.pool, ids, pos, early_exit_layers=n))
+            out: list[Tensor | None] = [None] * len(trees)
+            at = 0
+            for i, ts in zip(idx, tokens):
+                out[i] = logits[at:at + len(ts)]  # [1 + nodes, V]: after the root, then after each node
+                at += len(ts)
+            return out
+
+        return tree_exit
 
     def _verify(self, engine: Any, active: Sequence[Any], drafts: list[Draft]) -> list[list[int]]:
         leaves = [row.leaf for row in active]

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from graphtune.errors import OptionError
-from graphtune.runtime.engine.drafters import (Draft, DraftRequest, Drafter, LayerSkipDrafter, NGramDrafter,
-                                               make_drafter)
+from graphtune.runtime.engine.drafters import (Draft, DraftRequest, Drafter, DynamicTreeDrafter, LayerSkipDrafter,
+                                               NGramDrafter, make_drafter)
 
 
 def _req(hist, budget=4, row=0):
@@ -62,6 +62,7 @@ def test_draft_validates_its_tree():
 def test_make_drafter_shorthands_and_errors():
     assert isinstance(make_drafter("ngram"), NGramDrafter)
     assert isinstance(make_drafter("layerskip"), LayerSkipDrafter)
+    assert isinstance(make_drafter("dytree"), DynamicTreeDrafter)
     assert make_drafter(None) is None
     custom = NGramDrafter(branches=2)
     assert make_drafter(custom) is custom and isinstance(custom, Drafter)
@@ -73,6 +74,71 @@ def test_make_drafter_shorthands_and_errors():
         NGramDrafter(max_ngram=0)
     with pytest.raises(OptionError, match="early-exit"):
         LayerSkipDrafter().propose(_req([1, 2]))
+    with pytest.raises(OptionError, match="tree-exit"):
+        DynamicTreeDrafter().propose(_req([1, 2]))
+    for bad in (dict(layers=0), dict(tokens=0), dict(top_k=0), dict(width=0)):
+        with pytest.raises(OptionError, match=next(iter(bad))):
+            DynamicTreeDrafter(**bad)
+
+
+# a draft "model" over 6 tokens: after token t the likeliest next tokens are t+1 (p=0.6), t+2
+# (0.3), then the rest; so the likeliest path from root token 0 is 1, 2, 3, ... and the tree
+# should grow deep along it and put second choices where their path probability is high
+_NEXT = torch.tensor([[0.6 if (j - i) % 6 == 1 else 0.3 if (j - i) % 6 == 2 else 0.1 / 4 for j in range(6)]
+                      for i in range(6)])
+
+
+def _hook(calls):
+    def tree_exit(trees, layers):
+        calls.append([None if t is None else (list(t[0]), list(t[1])) for t in trees])
+        out = []
+        for t in trees:
+            if t is None:
+                out.append(None)
+                continue
+            seq = [0] + t[0]  # the root (last accepted token 0), then the nodes
+            out.append(torch.stack([_NEXT[x].log() for x in seq]))
+        return out
+    return tree_exit
+
+
+def test_dynamic_tree_grows_the_likeliest_paths_up_to_the_budget():
+    calls = []
+    req = DraftRequest(rows=[0, 1], histories=[[0], [0]], budgets=[6, 0], tree_exit=_hook(calls))
+    d = DynamicTreeDrafter(layers=1, tokens=6, top_k=2, width=2).propose(req)
+    a, b = d
+    assert len(b) == 0 and all(c[1] is None for c in calls)  # a row without budget is never run
+    assert len(a) == 6 and len(calls) == 3  # width 2 per round: 3 draft forwards
+    # round 1: root's children 1 (0.6) and 2 (0.3); round 2: 1->2 (0.36), then one of the tied
+    # 1->3 and 2->3 (0.18 each, the tie broken by rounding), ahead of 2->4 (0.09)
+    assert a.tokens[:4] == [1, 2, 2, 3] and a.parents[:3] == [-1, -1, 0] and a.parents[3] in (0, 1)
+    # round 3: 1->2->3 (0.216) first, then the other 0.18 node, ahead of 0.108 and below
+    assert a.tokens[4] == 3 and a.parents[4] == 2
+    assert a.tokens[5] == 3 and {a.parents[3], a.parents[5]} == {0, 1}
+    paths = []
+    for j in range(len(a)):
+        p, k = 1.0, j
+        while k >= 0:
+            prev = 0 if a.parents[k] < 0 else a.tokens[a.parents[k]]
+            p *= float(_NEXT[prev, a.tokens[k]])
+            k = a.parents[k]
+        paths.append(p)
+    # every node kept is at least as likely as any node left out of the candidates it beat
+    assert min(paths) >= 0.18 - 1e-6
+    assert a.probs is None  # greedy: deterministic children
+
+
+def test_dynamic_tree_sampling_draws_children_with_their_distribution():
+    from graphtune.runtime.engine.sampling import Sampling
+
+    gens = [torch.Generator().manual_seed(5)]
+    req = DraftRequest(rows=[0], histories=[[0]], budgets=[4], tree_exit=_hook([]),
+                       sampling=Sampling(do_sample=True), generators=gens)
+    d = DynamicTreeDrafter(layers=1, tokens=4, top_k=3, width=2).propose(req)[0]
+    assert len(d) == 4 and d.probs is not None and d.probs.shape == (4, 6)
+    for j in range(4):  # q of each node is the distribution after its parent
+        prev = 0 if d.parents[j] < 0 else d.tokens[d.parents[j]]
+        torch.testing.assert_close(d.probs[j], _NEXT[prev])
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "qwen2"])

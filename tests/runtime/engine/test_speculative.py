@@ -18,7 +18,8 @@ import graphtune  # noqa: E402
 from graphtune import flags  # noqa: E402
 from graphtune.errors import OptionError  # noqa: E402
 from graphtune.models import build_model  # noqa: E402
-from graphtune.runtime.engine.drafters import Draft, DraftRequest, LayerSkipDrafter, NGramDrafter  # noqa: E402
+from graphtune.runtime.engine.drafters import (Draft, DraftRequest, DynamicTreeDrafter, LayerSkipDrafter,  # noqa: E402
+                                               NGramDrafter)
 from graphtune.runtime.engine.hf_model import unsupported_reason  # noqa: E402
 
 PAD = 0
@@ -127,7 +128,8 @@ def test_prompt_lookup_and_layerskip_equal_hf_greedy_on_the_zoo(family):
     ref = graphtune.Engine(model, min_shared=8).generate(prompts, new)
     for r, p in enumerate(prompts):
         assert ref.sequences[r] == _hf_row(model, p, new), f"row {r}"
-    for spec in ("ngram", NGramDrafter(max_ngram=2, branches=3), LayerSkipDrafter(layers=1, tokens=3)):
+    for spec in ("ngram", NGramDrafter(max_ngram=2, branches=3), LayerSkipDrafter(layers=1, tokens=3),
+                 DynamicTreeDrafter(layers=1, tokens=6, top_k=3, width=2)):
         res = graphtune.Engine(model, min_shared=8, speculative=spec).generate(prompts, new)
         assert res.sequences == ref.sequences, f"{family} {spec}"
         assert len(res.speculation) == len(prompts)
@@ -145,6 +147,23 @@ def test_rows_finishing_at_eos_at_different_times_match():
     assert res.sequences == ref.sequences
     for r, p in enumerate(prompts):
         assert res.sequences[r] == _hf_row(model, p, 14, eos_token_id=eos), f"row {r}"
+
+
+def test_dynamic_tree_drafts_match_at_batch_16_with_eos_and_early_exit_kv_rewritten():
+    """The dynamic tree's draft forwards write the first layers' K/V of tree nodes into the slots
+    verification rewrites: the output must still be the plain engine's, rows finishing at eos."""
+    model = _model()
+    prompts = _prompts(16, seed=12)
+    free = graphtune.Engine(model, min_shared=8).generate(prompts, 12, eos_token_id=[])
+    eos = next(seq[k] for seq in free.sequences for k in range(3, len(seq)) if seq[k] not in seq[:k])
+    ref = graphtune.Engine(model, min_shared=8).generate(prompts, 12, eos_token_id=eos)
+    with flags.Context(ENGINE_SPEC_MIN_ACCEPT=0.0):  # keep drafting even when the random draft is poor
+        res = graphtune.Engine(model, min_shared=8, speculative=DynamicTreeDrafter(layers=2, tokens=8, top_k=4),
+                               spec_tokens=8).generate(prompts, 12, eos_token_id=eos)
+    assert res.sequences == ref.sequences
+    assert res.stats.proposed_tokens > 0 and res.stats.verify_steps > 0
+    for r in (0, 7, 15):
+        assert res.sequences[r] == _hf_row(model, prompts[r], 12, eos_token_id=eos), f"row {r}"
 
 
 def test_speculation_under_a_kv_budget_with_waiting_rows_matches():
@@ -271,6 +290,31 @@ def test_sampled_tokens_with_speculation_follow_the_models_distribution():
     assert tv < 0.1, f"total variation {tv:.3f}"
 
 
+def test_sampled_tokens_with_a_dynamic_tree_follow_the_models_distribution():
+    """As above with the dynamic tree: children sampled with replacement from the early-exit
+    draft (several per position), verified by recursive rejection over the tree."""
+    model = _tiny()
+    prompt = [1, 2, 3, 4, 5, 6, 2, 3]
+    V, T = 8, 0.8
+    with torch.no_grad():
+        p1 = model(torch.tensor([prompt])).logits[0, -1].float().div(T).softmax(-1)
+        p2 = model(torch.tensor([prompt + [a] for a in range(V)])).logits[:, -1].float().div(T).softmax(-1)
+        two = torch.tensor([prompt + [a, b] for a in range(V) for b in range(V)])
+        p3 = model(two).logits[:, -1].float().div(T).softmax(-1).view(V, V, V)
+    joint = (p1[:, None, None] * p2[:, :, None] * p3).sum(0)  # [x2, x3]
+    n = 3000
+    with flags.Context(ENGINE_SPEC_MIN_ACCEPT=0.0, ENGINE_SPEC_TOKEN_COST=0.0):  # verify every node
+        res = graphtune.Engine(model, speculative=DynamicTreeDrafter(layers=1, tokens=4, top_k=2, width=2),
+                               spec_tokens=4, min_shared=4).generate(
+            [prompt], 4, num_return_sequences=n, do_sample=True, temperature=T, seed=21, eos_token_id=[])
+    assert res.stats.accepted_tokens > n // 4
+    counts = torch.zeros(V, V)
+    for s in res.sequences:
+        counts[s[1], s[2]] += 1
+    tv = 0.5 * (counts / n - joint).abs().sum().item()
+    assert tv < 0.1, f"total variation {tv:.3f}"  # sampling noise alone: E[TV] ~ 0.07 at n = 3000
+
+
 def test_hf_prompt_lookup_argument_runs_the_engines_ngram_drafter():
     model = _model()
     prompt = _prompts(1, seed=10)[0]
@@ -297,9 +341,9 @@ def test_goodput_verifies_only_draft_tokens_that_raise_expected_tokens_per_secon
         sp = Speculator(NGramDrafter(), 8, None, None, Sampling(), None)
     for i in range(3):
         sp.add_row(i, [1, 2])
-    sp.rows[0].hits, sp.rows[0].tests = 9.0, 10.0  # alpha 0.9
-    sp.rows[1].hits, sp.rows[1].tests = 7.0, 10.0  # alpha 0.7
-    sp.rows[2].hits, sp.rows[2].tests = 1.0, 10.0  # alpha 0.1
+    sp.rows[0].hits, sp.rows[0].tests = [9.0, 9.0], [10.0, 10.0]  # alpha 0.9
+    sp.rows[1].hits, sp.rows[1].tests = [7.0, 7.0], [10.0, 10.0]  # alpha 0.7
+    sp.rows[2].hits, sp.rows[2].tests = [1.0, 1.0], [10.0, 10.0]  # alpha 0.1
     keep = sp.allot([Row(0), Row(1), Row(2)], [Draft([5] * 8)] * 3)
     # a token pays while alpha^k * seconds > b * tokens (module docstring): the confident row gets a
     # long draft, the unsure one a short one, the hopeless one none
