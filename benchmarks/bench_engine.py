@@ -39,7 +39,7 @@ COPY_OPS = {"aten::copy_", "aten::index_copy_", "aten::cat", "aten::index_select
 ATTN_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
             "aten::_scaled_dot_product_flash_attention", "aten::scaled_dot_product_attention", "aten::bmm",
             "aten::_softmax"}
-LINEAR_OPS = {"aten::mm", "aten::addmm"}
+LINEAR_OPS = {"aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"}  # the last: tuned cpu.onednn linears
 
 
 def _n(x: int) -> int:

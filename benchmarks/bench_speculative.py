@@ -37,7 +37,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from bench_engine import THREADS, _fmt, profile_breakdown, smol  # noqa: E402,F401  (smol: the module's model fixture)
+from bench_engine import _fmt, profile_breakdown, smol  # noqa: E402,F401  (smol: the module's model fixture)
 
 ROUNDS = int(os.environ.get("GRAPHTUNE_BENCH_ROUNDS", "3"))
 NEW = int(os.environ.get("GRAPHTUNE_BENCH_SPEC_NEW", "128"))

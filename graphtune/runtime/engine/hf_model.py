@@ -23,7 +23,6 @@ import inspect
 import threading
 from typing import Any, Iterator
 
-import torch
 from torch import Tensor, nn
 
 from graphtune.runtime.engine.linear import LinearRouter
