@@ -223,6 +223,49 @@ def pbs_cases(draw, dtypes=tuple(DTYPES)) -> PBSCase:
                    draw(st.booleans()), draw(st.sampled_from([None, 0.3])), draw(st.integers(0, 2**16)))
 
 
+@dataclass(frozen=True)
+class LinearCase:
+    """A ``linear`` call: ``x [rows, k]`` (possibly a transposed view) times ``w [n, k]`` (+ bias)."""
+
+    dtype: str
+    rows: int
+    n: int
+    k: int
+    bias: bool
+    strided_x: bool  # x as the transpose of a [k, rows] tensor: not contiguous
+    seed: int
+
+    def build(self):
+        g = torch.Generator().manual_seed(self.seed)
+        dt = DTYPES[self.dtype]
+        x = torch.randn(self.k, self.rows, generator=g).to(dt).t() if self.strided_x else \
+            torch.randn(self.rows, self.k, generator=g).to(dt)
+        w = (torch.randn(self.n, self.k, generator=g) / self.k ** 0.5).to(dt)
+        b = torch.randn(self.n, generator=g).to(dt) if self.bias else None
+        want = x.double() @ w.double().T + (b.double() if b is not None else 0.0)
+        return (x, w, b), (want, None)
+
+
+@st.composite
+def linear_cases(draw, dtypes=tuple(DTYPES)) -> LinearCase:
+    rows = draw(st.one_of(st.integers(1, 6), st.integers(7, 40)))
+    return LinearCase(draw(st.sampled_from(dtypes)), rows, draw(st.integers(1, 70)), draw(st.integers(1, 70)),
+                      draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 2**16)))
+
+
+def _check_linear_impl(impl, case, choose):
+    args, (want, _) = case.build()
+    if not impl.supports(args):
+        raise _Unsupported
+    dt = args[0].dtype
+    for cfg in choose(_configs(impl, args)):
+        out, lse = impl.fn(*args, config=cfg)
+        assert lse is None, f"{impl.name}[{cfg}] returned an LSE\ncase: {case}"
+        assert out.dtype == dt and out.is_contiguous(), f"{impl.name}[{cfg}]: {out.dtype}, contiguous {out.is_contiguous()}"
+        # the output is rounded to the input dtype once more than the fp64 oracle
+        assert_matches(out, want, OUT_TOL[dt], f"{impl.name}[{cfg}] out", case)
+
+
 class _Unsupported(Exception):
     """The implementation declines these arguments (``supports()`` is False, or a documented refusal)."""
 
@@ -312,6 +355,8 @@ OP_CHECKS = {
     "shared_prefix_suffix_merge": (lambda impl: suffix_cases(), _check_suffix_merge_impl, ()),
     "tree_attention": (lambda impl: tree_cases(), _check_built_impl, ()),
     "pbs_attention": (lambda impl: pbs_cases(), _check_built_impl, ()),
+    "linear": (lambda impl: linear_cases(), _check_linear_impl,
+               (LinearCase("float32", 3, 49, 17, True, True, 1), LinearCase("bfloat16", 1, 8, 64, False, False, 2))),
 }
 
 

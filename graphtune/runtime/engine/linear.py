@@ -35,8 +35,12 @@ _router: contextvars.ContextVar["LinearRouter | None"] = contextvars.ContextVar(
 
 
 def _routed_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    # is_compiling() first: Dynamo folds it to True and never sees the context variable (a
+    # ContextVar.get would break the graph at every linear of a captured model)
+    if torch.compiler.is_compiling():
+        return nn.Linear.forward(self, x)
     r = _router.get()
-    if r is None or torch.compiler.is_compiling():
+    if r is None:
         return nn.Linear.forward(self, x)
     return r(self, x)
 

@@ -458,3 +458,20 @@ def test_engine_with_tuned_linear_disabled_routes_nothing(tmp_path):
     assert res.sequences[0] == _hf(prompts[0])
     assert eng.runner.linears.served == {}
     assert "ENGINE_TUNED_LINEAR=0" in eng.runner.linears.describe()
+
+
+def test_routed_linears_add_no_graph_break_to_a_dynamo_capture():
+    """optimize() builds the engine (and so the routed forwards) before Dynamo captures the model:
+    the routing must be invisible to the trace (a ContextVar.get once broke the graph at every
+    linear, and the capture then saw one attention site per graph)."""
+    import torch._dynamo
+
+    model = _llama()
+    LinearRouter(model)
+    assert all("forward" in m.__dict__ for m in model.modules() if type(m) is nn.Linear)
+    ids = torch.tensor([_prompts(1, seed=2)[0]])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch._dynamo.explain(model)(ids)
+    assert out.graph_break_count == 0, out.break_reasons
+    assert out.graph_count == 1
