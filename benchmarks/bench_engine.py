@@ -60,6 +60,19 @@ def smol():
     torch.set_num_threads(prev)
 
 
+def tune_model_linears(model: Any) -> list:
+    """Tune ``model``'s linear layers at this thread count into the benchmark's database, as a
+    deployment would once per machine (``graphtune tune --linears``); prints how long it took."""
+    from graphtune.runtime.engine.linear import tune_linears
+
+    t0 = time.perf_counter()
+    res = tune_linears(model)
+    won = sum(r.impl != "cpu.aten" for r in res)
+    print(f"\n[tuned linears: {len(res)} shapes at {torch.get_num_threads()} threads in "
+          f"{time.perf_counter() - t0:.0f}s; {won} won by a non-default formulation]")
+    return res
+
+
 def chat_prompt(tok: Any, n_tokens: int, topic: str = "the history of computing") -> list[int]:
     """A real chat-template prompt of about ``n_tokens`` tokens (a long system prompt + a question)."""
     sys = ("You are a meticulous assistant. Answer precisely, cite the reasoning, and keep the style concise. "

@@ -7,7 +7,9 @@ threads (default 1):
 0. **Settings** (module fixture): *tuned*: ``graphtune tune --accuracy``'s per-layer choice on 4K
    calibration tokens (Python stdlib sources, tokens 0..4K), bound top-1 >= 99% (the record in
    ``GRAPHTUNE_DB`` if one is stored for SmolLM2, else tuned here); *uniform*: tau 0.9 on every
-   layer (the paper's default). Both are evaluated on *other* text (tokens 16K..24K).
+   layer (the paper's default). Both are evaluated on *other* text (tokens 16K..24K). The model's
+   linear layers are tuned first (``tune_model_linears``), so the engine rows run what a
+   deployment runs: dense and sparse prefill alike get the tuned linears.
 1. Prefill attention at 8K, all 30 layers, on the model's real q/k/v: causal SDPA (ATen flash) vs
    PBS (plan + attention), both settings. Per layer: recall, density, relative output error.
 2. PBS vs the no-permutation variant at equal tau (0.7 / 0.8 / 0.9 / 0.95), every third layer:
@@ -34,7 +36,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from bench_engine import _fmt, profile_breakdown, smol  # noqa: E402,F401  (smol: the module's model fixture)
+from bench_engine import _fmt, profile_breakdown, smol, tune_model_linears  # noqa: E402,F401  (smol: the module's model fixture)
 
 ROUNDS = int(os.environ.get("GRAPHTUNE_BENCH_ROUNDS", "2"))
 N = int(os.environ.get("GRAPHTUNE_BENCH_SPARSE_LEN", "8192"))
@@ -56,6 +58,7 @@ def tuned(smol):
     from graphtune.runtime.sparse_tune import store, tune_accuracy, tuned_sparse
 
     model, tok = smol
+    tune_model_linears(model)  # the engine runs tuned linears (prefill chunks too), as deployed
     settings = tuned_sparse(model, 2048)
     if settings is None:
         t = time.perf_counter()

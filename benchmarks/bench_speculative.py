@@ -37,7 +37,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from bench_engine import _fmt, profile_breakdown, smol  # noqa: E402,F401  (smol: the module's model fixture)
+from bench_engine import _fmt, profile_breakdown, smol, tune_model_linears  # noqa: E402,F401  (smol: the module's model fixture)
 
 ROUNDS = int(os.environ.get("GRAPHTUNE_BENCH_ROUNDS", "3"))
 NEW = int(os.environ.get("GRAPHTUNE_BENCH_SPEC_NEW", "128"))
@@ -46,14 +46,7 @@ NEW = int(os.environ.get("GRAPHTUNE_BENCH_SPEC_NEW", "128"))
 @pytest.fixture(scope="module", autouse=True)
 def tuned_linears(smol):
     """Tune the model's linear layers at this thread count into the benchmark's database (once)."""
-    from graphtune.runtime.engine.linear import tune_linears
-
-    t0 = time.perf_counter()
-    res = tune_linears(smol[0])
-    won = sum(r.impl != "cpu.aten" for r in res)
-    print(f"\n[tuned linears: {len(res)} shapes at {torch.get_num_threads()} threads in "
-          f"{time.perf_counter() - t0:.0f}s; {won} won by a non-default formulation]")
-    return res
+    return tune_model_linears(smol[0])
 
 
 def _chat(tok: Any, user: str) -> list[int]:
