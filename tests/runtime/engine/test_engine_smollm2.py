@@ -98,3 +98,27 @@ def test_smollm2_ragged_batch_greedy_equals_hf_padded_generate(model_tok):
     assert res.sequences == _hf_rows(model, prompts)
     assert res.texts == [tok.decode(s, skip_special_tokens=True) for s in res.sequences]
     assert len({len(p) for p in prompts}) == 3 and not build_prefix_tree(prompts, 16).shared  # ragged, no sharing
+
+
+def test_smollm2_speculative_drafters_and_tuned_linears_equal_hf_greedy(model_tok, tmp_path):
+    """The real model, a shared system prompt and ragged questions: prompt lookup, the dynamic
+    draft tree and the self-speculative chain, with the model's linears tuned (decode, verify and
+    prefill rows served by the tuned formulations), give HF's greedy tokens row for row."""
+    from graphtune import flags
+    from graphtune.runtime.engine.linear import tune_linears
+
+    model, tok = model_tok
+    prompts = [_chat(tok, SYSTEM, q) for q in QUESTIONS]
+    want = _hf_rows(model, prompts)
+    with flags.Context(DB=str(tmp_path / "t.db")):
+        # a few row counts only (the full set takes a minute): 1..4 and the prefill buckets
+        tune_linears(model, rows=(1, 2, 3, 4, 8, 16, 64, 128), budget_s=20)
+        for spec in ("ngram", graphtune.DynamicTreeDrafter(layers=8, tokens=6),
+                     graphtune.LayerSkipDrafter(layers=8, tokens=3)):
+            with flags.Context(ENGINE_SPEC_MIN_ACCEPT=0.0):  # keep drafting: exactness, not speed
+                eng = graphtune.Engine(model, tok, speculative=spec)
+                res = eng.generate(prompts, NEW)
+            assert res.sequences == want, f"speculative={spec}"
+            assert res.stats.proposed_tokens > 0
+        served = eng.runner.linears.served
+        assert any(not v.startswith("cpu.aten") for v in served.values()), served
