@@ -119,7 +119,6 @@ def _make_call(op: str, impl: Impl, cfg: KernelConfig, key: tuple) -> Callable[.
             return _default_path(op, args, impl)
 
     call.dropped = False  # type: ignore[attr-defined]
-
     call.impl_name = impl.name  # type: ignore[attr-defined]
     call.config = cfg  # type: ignore[attr-defined]
     return call

@@ -109,7 +109,7 @@ class LinearRouter:
         if fn is None:
             return F.linear(x, w, mod.bias)
         y = fn(x2, w, mod.bias)[0]
-        if getattr(fn, "dropped", False):  # it failed (dispatch warned and fell back): F.linear for this shape from now on
+        if getattr(fn, "dropped", False):  # it failed (dispatch warned, fell back): F.linear from now on
             self._table[key] = None
             self.served[key[:3]] = "cpu.aten (tuned implementation failed)"
         return y.view(*x.shape[:-1], w.shape[0])

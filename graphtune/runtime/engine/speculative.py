@@ -108,7 +108,7 @@ class CostModel:
     """Seconds of one forward over ``T`` packed tokens, from this call's recent forwards (decode and
     verify steps).
 
-    :meth:`seconds` is the median time measured at ``T`` where there is one, else the least-squares
+    :meth:`table` gives the median time measured at ``T`` where there is one, else the least-squares
     line ``a + b T`` (:meth:`coeffs`), made non-decreasing in ``T``. Why not the line alone: on a
     CPU the cost is a staircase, not a line. With tuned linears (:mod:`graphtune.codegen.linear`)
     a forward over 2..4 tokens costs what a 1-token decode step costs and the next token adds a
@@ -316,45 +316,45 @@ class Speculator:
 
         return early_exit
 
-    def _tree_exit_hook(self, engine: Any, active: Sequence[Any]) -> Any:
-        def tree_exit(trees: list[tuple[list[int], list[int]] | None], layers: int) -> list[Tensor | None]:
-            # the rows' current draft trees through the first ``layers`` layers, with the same
-            # tree attention and slots as verification (node j at leaf.filled + 1 + j): those
-            # layers' K/V are what verification writes again for the same nodes
-            idx = [i for i, t in enumerate(trees) if t is not None]
-            if not idx:
-                return [None] * len(trees)
-            leaves = [active[i].leaf for i in idx]
-            parents = [[-1] + [p + 1 for p in trees[i][1]] for i in idx]  # type: ignore[index]
-            tokens = [[active[i].out[-1]] + list(trees[i][0]) for i in idx]  # type: ignore[index]
-            depth = [_depths(p) for p in parents]
-            plan = verify_plan(leaves, parents)
-            ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long)
-            pos = torch.tensor([leaf.start + leaf.filled + dd for leaf, ds in zip(leaves, depth) for dd in ds],
-                               dtype=torch.long)
-            n = layers or max(1, self.runner.num_layers // 4)
-            logits = self.runner.logits(engine._forward(plan, self.pool, ids, pos, early_exit_layers=n))
-            out: list[Tensor | None] = [None] * len(trees)
-            at = 0
-            for i, ts in zip(idx, tokens):
-                out[i] = logits[at:at + len(ts)]  # [1 + nodes, V]: after the root, then after each node
-                at += len(ts)
-            return out
-
-        return tree_exit
-
-    def _verify(self, engine: Any, active: Sequence[Any], drafts: list[Draft]) -> list[list[int]]:
-        leaves = [row.leaf for row in active]
+    def _tree_forward(self, engine: Any, rows: Sequence[Any], trees: Sequence[tuple[list[int], list[int]]],
+                      early_exit_layers: int | None = None) -> tuple[Tensor, list[list[int]]]:
+        """One forward over each row's last emitted token (the root) and its draft tree
+        ``(tokens, parents)``, written at the row's next slots (node j at leaf.filled + 1 + j):
+        ``(logits [T, V] after each packed token, per-row depths with the root at 0)``. Verification
+        and the dynamic tree's draft rounds run the same tokens at the same slots, so the early
+        layers' K/V a draft round writes are what verification writes again."""
+        leaves = [row.leaf for row in rows]
         # row-local verify sequence: 0 = the last emitted token (root), 1 + j = draft token j
-        parents = [[-1] + [p + 1 for p in d.parents] for d in drafts]  # type: ignore[union-attr]
-        tokens = [[row.out[-1]] + d.tokens for row, d in zip(active, drafts)]
+        parents = [[-1] + [p + 1 for p in par] for _, par in trees]
+        tokens = [[row.out[-1]] + list(toks) for row, (toks, _) in zip(rows, trees)]
         depth = [_depths(p) for p in parents]
         plan = verify_plan(leaves, parents)
         ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long)
         pos = torch.tensor([leaf.start + leaf.filled + dd for leaf, ds in zip(leaves, depth) for dd in ds],
                            dtype=torch.long)
-        hidden = engine._forward(plan, self.pool, ids, pos)
-        logits = self.runner.logits(hidden)  # [T, V]: after each verify token
+        hidden = engine._forward(plan, self.pool, ids, pos, early_exit_layers=early_exit_layers)
+        return self.runner.logits(hidden), depth
+
+    def _tree_exit_hook(self, engine: Any, active: Sequence[Any]) -> Any:
+        def tree_exit(trees: list[tuple[list[int], list[int]] | None], layers: int) -> list[Tensor | None]:
+            # the rows' current draft trees through the first ``layers`` layers (DraftRequest.tree_exit)
+            idx = [i for i, t in enumerate(trees) if t is not None]
+            out: list[Tensor | None] = [None] * len(trees)
+            if not idx:
+                return out
+            n = layers or max(1, self.runner.num_layers // 4)
+            logits, _ = self._tree_forward(engine, [active[i] for i in idx], [trees[i] for i in idx], n)  # type: ignore[misc]
+            at = 0
+            for i in idx:
+                size = 1 + len(trees[i][0])  # type: ignore[index]
+                out[i] = logits[at:at + size]  # [1 + nodes, V]: after the root, then after each node
+                at += size
+            return out
+
+        return tree_exit
+
+    def _verify(self, engine: Any, active: Sequence[Any], drafts: list[Draft]) -> list[list[int]]:
+        logits, depth = self._tree_forward(engine, active, [(d.tokens, d.parents) for d in drafts])  # type: ignore[misc]
         res = _accept(drafts, logits, self.sampling, self.gens, [row.index for row in active])
         out = []
         for i, (row, d) in enumerate(zip(active, drafts)):
