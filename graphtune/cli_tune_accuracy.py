@@ -33,7 +33,9 @@ def run_accuracy(args: argparse.Namespace) -> int:
     blocks = _ints("--block", args.block) or [flags.get("SPARSE_PREFILL_BLOCK")]
     segments = _ints("--segment", args.segment) or [flags.get("SPARSE_PREFILL_SEGMENT")]
     tau = args.tau if args.tau is not None else flags.get("SPARSE_PREFILL_TAU")
-    cfgs = [PBSConfig(b, s, tau, not args.no_permute) for b in blocks for s in segments if s % b == 0]
+    sample = args.sample if args.sample is not None else flags.get("SPARSE_PREFILL_SAMPLE")
+    cfgs = [PBSConfig(b, s, tau, not args.no_permute, sample=sample) for b in blocks for s in segments
+            if s % b == 0]
     if not cfgs:
         raise OptionError(f"--block {args.block} / --segment {args.segment}: no segment is a multiple of a block")
     model, tok = load_named(args.model)
@@ -45,7 +47,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
     say = (lambda s: None) if args.quiet else (lambda s: print(f"[tune --accuracy] {s}", file=sys.stderr))
     results = []
     for cfg in cfgs:  # one search per (block, segment); the sparsest winner is kept
-        say(f"block {cfg.block}, segment {cfg.segment}, tau {cfg.tau:g}{'' if cfg.permute else ', no permutation'}")
+        say(f"PBS {cfg}")
         results.append(tune_accuracy(model, tok, length=args.length, min_top1=args.min_top1, config=cfg,
                                      max_runs=args.max_runs, progress=say, ids=ids, keep=min(512, args.length // 4)))
     met = [r for r in results if r.best is not None]

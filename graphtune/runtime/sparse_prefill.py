@@ -18,8 +18,8 @@ A PBS failure (a kernel error) falls back to exact dense attention with a warnin
 Examples
 --------
 >>> s = make_sparse("pbs")
->>> s.for_layer(3).tau, s.for_layer(3).permute, s.min_len
-(0.9, True, 2048)
+>>> s.for_layer(3).tau, s.for_layer(3).permute, s.for_layer(3).sample, s.min_len
+(0.95, True, 8, 2048)
 >>> make_sparse("block").for_layer(0).permute
 False
 >>> make_sparse(None) is None
@@ -49,7 +49,7 @@ from graphtune.ir.reference import merge_lse
 from graphtune.runtime import context
 from graphtune.runtime.lean_decode import is_causal_mask, view_key
 
-__all__ = ["SparsePrefill", "SparseStats", "make_sparse", "model_key", "tuned_sparse", "run_sparse", "select", "install", "uninstall",
+__all__ = ["SparsePrefill", "SparseStats", "make_sparse", "flag_config", "model_key", "tuned_sparse", "run_sparse", "select", "install", "uninstall",
            "describe", "PLAN_NAME", "SHORTHANDS"]
 
 PLAN_NAME = "sparse_prefill"
@@ -129,6 +129,12 @@ class SparsePrefill:
                 f"{self.min_len} keys; decode dense [{self.source}]")
 
 
+def flag_config() -> PBSConfig:
+    """The :class:`PBSConfig` the ``SPARSE_PREFILL_*`` flags give (block, segment, tau, sample)."""
+    return PBSConfig(flags.get("SPARSE_PREFILL_BLOCK"), flags.get("SPARSE_PREFILL_SEGMENT"),
+                     flags.get("SPARSE_PREFILL_TAU"), sample=flags.get("SPARSE_PREFILL_SAMPLE"))
+
+
 def make_sparse(spec: Any, model: Any = None) -> SparsePrefill | None:
     """The :class:`SparsePrefill` for an option value (``None``/``False``: off); :class:`OptionError` otherwise.
 
@@ -139,8 +145,7 @@ def make_sparse(spec: Any, model: Any = None) -> SparsePrefill | None:
         return None
     if isinstance(spec, SparsePrefill):
         return spec
-    base = PBSConfig(flags.get("SPARSE_PREFILL_BLOCK"), flags.get("SPARSE_PREFILL_SEGMENT"),
-                     flags.get("SPARSE_PREFILL_TAU"))
+    base = flag_config()
     if isinstance(spec, PBSConfig):
         cfg, src = spec, "given PBSConfig"
     elif spec == "pbs":
@@ -188,7 +193,8 @@ def tuned_sparse(model: Any, min_len: int) -> SparsePrefill | None:
         return None
     r = max(recs, key=lambda x: x.created_at)
     p = r.config.get("params", {})
-    base = PBSConfig(int(p["BLOCK"]), int(p["SEGMENT"]), 0.9, bool(p.get("PERMUTE", 1)), bool(p.get("SINK", 1)))
+    base = PBSConfig(int(p["BLOCK"]), int(p["SEGMENT"]), 0.9, bool(p.get("PERMUTE", 1)), bool(p.get("SINK", 1)),
+                     sample=int(p.get("SAMPLE", 0)))
     layers = {int(i): replace(base, tau=float(t)) for i, t in r.details.get("layers", {}).items()}
     return SparsePrefill(base, min_len, layers,
                          f"tuned record {r.record_id[:10]}: top-1 {r.details.get('top1', float('nan')):.4f} >= "

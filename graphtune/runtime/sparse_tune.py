@@ -10,8 +10,10 @@ model and real text (:func:`~graphtune.runtime.sparse_accuracy.calibration_ids`)
    most layers 2e-5..4e-4);
 3. layers ordered by KL per unit of attention saved; a binary search finds the longest prefix of
    that order that, sparse together (the rest dense), keeps next-token top-1 agreement with dense
-   ``>= min_top1`` over the last positions;
-4. then ``tau`` of those layers is lowered (``refine_taus``: 0.8, 0.7, ...) while the bound holds.
+   ``>= min_top1`` over the last positions; the same search again at each higher ``raise_taus``
+   (0.97, 0.99: more layers at a higher tau can be sparser than a few at a lower one);
+4. the sparsest setting (measured density) that met the bound is kept, and its ``tau`` lowered
+   (``refine_taus`` below it: 0.95, 0.9, 0.85, ...) while the bound holds.
 
 Cost: ``L + log2(L) + 1`` prefills of ``length`` tokens plus a few for the tau refinement (about 40
 for a 30-layer model).
@@ -28,7 +30,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from graphtune import flags
 from graphtune.autotune import db as _db
 from graphtune.autotune import fingerprint
 from graphtune.autotune.db_records import Record
@@ -37,7 +38,7 @@ from graphtune.codegen.tuning_key import pow2_bucket
 from graphtune.errors import OptionError
 from graphtune.runtime.engine.hf_model import ModelRunner
 from graphtune.runtime.sparse_accuracy import calibration_ids, capture, compare_logits, sparse_logits
-from graphtune.runtime.sparse_prefill import SparsePrefill, model_key, tuned_sparse
+from graphtune.runtime.sparse_prefill import SparsePrefill, flag_config, model_key, tuned_sparse
 
 __all__ = ["model_key", "tuned_sparse", "Candidate", "AccuracyTuning", "LayerSensitivity", "layer_sensitivity", "tune_accuracy",
            "store", "tuned_sparse"]
@@ -113,7 +114,8 @@ def layer_sensitivity(model: Any, ids: torch.Tensor, dense_logits: torch.Tensor,
 
 def tune_accuracy(model: Any, tokenizer: Any, *, length: int = 4096, min_top1: float = 0.99, keep: int = 512,
                   config: PBSConfig | None = None, max_runs: int = 8, min_len: int | None = None,
-                  refine_taus: Sequence[float] = (0.8, 0.7, 0.6, 0.5),
+                  refine_taus: Sequence[float] = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5),
+                  raise_taus: Sequence[float] = (0.97, 0.99),
                   progress: Callable[[str], None] | None = None, ids: torch.Tensor | None = None) -> AccuracyTuning:
     """Find the sparsest per-layer PBS setting whose top-1 agreement with dense is ``>= min_top1``.
 
@@ -124,8 +126,7 @@ def tune_accuracy(model: Any, tokenizer: Any, *, length: int = 4096, min_top1: f
         raise OptionError(f"--min-top1 must be in (0, 1], got {min_top1}")
     say = progress or (lambda s: None)
     t0 = time.perf_counter()
-    cfg = config or PBSConfig(flags.get("SPARSE_PREFILL_BLOCK"), flags.get("SPARSE_PREFILL_SEGMENT"),
-                              flags.get("SPARSE_PREFILL_TAU"))
+    cfg = config or flag_config()
     ids = calibration_ids(tokenizer, length) if ids is None else ids
     ml = min_len if min_len is not None else min(ids.numel(), 2 * cfg.segment + cfg.block)
     say(f"dense prefill of {ids.numel()} calibration tokens")
@@ -153,25 +154,45 @@ def tune_accuracy(model: Any, tokenizer: Any, *, length: int = 4096, min_top1: f
         say(f"end to end: {c.name} (density {c.density:.3f}): top-1 {c.top1:.4f}, KL {c.kl:.2e}")
         return c.top1 >= min_top1
 
-    lo, hi, runs = 0, L, 0  # lo: the most layers known to meet the bound (0: all dense)
-    while lo < hi and runs < max(1, max_runs):
-        mid = hi if runs == 0 else (lo + hi + 1) // 2  # all layers first: the common case on big models
-        runs += 1
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    best_key = (lo, cfg.tau) if lo > 0 else None
-    if best_key is not None and best_key not in tried:  # the search ended on a bound it never ran
-        best_key = (lo, cfg.tau) if ok(lo) else None
+    runs = 0
+
+    def most_layers(tau: float, lo: int, budget: int) -> int:
+        # binary search: the most layers (of the sensitivity order) that meet the bound at `tau`, given
+        # that `lo` layers are known to (0: none); at most `budget` prefills
+        nonlocal runs
+        hi, used = L, 0
+        while lo < hi and used < max(1, budget):
+            mid = hi if used == 0 else (lo + hi + 1) // 2  # all layers first: the common case on big models
+            used += 1
+            runs += 1
+            if ok(mid, tau):
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo > 0 and (lo, tau) not in tried:  # the search ended on a bound it never ran
+            runs += 1
+            if not ok(lo, tau):
+                lo = 0
+        return lo
+
+    n0 = most_layers(cfg.tau, 0, max_runs)
+    # a higher tau on more layers can be sparser than cfg.tau on few: search each (fewer prefills:
+    # at least as many layers as at a lower tau meet the bound, so the search starts there)
+    for t in sorted(x for x in raise_taus if x > cfg.tau):
+        most_layers(t, n0, max(1, max_runs // 2))
+
+    def met() -> list[tuple[int, float]]:
+        return [key for key, c in tried.items() if key[0] > 0 and c.top1 is not None and c.top1 >= min_top1]
+
+    best_key = min(met(), key=lambda key: tried[key].density, default=None)
     # then a lower tau for the chosen layers, while the bound holds
-    for t in (x for x in refine_taus if x < cfg.tau):
-        if best_key is None or runs >= max_runs + len(refine_taus):
+    for t in (x for x in refine_taus if best_key is not None and x < best_key[1]):
+        if runs >= max_runs * 2 + len(refine_taus) + len(raise_taus):
             break
         runs += 1
-        if not ok(lo, t):
+        if not ok(best_key[0], t):
             break
-        best_key = (lo, t)
+        best_key = min(met(), key=lambda key: tried[key].density)
     res.candidates = [tried[k] for k in sorted(tried, key=lambda k: (-k[0], -k[1]))]
     res.best = tried.get(best_key) if best_key is not None else None
     res.seconds = time.perf_counter() - t0
@@ -188,7 +209,8 @@ def store(res: AccuracyTuning) -> Record | None:
                  versions=fp.versions, shape_key=f"model_{res.model}", q_bucket=pow2_bucket(res.length),
                  kv_bucket=pow2_bucket(res.length),
                  config={"params": {"BLOCK": c.config.block, "SEGMENT": c.config.segment,
-                                    "PERMUTE": int(c.config.permute), "SINK": int(c.config.sink)}},
+                                    "PERMUTE": int(c.config.permute), "SINK": int(c.config.sink),
+                                    "SAMPLE": c.config.sample}},
                  median_us=None, p20_us=None, p80_us=None, n_samples=0, default_us=None, mode="static",
                  details={"layers": {str(i): t for i, t in c.layers.items()}, "top1": c.top1, "kl": c.kl,
                           "density": c.density, "min_top1": res.min_top1, "candidate": c.name, "tau": c.config.tau,

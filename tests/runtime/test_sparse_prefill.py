@@ -151,6 +151,7 @@ def test_accuracy_tuning_is_stored_and_used_by_pbs_shorthand(tmp_path, llama):
         got = tuned_sparse(llama, 256)
         assert got is not None and got.source.startswith("tuned record")
         assert {i: c.tau for i, c in got.layers.items()} == res.best.layers
+        assert got.config.sample == res.best.config.sample == 8  # the estimator round-trips through the record
         assert make_sparse("pbs", llama).source == got.source  # the shorthand picks the tuned record
         opt = graphtune.optimize(llama, sparse_prefill="pbs")  # resolved once: forward path and engine share it
         assert opt.generate.sparse_prefill.source == got.source
@@ -161,6 +162,11 @@ def test_accuracy_tuning_is_stored_and_used_by_pbs_shorthand(tmp_path, llama):
                      "--min-top1", "0.05", "--max-runs", "1", "--quiet"]) == 0
         assert main(["tune", "--accuracy", "--model", "llama", "--length", "512", "--block", "48", "--segment", "64",
                      "--quiet"]) == 2  # no segment is a multiple of the block: a usage error naming both
+        assert main(["tune", "--accuracy", "--model", "llama", "--length", "512", "--block", "32", "--segment", "64",
+                     "--sample", "0", "--min-top1", "0.05", "--max-runs", "1", "--quiet"]) == 0
+        assert tuned_sparse(llama, 256).config.sample == 0  # the newest record: the paper's pooled estimate
+        assert main(["tune", "--accuracy", "--model", "llama", "--length", "512", "--block", "32", "--segment", "64",
+                     "--sample", "33", "--quiet"]) == 2  # more sampled rows than a block has
 
 
 def test_tune_accuracy_refuses_a_bound_outside_0_1(llama):
@@ -196,7 +202,7 @@ def test_accuracy_tuning_keeps_the_most_sensitive_layer_dense_under_a_strict_bou
 
     ids = torch.randint(3, 200, (512,), generator=torch.Generator().manual_seed(3))
     loose = tune_accuracy(llama, None, ids=ids, min_top1=0.05, keep=64, config=PBSConfig(32, 64, 0.5), max_runs=3,
-                          refine_taus=())
+                          refine_taus=(), raise_taus=())
     assert loose.best is not None and all(t == 0.5 for t in loose.best.layers.values())  # every layer sparse
     worst = max(loose.sensitivity, key=lambda x: x.kl / max(1e-6, 1 - x.density))
     both = loose.candidates[0]
@@ -205,8 +211,20 @@ def test_accuracy_tuning_keeps_the_most_sensitive_layer_dense_under_a_strict_bou
     if not both.top1 < alone.top1:
         pytest.skip("this model's layers do not separate at this size")
     strict = tune_accuracy(llama, None, ids=ids, min_top1=alone.top1, keep=64, config=PBSConfig(32, 64, 0.5),
-                           max_runs=3, refine_taus=())
+                           max_runs=3, refine_taus=(), raise_taus=())
     assert strict.best is not None and strict.best.layers[worst.layer] == 1.0
+
+
+def test_accuracy_tuning_searches_higher_taus_and_keeps_the_sparsest_setting_that_met_the_bound(llama):
+    from graphtune.runtime.sparse_tune import tune_accuracy
+
+    ids = torch.randint(3, 200, (512,), generator=torch.Generator().manual_seed(3))
+    res = tune_accuracy(llama, None, ids=ids, min_top1=0.05, keep=64, config=PBSConfig(32, 64, 0.5), max_runs=2,
+                        refine_taus=(), raise_taus=(0.9, 0.3))
+    taus = {c.config.tau for c in res.candidates}
+    assert 0.9 in taus and 0.3 not in taus, "only taus above the starting one are searched upwards"
+    met = [c for c in res.candidates if c.top1 is not None and c.top1 >= 0.05 and any(t < 1 for t in c.layers.values())]
+    assert res.best is not None and res.best.density == min(c.density for c in met)
 
 
 def test_layers_tuned_dense_run_exact_flash_attention_on_chunks(llama, monkeypatch):

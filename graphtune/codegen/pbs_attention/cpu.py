@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from graphtune.codegen.pbs_attention.plan import DEFAULT_CONFIG, PBSConfig, PBSPlan, check_qkv, plan_pbs
+from graphtune.codegen.pbs_attention.plan import (DEFAULT_CONFIG, PBSConfig, PBSPlan, check_qkv, permute_rows, plan_pbs,
+                                                  tensor_signature)
 from graphtune.codegen.registry import Impl, KernelConfig, register_impl, source_hash
 from graphtune.errors import PlanError
 from graphtune.ir.args import softmax_scale
@@ -75,14 +76,15 @@ def diagonal_attention(q: Tensor, k: Tensor, v: Tensor, segment: int, scale: flo
 def _permuted(k: Tensor, v: Tensor, plan: PBSPlan) -> tuple[Tensor, Tensor]:
     # k, v gathered by the plan's permutation, padded to whole blocks: [B, Hkv, nkb * b, D] (once per plan
     # and k/v: the memo is keyed by the tensors, so a plan called with other keys never reads stale ones)
-    src = (k.data_ptr(), v.data_ptr(), k._version, v._version, tuple(k.shape), k.stride(), v.stride(), k.dtype)
+    src = (tensor_signature(k), tensor_signature(v))
     got = plan.memo.get("kv_perm_cpu")
     if got is None or got[0] != src:
         b = plan.config.block
         pad = -plan.n % b
         if plan.config.permute:
-            idx = plan.perm[..., None].expand_as(k)
-            k, v = k.gather(2, idx), v.gather(2, idx)
+            # the plan permuted these very keys already (its selection scored them): no second gather
+            same = plan.memo.get("k_perm_of") == src[0]
+            k, v = plan.memo["k_perm"] if same else permute_rows(k, plan.perm), permute_rows(v, plan.perm)
         if pad or not k.is_contiguous():
             k = torch.nn.functional.pad(k, (0, 0, 0, pad)).contiguous()
             v = torch.nn.functional.pad(v, (0, 0, 0, pad)).contiguous()

@@ -6,6 +6,9 @@
 * **rel_err**: ``||out_pbs - out_dense|| / ||out_dense||`` per head (Frobenius over queries), the
   sparse output from the CPU implementation, the dense one from ATen's flash kernel.
 
+:func:`oracle_plan` selects blocks by their true mass (:func:`true_mass`): the ceiling of any
+block estimate, for measurements.
+
 Recall is summed per key block (the dense probabilities gathered in the plan's permuted order),
 one head and one chunk of queries at a time, so an 8K x 8K score matrix is never held for all
 heads at once and no ``[M, N]`` mask is built.
@@ -25,11 +28,11 @@ import torch
 from torch import Tensor
 
 from graphtune.codegen.pbs_attention.cpu import pbs_attention_cpu
-from graphtune.codegen.pbs_attention.plan import PBSPlan
+from graphtune.codegen.pbs_attention.plan import PBSConfig, PBSPlan, plan_pbs, select_by_mass
 from graphtune.ir.args import softmax_scale
 from graphtune.ir.ops import flash_cpu
 
-__all__ = ["HeadStats", "head_stats", "kept_mass"]
+__all__ = ["HeadStats", "head_stats", "kept_mass", "true_mass", "oracle_plan"]
 
 
 @dataclass
@@ -59,26 +62,64 @@ def kept_mass(q: Tensor, k: Tensor, plan: PBSPlan, scale: float | None = None, c
     # sel[bb, h, i, j]: query block i computes permuted off-diagonal block j
     valid = (torch.arange(plan.kv_index.shape[-1]) < plan.kv_count[..., None].long()).to(torch.uint8)
     sel = torch.zeros(B, Hq, nqb, nkb, dtype=torch.uint8).scatter_add_(3, plan.kv_index.long(), valid) > 0
-    chunk = max(b, chunk // b * b)
     kpos = torch.arange(N)
     out = torch.zeros(B, Hq, M)
+    for bb, h, a, e, p in _causal_probs(q, k, sc, max(b, chunk // b * b)):
+        qpos = torch.arange(a, e) + N - M
+        diag = (kpos[None, :] // S == qpos[:, None] // S)  # own segment (causal already in p)
+        dm = (p * diag).sum(-1)
+        pp = torch.nn.functional.pad(p.gather(1, plan.perm[bb, h // G][None, :].expand(e - a, N)), (0, nkb * b - N))
+        bm = pp.view(e - a, nkb, b).sum(-1)  # [c, nkb] mass per permuted block
+        rows = sel[bb, h, torch.arange(a, e) // b]  # [c, nkb]
+        out[bb, h, a:e] = dm + (bm * rows).sum(-1)
+    return out
+
+
+def _causal_probs(q: Tensor, k: Tensor, sc: float, chunk: int):
+    # yields (batch, query head, a, e, p [e - a, N]): the dense causal softmax of queries a..e-1
+    B, Hq, M, _ = q.shape
+    N = k.shape[2]
+    G = Hq // k.shape[1]
+    kpos = torch.arange(N)
     for bb in range(B):
         for h in range(Hq):
             kh = k[bb, h // G].float()
-            perm = plan.perm[bb, h // G]
             for a in range(0, M, chunk):
                 e = min(M, a + chunk)
                 qpos = torch.arange(a, e) + N - M
                 s = torch.matmul(q[bb, h, a:e].float(), kh.T) * sc  # [c, N]
                 s.masked_fill_(kpos[None, :] > qpos[:, None], float("-inf"))
-                p = torch.softmax(s, -1)
-                diag = (kpos[None, :] // S == qpos[:, None] // S)  # own segment (causal already in p)
-                dm = (p * diag).sum(-1)
-                pp = torch.nn.functional.pad(p.gather(1, perm[None, :].expand(e - a, N)), (0, nkb * b - N))
-                bm = pp.view(e - a, nkb, b).sum(-1)  # [c, nkb] mass per permuted block
-                rows = sel[bb, h, torch.arange(a, e) // b]  # [c, nkb]
-                out[bb, h, a:e] = dm + (bm * rows).sum(-1)
-    return out
+                yield bb, h, a, e, torch.softmax(s, -1)
+
+
+@torch.no_grad()
+def true_mass(q: Tensor, k: Tensor, perm: Tensor, config: PBSConfig, scale: float | None = None,
+              chunk: int = 1024) -> Tensor:
+    """``[B, Hq, nqb, nkb]`` each query block's mean dense causal attention mass on each permuted key block."""
+    B, Hq, M, D = q.shape
+    N = k.shape[2]
+    G = Hq // k.shape[1]
+    b = config.block
+    nkb, nqb = -(-N // b), -(-M // b)
+    rows_in = torch.full((nqb,), float(b))
+    rows_in[-1] = M - (nqb - 1) * b
+    out = torch.zeros(B, Hq, nqb, nkb)
+    for bb, h, a, e, p in _causal_probs(q, k, softmax_scale(scale, D), max(b, chunk // b * b)):
+        pp = torch.nn.functional.pad(p.gather(1, perm[bb, h // G][None, :].expand(e - a, N)), (0, nkb * b - N))
+        out[bb, h].index_add_(0, torch.arange(a, e) // b, pp.view(e - a, nkb, b).sum(-1))
+    return out / rows_in[:, None]
+
+
+@torch.no_grad()
+def oracle_plan(q: Tensor, k: Tensor, config: PBSConfig, scale: float | None = None) -> PBSPlan:
+    """The plan ``config``'s permutation gets when blocks are ranked by their *true* attention mass.
+
+    Not an implementation (it computes the full softmax): the ceiling any block estimate can reach
+    at ``config``'s block size, with the sampled estimator's coverage rule (own segment included).
+    """
+    plan = plan_pbs(q, k, config, scale)
+    count, index = select_by_mass(true_mass(q, k, plan.perm, config, scale), plan.perm, config, k.shape[2], q.shape[2])
+    return PBSPlan(config, plan.n, plan.m, plan.perm, count, index)
 
 
 @torch.no_grad()

@@ -115,21 +115,26 @@ def loop_mask(plan):
     return mask
 
 
-def pooled_probs(q, k, plan, scale=None):
-    """``(p [B, Hq, nqb, nkb] fp64, allowed [nqb, nkb] bool)``: the selection's block probabilities,
-    recomputed by loops: ``softmax_j(mean(q block i) . mean(permuted key block j) * scale)`` over
-    the blocks ``j`` of segments strictly before query block ``i``'s (0 elsewhere)."""
+def _loop_dims(q, k, plan, scale):
+    # the sizes both recomputations need, and allowed[i, j]: key block j is in an earlier segment than query block i
     b, S = plan.config.block, plan.config.segment
     B, Hq, M, D = q.shape
     N = k.shape[2]
-    G = Hq // k.shape[1]
     off = N - M
     nqb, nkb = -(-M // b), -(-N // b)
-    sc = 1.0 / math.sqrt(D) if scale is None else scale
     allowed = torch.zeros(nqb, nkb, dtype=torch.bool)
     for i in range(nqb):
         for j in range(nkb):
             allowed[i, j] = (j * b) // S < (off + i * b) // S
+    sc = 1.0 / math.sqrt(D) if scale is None else scale
+    return b, B, Hq, M, N, Hq // k.shape[1], off, nqb, nkb, sc, allowed
+
+
+def pooled_probs(q, k, plan, scale=None):
+    """``(p [B, Hq, nqb, nkb] fp64, allowed [nqb, nkb] bool)``: the selection's block probabilities,
+    recomputed by loops: ``softmax_j(mean(q block i) . mean(permuted key block j) * scale)`` over
+    the blocks ``j`` of segments strictly before query block ``i``'s (0 elsewhere)."""
+    b, B, Hq, M, N, G, off, nqb, nkb, sc, allowed = _loop_dims(q, k, plan, scale)
     p = torch.zeros(B, Hq, nqb, nkb, dtype=torch.float64)
     for x in range(B):
         for h in range(Hq):
@@ -142,6 +147,34 @@ def pooled_probs(q, k, plan, scale=None):
                 qbar = q[x, h, i * b:(i + 1) * b].double().mean(0)
                 p[x, h, i, cols] = torch.softmax(kbar[cols] @ qbar * sc, 0)
     return p, allowed
+
+
+def sampled_probs(q, k, plan, scale=None):
+    """``(p [B, Hq, nqb, nkb], own [B, Hq, nqb], allowed [nqb, nkb])`` fp64, by loops: each query block's
+    mean, over its ``plan.config.sample`` sampled rows (evenly spaced, ending at its last row, clamped
+    to the last query), of the causal softmax summed per permuted key block of earlier segments (``p``)
+    and over its own segment's keys (``own``)."""
+    S, s = plan.config.segment, plan.config.sample
+    b, B, Hq, M, N, G, off, nqb, nkb, sc, allowed = _loop_dims(q, k, plan, scale)
+    p = torch.zeros(B, Hq, nqb, nkb, dtype=torch.float64)
+    own = torch.zeros(B, Hq, nqb, dtype=torch.float64)
+    for x in range(B):
+        for h in range(Hq):
+            kh = k[x, h // G].double()
+            perm = plan.perm[x, h // G]
+            for i in range(nqb):
+                for r in range(s):
+                    t = min(M - 1, i * b + (r + 1) * b // s - 1)
+                    pos = off + t
+                    w = torch.softmax((kh[: pos + 1] @ q[x, h, t].double()) * sc, 0)  # keys 0..pos, original order
+                    pw = torch.zeros(N, dtype=torch.float64)
+                    pw[: pos + 1] = w
+                    own[x, h, i] += float(pw[pos // S * S: pos + 1].sum()) / s
+                    pp = pw[perm]  # permuted order
+                    for j in range(nkb):
+                        if allowed[i, j]:
+                            p[x, h, i, j] += float(pp[j * b:(j + 1) * b].sum()) / s
+    return p, own, allowed
 
 
 def selected(plan, x, h, i):

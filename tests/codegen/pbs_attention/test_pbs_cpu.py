@@ -316,3 +316,21 @@ def test_permutation_recalls_at_least_as_much_for_no_more_blocks(b, S, d, seed):
     cheaper = [r for dn, r in frontier if dn <= dp]
     assert cheaper, f"no unpermuted plan is as cheap as density {dp:.3f}: {frontier}"
     assert rp >= max(cheaper) - 0.01, f"permuted recall {rp:.3f} at density {dp:.3f}; unpermuted {frontier}"
+
+
+def test_cpu_reuses_the_plans_permuted_keys_only_for_the_keys_it_planned():
+    q, k, v = make_qkv(1, 4, 2, 16, 520, 520, seed=7)
+    cfg = PBSConfig(32, 64, 0.6)
+    want = pbs_attention_ref(q, k, v, plan=plan_pbs(q, k, cfg))
+    plan = plan_pbs(q, k, cfg)
+    plan.memo["k_perm"] = torch.zeros_like(plan.memo["k_perm"])  # poisoned: reading it shows in the output
+    poisoned = pbs_attention_cpu(q, k, v, plan=plan)
+    assert not torch.allclose(poisoned[0], want[0]), "the plan's permuted keys were not reused"
+    plan = plan_pbs(q, k, cfg)
+    plan.memo["k_perm"] = torch.zeros_like(plan.memo["k_perm"])
+    assert_close(pbs_attention_cpu(q, k.clone(), v, plan=plan), want, torch.float32, "other keys: stale copy read")
+    k2 = k.clone()
+    plan = plan_pbs(q, k2, cfg)
+    k2.mul_(1.0)  # in place: the version moves, the plan's copy is stale
+    plan.memo["k_perm"] = torch.zeros_like(plan.memo["k_perm"])
+    assert_close(pbs_attention_cpu(q, k2, v, plan=plan), want, torch.float32, "in-place change not noticed")

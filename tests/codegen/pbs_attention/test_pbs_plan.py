@@ -2,8 +2,8 @@
 importance, per KV head), the tau-coverage block selection (allowed range, order, coverage and
 minimality, monotone in tau, the sink), density, GQA without repeating K/V, and refused inputs.
 
-Pooled probabilities, importances and densities are recomputed here by loops
-(``pbs_cases.pooled_probs``), not with the plan's own helpers.
+Pooled and sampled block probabilities, importances and densities are recomputed here by loops
+(``pbs_cases.pooled_probs`` / ``sampled_probs``), not with the plan's own helpers.
 """
 import math
 
@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from graphtune.codegen.pbs_attention.plan import PBSConfig, check_qkv, plan_pbs
+from graphtune import flags
+from graphtune.codegen.pbs_attention.plan import PBSConfig, check_qkv, plan_pbs, sample_rows, score_dtype
 from graphtune.errors import PlanError, ShapeError
 
-from pbs_cases import fuzz_shape, make_qkv, make_structured, pooled_probs, selected
+from pbs_cases import fuzz_shape, make_qkv, make_structured, pooled_probs, sampled_probs, selected
 
 # (b, hq, hkv, d, n, m, block, segment): odd n, chunks, GQA and MHA, one segment only, n < block
 SHAPES = {
@@ -27,13 +28,13 @@ SHAPES = {
 }
 
 
-def _plan(name, tau=0.7, permute=True, sink=True, structured=False, seed=0):
+def _plan(name, tau=0.7, permute=True, sink=True, structured=False, seed=0, sample=8):
     b, hq, hkv, d, n, m, blk, seg = SHAPES[name]
     if structured:
         q, k, _ = make_structured(b, hq, hkv, d, n, m, seed=seed)
     else:
         q, k, _ = make_qkv(b, hq, hkv, d, n, m, seed=seed)
-    return q, k, plan_pbs(q, k, PBSConfig(blk, seg, tau, permute, sink))
+    return q, k, plan_pbs(q, k, PBSConfig(blk, seg, tau, permute, sink, sample=min(sample, blk)))
 
 
 # ----------------------------------------------------------------------------------------- permutation
@@ -59,18 +60,22 @@ def test_perm_permutes_only_within_earlier_segments_and_is_identity_in_the_last(
 
 
 @pytest.mark.parametrize("name", ["gqa3_odd_n", "chunk_mid_segment", "mha_small_blocks"])
-def test_perm_orders_each_segment_by_descending_last_block_importance(name):
-    """Independent importance: mean over the last query block's rows and the group's heads of the causal softmax."""
-    q, k, plan = _plan(name, structured=True, seed=3)
+@pytest.mark.parametrize("sample", [0, 4])
+def test_perm_orders_each_segment_by_descending_last_block_importance(name, sample):
+    """Independent importance: mean over the last query block's rows (sample=0: all of them; else
+    ``sample`` evenly spaced ones ending at its last row) and the group's heads of the causal softmax."""
+    q, k, plan = _plan(name, structured=True, seed=3, sample=sample)
     B, Hq, M, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
-    G, S = Hq // Hkv, plan.config.segment
-    nb = min(plan.config.block, M)
+    G, S, b = Hq // Hkv, plan.config.segment, plan.config.block
+    nb = min(b, M)
+    last = (M - 1) // b * b  # first row of the last query block
+    rows_t = range(M - nb, M) if sample == 0 else [min(M - 1, last + (j + 1) * b // sample - 1) for j in range(sample)]
     for x in range(B):
         for h in range(Hkv):
             rows = []
             for hq in range(h * G, (h + 1) * G):
-                for t in range(M - nb, M):
+                for t in rows_t:
                     pos = N - M + t
                     s = (q[x, hq, t].double() @ k[x, h].double().T) / math.sqrt(D)
                     s[pos + 1:] = float("-inf")
@@ -162,11 +167,11 @@ def test_tau_one_keeps_everything_the_docstring_example():
 @pytest.mark.parametrize("structured", [False, True])
 @pytest.mark.parametrize("permute", [True, False])
 def test_selection_is_the_smallest_top_set_reaching_tau_of_pooled_mass(permute, structured):
-    """Recomputed pooled probabilities: kept mass >= tau, kept minus its smallest < tau, and no unkept
-    block outweighs a kept one."""
+    """sample=0 (the paper's estimate), recomputed pooled probabilities: kept mass >= tau, kept minus its
+    smallest < tau, and no unkept block outweighs a kept one."""
     for name in ("gqa3_odd_n", "chunk_mid_segment", "mha_small_blocks"):
         for tau in (0.3, 0.6, 0.9):
-            q, k, plan = _plan(name, tau=tau, permute=permute, sink=False, structured=structured, seed=2)
+            q, k, plan = _plan(name, tau=tau, permute=permute, sink=False, structured=structured, seed=2, sample=0)
             p, allowed = pooled_probs(q, k, plan)
             B, Hq, nqb, _ = p.shape
             checked = 0
@@ -190,11 +195,62 @@ def test_selection_is_the_smallest_top_set_reaching_tau_of_pooled_mass(permute, 
             assert checked > 0
 
 
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("permute", [True, False])
+def test_sampled_selection_is_the_smallest_top_set_reaching_tau_of_the_whole_mass(permute, structured):
+    """sample > 0, fp32 scores, recomputed in fp64 by loops (``sampled_probs``): own-segment mass plus
+    kept mass >= tau, not without the lightest kept block, and no unkept block outweighs a kept one."""
+    checked = 0
+    with flags.Context(SPARSE_PREFILL_BF16_SCORES=False):
+        for name in ("gqa3_odd_n", "chunk_mid_segment", "mha_small_blocks", "single_last_query"):
+            for tau in (0.5, 0.8, 0.95):
+                q, k, plan = _plan(name, tau=tau, permute=permute, sink=False, structured=structured, seed=2,
+                                   sample=4)
+                p, own, allowed = sampled_probs(q, k, plan)
+                B, Hq, nqb, _ = p.shape
+                for x in range(B):
+                    for h in range(Hq):
+                        for i in range(nqb):
+                            keep = selected(plan, x, h, i)
+                            total = float(own[x, h, i] + p[x, h, i][allowed[i]].sum())
+                            assert abs(total - 1.0) < 1e-9, "sampled rows' mass must sum to 1 over the causal keys"
+                            pk = sorted(p[x, h, i, j].item() for j in keep)
+                            mass = float(own[x, h, i]) + sum(pk)
+                            if keep:
+                                if abs(mass - tau) < 1e-5 or abs(mass - pk[0] - tau) < 1e-5:
+                                    continue  # fp32 vs fp64 ties at the threshold
+                                assert mass - pk[0] < tau, f"{name} tau={tau} ({x},{h},{i}): not minimal"
+                            if bool(allowed[i].any()):
+                                assert mass >= tau - 1e-5, f"{name} tau={tau} ({x},{h},{i}): kept mass {mass:.4f}"
+                            rest = [p[x, h, i, j].item() for j in allowed[i].nonzero().squeeze(1).tolist()
+                                    if j not in keep]
+                            if rest and pk:
+                                assert max(rest) <= pk[0] + 1e-6, f"{name} ({x},{h},{i}): skipped a heavier block"
+                            checked += 1
+    assert checked > 0
+
+
+def test_bf16_scores_keep_what_fp32_scores_keep_up_to_rounding():
+    """The selection's scores in bf16 (where the CPU has it) rank blocks as fp32 does, up to near ties:
+    the fp64 mass they keep is within 0.01 of tau."""
+    if score_dtype(torch.device("cpu")) != torch.bfloat16:
+        pytest.skip("this CPU computes the selection's scores in fp32")
+    q, k, plan = _plan("gqa3_odd_n", tau=0.8, sink=False, structured=True, seed=5, sample=8)
+    p, own, _ = sampled_probs(q, k, plan)
+    B, Hq, nqb, _ = p.shape
+    for x in range(B):
+        for h in range(Hq):
+            for i in range(nqb):
+                mass = float(own[x, h, i]) + sum(p[x, h, i, j].item() for j in selected(plan, x, h, i))
+                assert mass >= 0.8 - 0.01, f"({x},{h},{i}): bf16 scores kept {mass:.4f} of the mass, tau 0.8"
+
+
 @pytest.mark.parametrize("name", ["gqa3_odd_n", "chunk_mid_segment", "single_last_query"])
 @pytest.mark.parametrize("permute", [True, False])
-def test_selection_shrinks_monotonically_as_tau_decreases(name, permute):
+@pytest.mark.parametrize("sample", [0, 8])
+def test_selection_shrinks_monotonically_as_tau_decreases(name, permute, sample):
     taus = [1.0, 0.95, 0.8, 0.5, 0.2, 0.05]
-    plans = [_plan(name, tau=t, permute=permute, structured=True)[2] for t in taus]
+    plans = [_plan(name, tau=t, permute=permute, structured=True, sample=sample)[2] for t in taus]
     for hi, lo, th, tl in zip(plans, plans[1:], taus, taus[1:]):
         assert torch.equal(hi.perm, lo.perm), "the permutation must not depend on tau"
         assert bool((lo.kv_count <= hi.kv_count).all()), f"tau {tl} keeps more blocks than tau {th}"
@@ -273,6 +329,9 @@ def test_density_drops_below_one_on_long_sparse_problems():
     (dict(tau=-0.5), "tau must be a number > 0"),
     (dict(tau=float("nan")), "tau must be a number > 0"),
     (dict(tau="0.9"), "tau must be a number > 0"),
+    (dict(sample=-1), "sample must be an int in \\[0, block=128\\]"),
+    (dict(block=32, segment=64, sample=33), "sample must be an int in \\[0, block=32\\]"),
+    (dict(sample=2.0), "sample must be an int"),
 ])
 def test_bad_config_raises_plan_error_naming_the_field(kw, match):
     with pytest.raises(PlanError, match=match):
@@ -280,8 +339,8 @@ def test_bad_config_raises_plan_error_naming_the_field(kw, match):
 
 
 def test_config_str_names_its_knobs():
-    assert str(PBSConfig(64, 128, 0.8)) == "b=64 S=128 tau=0.8"
-    assert str(PBSConfig(64, 128, 0.8, permute=False)) == "b=64 S=128 tau=0.8 no-perm"
+    assert str(PBSConfig(64, 128, 0.8)) == "b=64 S=128 tau=0.8 sample=8"
+    assert str(PBSConfig(64, 128, 0.8, permute=False, sample=0)) == "b=64 S=128 tau=0.8 pooled no-perm"
 
 
 @pytest.mark.parametrize("qs, ks, vs, err, match", [
@@ -325,3 +384,10 @@ def test_fuzzed_plans_are_well_formed(seed):
     qseg = (torch.arange(plan.q_blocks) * b + plan.q_offset) // S
     assert bool((plan.kv_count <= (qseg * (S // b)).to(torch.int32)).all()), s
     assert bool((plan.density() <= 1).all()) and bool((plan.density() > 0).all()), s
+
+
+def test_sample_rows_are_evenly_spaced_and_end_at_each_blocks_last_row():
+    rows = sample_rows(300, PBSConfig(block=64, segment=128, sample=4))
+    assert rows.tolist() == [[15, 31, 47, 63], [79, 95, 111, 127], [143, 159, 175, 191], [207, 223, 239, 255],
+                             [271, 287, 299, 299]]
+    assert sample_rows(64, PBSConfig(block=64, segment=128, sample=64)).tolist() == [list(range(64))]
