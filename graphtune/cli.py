@@ -177,9 +177,9 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
                    help="--accuracy: PBS segment sizes to try, e.g. 256,512 (default: the flag); the sparsest winner is kept")
     a.add_argument("--no-permute", action="store_true", help="--accuracy: tune the no-permutation variant")
     a.add_argument("--tau", type=float, default=None, help="--accuracy: tau of the sparse layers (default: the flag)")
-    a.add_argument("--sample", type=int, default=None,
-                   help="--accuracy: query rows per block the block selection samples; 0: the paper's pooled "
-                        "estimate (default: the flag, 8)")
+    a.add_argument("--sample", default=None,
+                   help="--accuracy: query rows per block the block selection samples, e.g. 8,0 to try both; 0: the "
+                        "paper's pooled estimate (default: the flag, 8); the sparsest winner is kept")
     a.add_argument("--max-runs", type=int, default=8,
                    help="--accuracy: most binary-search prefills (after one prefill per layer)")
     s = p.add_argument_group("sweeps and validation of static mode (graphtune/autotune/sweep.py)")

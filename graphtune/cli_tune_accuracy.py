@@ -33,8 +33,8 @@ def run_accuracy(args: argparse.Namespace) -> int:
     blocks = _ints("--block", args.block) or [flags.get("SPARSE_PREFILL_BLOCK")]
     segments = _ints("--segment", args.segment) or [flags.get("SPARSE_PREFILL_SEGMENT")]
     tau = args.tau if args.tau is not None else flags.get("SPARSE_PREFILL_TAU")
-    sample = args.sample if args.sample is not None else flags.get("SPARSE_PREFILL_SAMPLE")
-    cfgs = [PBSConfig(b, s, tau, not args.no_permute, sample=sample) for b in blocks for s in segments
+    samples = _ints("--sample", args.sample) or [flags.get("SPARSE_PREFILL_SAMPLE")]
+    cfgs = [PBSConfig(b, s, tau, not args.no_permute, sample=r) for b in blocks for s in segments for r in samples
             if s % b == 0]
     if not cfgs:
         raise OptionError(f"--block {args.block} / --segment {args.segment}: no segment is a multiple of a block")
@@ -46,7 +46,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
         ids = calibration_ids(tok, args.length)
     say = (lambda s: None) if args.quiet else (lambda s: print(f"[tune --accuracy] {s}", file=sys.stderr))
     results = []
-    for cfg in cfgs:  # one search per (block, segment); the sparsest winner is kept
+    for cfg in cfgs:  # one search per (block, segment, sample); the sparsest winner is kept
         say(f"PBS {cfg}")
         results.append(tune_accuracy(model, tok, length=args.length, min_top1=args.min_top1, config=cfg,
                                      max_runs=args.max_runs, progress=say, ids=ids, keep=min(512, args.length // 4)))
@@ -55,7 +55,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
     if len(results) > 1:
         for r in results:
             c = r.best
-            print(f"block {r.candidates[0].config.block} segment {r.candidates[0].config.segment}: "
+            print(f"PBS {r.candidates[0].config}: "
                   + (f"{c.name}, density {c.density:.3f}, top-1 {c.top1:.4f}" if c else "nothing met the bound"))
     print(res.table())
     if res.best is None:

@@ -166,6 +166,9 @@ def test_accuracy_tuning_is_stored_and_used_by_pbs_shorthand(tmp_path, llama):
                      "--sample", "0", "--min-top1", "0.05", "--max-runs", "1", "--quiet"]) == 0
         assert tuned_sparse(llama, 256).config.sample == 0  # the newest record: the paper's pooled estimate
         assert main(["tune", "--accuracy", "--model", "llama", "--length", "512", "--block", "32", "--segment", "64",
+                     "--sample", "4,0", "--min-top1", "0.05", "--max-runs", "1", "--quiet"]) == 0
+        assert tuned_sparse(llama, 256).config.sample in (4, 0)  # both estimators searched, the sparsest kept
+        assert main(["tune", "--accuracy", "--model", "llama", "--length", "512", "--block", "32", "--segment", "64",
                      "--sample", "33", "--quiet"]) == 2  # more sampled rows than a block has
 
 
