@@ -311,7 +311,8 @@ def score_dtype(device: torch.device) -> torch.dtype:
     it natively (a GPU; a CPU with AVX512-BF16 or AMX: ~7x fp32's speed on this CPU), else float32.
     An estimate only ranks blocks; bf16 rounding moved recall by < 0.001 on SmolLM2 at 8K."""
     if device.type == "cpu":
-        fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+        fast = any(f is not None and f() for f in probes)  # private probes: absent in some torch builds
         return torch.bfloat16 if fast and flags.get("SPARSE_PREFILL_BF16_SCORES") else torch.float32
     return torch.bfloat16 if flags.get("SPARSE_PREFILL_BF16_SCORES") else torch.float32
 
