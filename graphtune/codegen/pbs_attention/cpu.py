@@ -83,8 +83,11 @@ def _permuted(k: Tensor, v: Tensor, plan: PBSPlan) -> tuple[Tensor, Tensor]:
         pad = -plan.n % b
         if plan.config.permute:
             # the plan permuted these very keys already (its selection scored them): no second gather
-            same = plan.memo.get("k_perm_of") == src[0]
-            k, v = plan.memo["k_perm"] if same else permute_rows(k, plan.perm), permute_rows(v, plan.perm)
+            if plan.memo.get("k_perm_of") == src[0]:
+                k = plan.memo["k_perm"]
+            else:
+                k = permute_rows(k, plan.perm)
+            v = permute_rows(v, plan.perm)
         if pad or not k.is_contiguous():
             k = torch.nn.functional.pad(k, (0, 0, 0, pad)).contiguous()
             v = torch.nn.functional.pad(v, (0, 0, 0, pad)).contiguous()
