@@ -157,7 +157,9 @@ def test_one_segment_has_no_off_diagonal_part():
 
 
 @pytest.mark.parametrize("n, m, segment", [(300, 300, 64), (300, 300 - 64, 128), (320, 320 - 2 * 32, 64),
-                                           (200, 200 - 32, 256), (129, 1, 64)])
+                                           (200, 200 - 32, 256), (129, 1, 64),
+                                           # whole segments cut into DIAG_PIECE-row pieces (4, 3), and not
+                                           (600, 600, 256), (700, 700 - 128, 192), (300, 300, 96)])
 def test_diagonal_attention_is_causal_attention_inside_each_segment(n, m, segment):
     q, k, v = make_qkv(2, 6, 3, 16, n, m, seed=n + m)
     out, lse = diagonal_attention(q, k, v, segment, 0.3)
