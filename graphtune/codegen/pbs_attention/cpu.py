@@ -166,6 +166,8 @@ def pbs_attention_cpu(q: Tensor, k: Tensor, v: Tensor, pbs: PBSConfig = DEFAULT_
                         f"{tuple(plan.perm.shape)}, kv_count {tuple(plan.kv_count.shape)}; the call has q "
                         f"{tuple(q.shape)}, k {tuple(k.shape)}")
     sc = softmax_scale(scale, q.shape[-1])
+    if not q.is_contiguous():  # a model's q is a transposed view: one copy, to warm scratch, serves both parts
+        q = scratch("pbs.qc", q.shape, q.dtype).copy_(q)
     od, ld = diagonal_attention(q, k, v, plan.config.segment, sc)
     if int(plan.kv_count.max()) == 0:
         return od, ld
@@ -179,7 +181,7 @@ def _merge2(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Ten
     lse = torch.logaddexp(l1, l2)  # [B, Hq, M]
     w2 = torch.exp(l2 - lse)  # 0 where the off-diagonal part is empty (l2 = -inf)
     o = o1.float() if o1.dtype != torch.float32 else o1
-    o.mul_((1.0 - w2)[..., None]).add_(o2.float() * w2[..., None])
+    o.mul_((1.0 - w2)[..., None]).addcmul_(o2, w2[..., None])  # no [B, Hq, M, D] temporary
     return o.to(o1.dtype), lse
 
 
