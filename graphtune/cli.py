@@ -166,8 +166,8 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
                     help="torch threads for this run: linear records are keyed by the thread count (default: torch's)")
     a = p.add_argument_group("sparse prefill accuracy (graphtune/runtime/sparse_tune.py)")
     a.add_argument("--accuracy", action="store_true",
-                   help="tune PBS sparse prefill for --model: which layers run sparse (by measured sensitivity) "
-                        "under --min-top1 next-token agreement with dense attention on real text; store the winner")
+                   help="tune PBS sparse prefill for --model: a tau per layer (by measured sensitivity; dense where "
+                        "nothing fits) under --min-top1 next-token agreement with dense attention on real text; store the winner")
     a.add_argument("--model", default="smollm2",
                    help="--accuracy, --linears: 'smollm2' (default), 'demo' or a graphtune.models family")
     a.add_argument("--length", type=int, default=4096, help="--accuracy: calibration prompt tokens")
@@ -176,11 +176,11 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--segment", default=None,
                    help="--accuracy: PBS segment sizes to try, e.g. 256,512 (default: the flag); the sparsest winner is kept")
     a.add_argument("--no-permute", action="store_true", help="--accuracy: tune the no-permutation variant")
-    a.add_argument("--tau", type=float, default=None, help="--accuracy: tau of the sparse layers (default: the flag)")
+    a.add_argument("--tau", type=float, default=None, help="--accuracy: tau each layer's sensitivity is measured at (default: the flag)")
     a.add_argument("--sample", default=None,
                    help="--accuracy: query rows per block the block selection samples, e.g. 8,0 to try both; 0: the "
                         "paper's pooled estimate (default: the flag, 8); the sparsest winner is kept")
-    a.add_argument("--max-runs", type=int, default=8,
+    a.add_argument("--max-runs", type=int, default=10,
                    help="--accuracy: most binary-search prefills (after one prefill per layer)")
     s = p.add_argument_group("sweeps and validation of static mode (graphtune/autotune/sweep.py)")
     s.add_argument("--all-families", action="store_true",

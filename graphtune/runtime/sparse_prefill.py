@@ -195,7 +195,9 @@ def tuned_sparse(model: Any, min_len: int) -> SparsePrefill | None:
     p = r.config.get("params", {})
     base = PBSConfig(int(p["BLOCK"]), int(p["SEGMENT"]), 0.9, bool(p.get("PERMUTE", 1)), bool(p.get("SINK", 1)),
                      sample=int(p.get("SAMPLE", 0)))
-    layers = {int(i): replace(base, tau=float(t)) for i, t in r.details.get("layers", {}).items()}
+    samples = r.details.get("samples", {})  # per-layer sampled rows (records before per-layer taus: none)
+    layers = {int(i): replace(base, tau=float(t), sample=int(samples.get(i, base.sample)))
+              for i, t in r.details.get("layers", {}).items()}
     return SparsePrefill(base, min_len, layers,
                          f"tuned record {r.record_id[:10]}: top-1 {r.details.get('top1', float('nan')):.4f} >= "
                          f"{r.details.get('min_top1')} on {r.details.get('length')} tokens")

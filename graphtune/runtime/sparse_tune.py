@@ -1,22 +1,28 @@
-"""``graphtune tune --accuracy``: tune sparse prefill per model under a measured accuracy bound, stored in the tuning DB.
+"""``graphtune tune --accuracy``: tune sparse prefill per model and per layer under a measured accuracy bound, stored in the tuning DB.
 
 Peers ship one sparsity threshold for every model and layer. graphtune measures, on the user's
 model and real text (:func:`~graphtune.runtime.sparse_accuracy.calibration_ids`):
 
 1. one dense prefill, keeping the last positions' logits;
 2. **per-layer sensitivity**: for each layer alone, the prompt prefilled with only that layer
-   sparse (PBS at ``tau``): the next-token KL to dense and the layer's density. Layers differ by
-   orders of magnitude (on SmolLM2 at 4K, tau 0.9: layer 7 alone costs KL 9e-3 and 4% of top-1,
-   most layers 2e-5..4e-4);
-3. layers ordered by KL per unit of attention saved; a binary search finds the longest prefix of
-   that order that, sparse together (the rest dense), keeps next-token top-1 agreement with dense
-   ``>= min_top1`` over the last positions; the same search again at each higher ``raise_taus``
-   (0.97, 0.99: more layers at a higher tau can be sparser than a few at a lower one);
-4. the sparsest setting (measured density) that met the bound is kept, and its ``tau`` lowered
-   (``refine_taus`` below it: 0.95, 0.9, 0.85, ...) while the bound holds.
+   sparse (PBS at the config's ``tau``): the next-token KL to dense and the layer's density.
+   Layers differ by orders of magnitude (SmolLM2 at 4K, tau 0.95: layer 18 alone costs KL 1e-2,
+   layer 9 5e-5);
+3. **a tau per layer**: each layer gets the sparsest rung of a ladder (``ladder``: tau 0.9 ..
+   0.998, the rungs from 0.99 up with twice the sampled rows, which their accuracy needs) whose
+   *predicted* KL stays under a budget ``beta``, else stays dense. The prediction scales the
+   measured KL by ``((1 - tau) / (1 - tau0)) ** 1.5`` (fitted on SmolLM2: uniform tau 0.95 -> 0.99
+   -> 0.998 lowers KL 9x then 17x); it only ranks, every candidate is measured end to end. A
+   larger ``beta`` makes every layer sparser, so a binary search over the ``beta`` values where
+   some layer changes rung finds the sparsest assignment whose top-1 agreement with dense over the
+   last positions is ``>= min_top1`` (at most ``max_runs`` prefills).
 
-Cost: ``L + log2(L) + 1`` prefills of ``length`` tokens, about ``log2(L)`` more per higher tau,
-plus a few for the tau refinement (about 45 for a 30-layer model: 850 s for SmolLM2 at 4K on one thread).
+On SmolLM2 at 8K (other text than the calibration's), per-layer taus are far better than one:
+at density 0.57, uniform tau 0.998 reaches top-1 0.990; 5 layers dense, 10 at 0.998 and 15 at
+0.99 reach 0.996 (``docs/ops/sparse-prefill.md``).
+
+Cost: ``L + max_runs`` prefills of ``length`` tokens (about 40 for a 30-layer model: ~12 min for
+SmolLM2 at 4K on one thread).
 
 The winner is a record of op ``pbs_attention``, kind ``pbs.accuracy`` (a non-kernel record, valid
 while the selection code is unchanged), keyed by the model (:func:`model_key`): ``"pbs"``
@@ -41,14 +47,14 @@ from graphtune.runtime.sparse_accuracy import calibration_ids, capture, compare_
 from graphtune.runtime.sparse_prefill import SparsePrefill, flag_config, model_key, tuned_sparse
 
 __all__ = ["model_key", "tuned_sparse", "Candidate", "AccuracyTuning", "LayerSensitivity", "layer_sensitivity", "tune_accuracy",
-           "store", "tuned_sparse"]
+           "store", "LADDER", "KL_EXPONENT", "HIGH_TAU", "rung_sample", "assign", "predicted_kl"]
 
 OP = "pbs_attention"
 
 
 @dataclass
 class Candidate:
-    """One setting tried: its per-layer taus, mean density, and (once run) accuracy."""
+    """One setting tried: per-layer taus (1.0: dense) and sampled rows, mean density, and (once run) accuracy."""
 
     name: str
     config: PBSConfig
@@ -56,10 +62,13 @@ class Candidate:
     density: float
     top1: float | None = None
     kl: float | None = None
+    samples: dict[int, int] = field(default_factory=dict)  # layer -> sampled rows (default: config.sample)
+
+    def layer_config(self, i: int) -> PBSConfig:
+        return replace(self.config, tau=self.layers.get(i, self.config.tau), sample=self.samples.get(i, self.config.sample))
 
     def settings(self, min_len: int) -> SparsePrefill:
-        return SparsePrefill(self.config, min_len, {i: replace(self.config, tau=t) for i, t in self.layers.items()},
-                             f"candidate {self.name}")
+        return SparsePrefill(self.config, min_len, {i: self.layer_config(i) for i in self.layers}, f"candidate {self.name}")
 
 
 @dataclass
@@ -112,18 +121,44 @@ def layer_sensitivity(model: Any, ids: torch.Tensor, dense_logits: torch.Tensor,
     return out
 
 
+LADDER = (0.9, 0.95, 0.97, 0.99, 0.995, 0.998)  # the taus a layer can get, sparsest first (then dense)
+KL_EXPONENT = 1.5  # predicted KL(tau) = KL(tau0) * ((1 - tau) / (1 - tau0)) ** KL_EXPONENT
+HIGH_TAU = 0.99  # rungs from here up sample twice the rows (SmolLM2 8K, tau 0.995: 8 rows top-1 0.967, 16 rows 0.981)
+
+
+def rung_sample(config: PBSConfig, tau: float) -> int:
+    """Sampled rows a ladder rung uses: the config's, doubled (up to the block) from ``HIGH_TAU`` up; 0 stays 0."""
+    s = config.sample
+    return min(config.block, 2 * s) if s and tau >= HIGH_TAU else s
+
+
+def assign(sens: Sequence[LayerSensitivity], base_tau: float, ladder: Sequence[float], beta: float) -> dict[int, float]:
+    """Layer -> tau: the sparsest ``ladder`` rung whose predicted KL is ``<= beta``, else 1.0 (dense)."""
+    out = {}
+    for x in sens:
+        out[x.layer] = next((t for t in sorted(ladder) if predicted_kl(x, base_tau, t) <= beta), 1.0)
+    return out
+
+
+def predicted_kl(x: LayerSensitivity, base_tau: float, tau: float) -> float:
+    """The KL layer ``x`` alone is predicted to cost at ``tau``, from its measurement at ``base_tau``."""
+    return x.kl * (max(1e-9, 1.0 - tau) / max(1e-9, 1.0 - base_tau)) ** KL_EXPONENT
+
+
 def tune_accuracy(model: Any, tokenizer: Any, *, length: int = 4096, min_top1: float = 0.99, keep: int = 512,
-                  config: PBSConfig | None = None, max_runs: int = 8, min_len: int | None = None,
-                  refine_taus: Sequence[float] = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5),
-                  raise_taus: Sequence[float] = (0.97, 0.99),
+                  config: PBSConfig | None = None, max_runs: int = 10, min_len: int | None = None,
+                  ladder: Sequence[float] = LADDER,
                   progress: Callable[[str], None] | None = None, ids: torch.Tensor | None = None) -> AccuracyTuning:
     """Find the sparsest per-layer PBS setting whose top-1 agreement with dense is ``>= min_top1``.
 
-    See the module docstring. ``config`` gives block, segment and the sparse layers' ``tau``
-    (default: the flags'); ``max_runs`` bounds the binary search's end-to-end prefills.
+    See the module docstring. ``config`` gives block, segment, sampled rows and the ``tau`` the
+    sensitivity is measured at (default: the flags'); ``ladder`` the taus a layer can get;
+    ``max_runs`` bounds the search's end-to-end prefills.
     """
     if not 0.0 < min_top1 <= 1.0:
         raise OptionError(f"--min-top1 must be in (0, 1], got {min_top1}")
+    if not ladder or not all(0.0 < float(t) < 1.0 for t in ladder):
+        raise OptionError(f"the tau ladder must be taus in (0, 1), got {tuple(ladder)}")
     say = progress or (lambda s: None)
     t0 = time.perf_counter()
     cfg = config or flag_config()
@@ -133,68 +168,37 @@ def tune_accuracy(model: Any, tokenizer: Any, *, length: int = 4096, min_top1: f
     dense_logits = capture(model, ids, keep, qkv=False).logits
     sens = layer_sensitivity(model, ids, dense_logits, cfg, keep, ml, say)
     res = AccuracyTuning(model_key(model), ids.numel(), min_top1, sensitivity=sens)
-    order = sorted(sens, key=lambda x: x.kl / max(1e-6, 1.0 - x.density))
-    L = len(sens)
+    base = float(cfg.tau)
+    # every budget at which some layer changes rung, ascending: a larger one is sparser everywhere
+    betas = sorted({predicted_kl(x, base, t) for x in sens for t in ladder})
 
-    def candidate(j: int, tau: float) -> Candidate:
-        sparse = {x.layer for x in order[:j]}
-        layers = {x.layer: (tau if x.layer in sparse else 1.0) for x in sens}
-        # a layer's density at another tau is not measured: the measured one bounds it from above
-        dens = sum(x.density if x.layer in sparse else 1.0 for x in sens) / L
-        name = ("all layers" if j == L else f"{j} least sensitive layers") + f", tau {tau:g}"
-        return Candidate(name, replace(cfg, tau=tau), layers, dens)
+    def candidate(beta: float) -> Candidate:
+        taus = assign(sens, base, ladder, beta)
+        tiers = sorted({t for t in taus.values()}, reverse=True)
+        name = ", ".join(f"{sum(1 for t in taus.values() if t == u)} {'dense' if u >= 1 else f'@{u:g}'}" for u in tiers)
+        return Candidate(f"KL budget {beta:.1e}: {name}", cfg, taus, float("nan"),
+                         samples={i: rung_sample(cfg, t) for i, t in taus.items() if t < 1.0})
 
-    tried: dict[tuple[int, float], Candidate] = {}
-
-    def ok(j: int, tau: float = cfg.tau) -> bool:
-        c = tried[(j, tau)] = candidate(j, tau)
+    def ok(j: int) -> bool:
+        c = tried[j] = candidate(betas[j])
         s = c.settings(ml)
         c.top1, c.kl = compare_logits(dense_logits, sparse_logits(model, ids, s, keep))
-        c.density = s.stats.mean() if s.stats.density else c.density
+        c.density = s.stats.mean()
         say(f"end to end: {c.name} (density {c.density:.3f}): top-1 {c.top1:.4f}, KL {c.kl:.2e}")
         return c.top1 >= min_top1
 
-    runs = 0
-
-    def most_layers(tau: float, lo: int, budget: int) -> int:
-        # binary search: the most layers (of the sensitivity order) that meet the bound at `tau`, given
-        # that `lo` layers are known to (0: none); at most `budget` prefills
-        nonlocal runs
-        hi, used = L, 0
-        while lo < hi and used < max(1, budget):
-            mid = hi if used == 0 else (lo + hi + 1) // 2  # all layers first: the common case on big models
-            used += 1
-            runs += 1
-            if ok(mid, tau):
-                lo = mid
-            else:
-                hi = mid - 1
-        if lo > 0 and (lo, tau) not in tried:  # the search ended on a bound it never ran
-            runs += 1
-            if not ok(lo, tau):
-                lo = 0
-        return lo
-
-    n0 = most_layers(cfg.tau, 0, max_runs)
-    # a higher tau on more layers can be sparser than cfg.tau on few: search each (fewer prefills:
-    # at least as many layers as at a lower tau meet the bound, so the search starts there)
-    for t in sorted(x for x in raise_taus if x > cfg.tau):
-        most_layers(t, n0, max(1, max_runs // 2))
-
-    def met() -> list[tuple[int, float]]:
-        return [key for key, c in tried.items() if key[0] > 0 and c.top1 is not None and c.top1 >= min_top1]
-
-    best_key = min(met(), key=lambda key: tried[key].density, default=None)
-    # then a lower tau for the chosen layers, while the bound holds
-    for t in (x for x in refine_taus if best_key is not None and x < best_key[1]):
-        if runs >= max_runs * 2 + len(refine_taus) + len(raise_taus):
-            break
+    tried: dict[int, Candidate] = {}
+    lo, hi, runs = -1, len(betas) - 1, 0  # lo: the largest budget known to meet the bound (-1: none)
+    while lo < hi and runs < max(1, max_runs):
+        mid = hi if runs == 0 else (lo + hi + 1) // 2  # the sparsest first: it often holds on big models
         runs += 1
-        if not ok(best_key[0], t):
-            break
-        best_key = min(met(), key=lambda key: tried[key].density)
-    res.candidates = [tried[k] for k in sorted(tried, key=lambda k: (-k[0], -k[1]))]
-    res.best = tried.get(best_key) if best_key is not None else None
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    met = [c for c in tried.values() if c.top1 is not None and c.top1 >= min_top1]
+    res.candidates = [tried[j] for j in sorted(tried, reverse=True)]
+    res.best = min(met, key=lambda c: c.density) if met else None
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -212,7 +216,8 @@ def store(res: AccuracyTuning) -> Record | None:
                                     "PERMUTE": int(c.config.permute), "SINK": int(c.config.sink),
                                     "SAMPLE": c.config.sample}},
                  median_us=None, p20_us=None, p80_us=None, n_samples=0, default_us=None, mode="static",
-                 details={"layers": {str(i): t for i, t in c.layers.items()}, "top1": c.top1, "kl": c.kl,
+                 details={"layers": {str(i): t for i, t in c.layers.items()},
+                          "samples": {str(i): r for i, r in c.samples.items()}, "top1": c.top1, "kl": c.kl,
                           "density": c.density, "min_top1": res.min_top1, "candidate": c.name, "tau": c.config.tau,
                           "calibration": "python stdlib sources", "length": res.length})
     got = _db.get_db().put(rec)

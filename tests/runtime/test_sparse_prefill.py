@@ -151,6 +151,7 @@ def test_accuracy_tuning_is_stored_and_used_by_pbs_shorthand(tmp_path, llama):
         got = tuned_sparse(llama, 256)
         assert got is not None and got.source.startswith("tuned record")
         assert {i: c.tau for i, c in got.layers.items()} == res.best.layers
+        assert {i: c.sample for i, c in got.layers.items() if c.tau < 1} == res.best.samples  # per-layer rows too
         assert got.config.sample == res.best.config.sample == 8  # the estimator round-trips through the record
         assert make_sparse("pbs", llama).source == got.source  # the shorthand picks the tuned record
         opt = graphtune.optimize(llama, sparse_prefill="pbs")  # resolved once: forward path and engine share it
@@ -205,29 +206,52 @@ def test_accuracy_tuning_keeps_the_most_sensitive_layer_dense_under_a_strict_bou
 
     ids = torch.randint(3, 200, (512,), generator=torch.Generator().manual_seed(3))
     loose = tune_accuracy(llama, None, ids=ids, min_top1=0.05, keep=64, config=PBSConfig(32, 64, 0.5), max_runs=3,
-                          refine_taus=(), raise_taus=())
+                          ladder=(0.5,))
     assert loose.best is not None and all(t == 0.5 for t in loose.best.layers.values())  # every layer sparse
-    worst = max(loose.sensitivity, key=lambda x: x.kl / max(1e-6, 1 - x.density))
+    worst = max(loose.sensitivity, key=lambda x: x.kl)
     both = loose.candidates[0]
     # a bound between "all sparse" and "the least sensitive layer alone": the worst layer stays dense
     alone = [x for x in loose.sensitivity if x is not worst][0]
     if not both.top1 < alone.top1:
         pytest.skip("this model's layers do not separate at this size")
     strict = tune_accuracy(llama, None, ids=ids, min_top1=alone.top1, keep=64, config=PBSConfig(32, 64, 0.5),
-                           max_runs=3, refine_taus=(), raise_taus=())
+                           max_runs=3, ladder=(0.5,))
     assert strict.best is not None and strict.best.layers[worst.layer] == 1.0
 
 
-def test_accuracy_tuning_searches_higher_taus_and_keeps_the_sparsest_setting_that_met_the_bound(llama):
+def test_ladder_gives_each_layer_the_sparsest_tau_its_predicted_kl_allows():
+    from graphtune.runtime.sparse_tune import LayerSensitivity, assign, predicted_kl, rung_sample
+
+    sens = [LayerSensitivity(0, 0.3, 0.99, 1e-2), LayerSensitivity(1, 0.3, 1.0, 1e-5), LayerSensitivity(2, 0.3, 1.0, 0.0)]
+    ladder = (0.9, 0.95, 0.99)
+    # KL scales as (1 - tau) ** 1.5 from the measured tau: 0.99 is 5x less missed mass than 0.95
+    assert predicted_kl(sens[0], 0.95, 0.99) == pytest.approx(1e-2 * 0.2 ** 1.5)
+    assert predicted_kl(sens[0], 0.95, 0.9) == pytest.approx(1e-2 * 2 ** 1.5)
+    assert assign(sens, 0.95, ladder, 1.0) == {0: 0.9, 1: 0.9, 2: 0.9}  # a loose budget: the sparsest rung
+    assert assign(sens, 0.95, ladder, 1e-2) == {0: 0.95, 1: 0.9, 2: 0.9}
+    assert assign(sens, 0.95, ladder, 1e-3) == {0: 0.99, 1: 0.9, 2: 0.9}
+    assert assign(sens, 0.95, ladder, 1e-4) == {0: 1.0, 1: 0.9, 2: 0.9}  # nothing fits: dense
+    assert assign(sens, 0.95, ladder, 0.0) == {0: 1.0, 1: 1.0, 2: 0.9}  # a layer that costs nothing stays sparse
+    for beta in (0.0, 1e-6, 1e-4, 1e-3, 1e-2, 1.0):  # a larger budget is sparser on every layer
+        a, b = assign(sens, 0.95, ladder, beta), assign(sens, 0.95, ladder, beta * 10 + 1e-9)
+        assert all(b[i] <= a[i] for i in a)
+    assert rung_sample(PBSConfig(), 0.95) == 8 and rung_sample(PBSConfig(), 0.99) == 16
+    assert rung_sample(PBSConfig(32, 64, sample=24), 0.995) == 32 and rung_sample(PBSConfig(sample=0), 0.998) == 0
+
+
+def test_accuracy_tuning_assigns_ladder_taus_per_layer_and_keeps_the_sparsest_setting_that_met_the_bound(llama):
     from graphtune.runtime.sparse_tune import tune_accuracy
 
     ids = torch.randint(3, 200, (512,), generator=torch.Generator().manual_seed(3))
-    res = tune_accuracy(llama, None, ids=ids, min_top1=0.05, keep=64, config=PBSConfig(32, 64, 0.5), max_runs=2,
-                        refine_taus=(), raise_taus=(0.9, 0.3))
-    taus = {c.config.tau for c in res.candidates}
-    assert 0.9 in taus and 0.3 not in taus, "only taus above the starting one are searched upwards"
-    met = [c for c in res.candidates if c.top1 is not None and c.top1 >= 0.05 and any(t < 1 for t in c.layers.values())]
+    res = tune_accuracy(llama, None, ids=ids, min_top1=0.05, keep=64, config=PBSConfig(32, 64, 0.5), max_runs=3,
+                        ladder=(0.5, 0.995))
+    assert res.candidates and all(set(c.layers.values()) <= {0.5, 0.995, 1.0} for c in res.candidates)
+    for c in res.candidates:  # the high rung samples twice the rows
+        assert all(c.samples[i] == (16 if t >= 0.99 else 8) for i, t in c.layers.items() if t < 1)
+    met = [c for c in res.candidates if c.top1 is not None and c.top1 >= 0.05]
     assert res.best is not None and res.best.density == min(c.density for c in met)
+    with pytest.raises(OptionError, match="ladder"):
+        tune_accuracy(llama, None, ids=ids, min_top1=0.05, ladder=(0.5, 1.0))
 
 
 def test_layers_tuned_dense_run_exact_flash_attention_on_chunks(llama, monkeypatch):
