@@ -124,7 +124,14 @@ class SparsePrefill:
             self.stats.keys = keys
 
     def describe(self) -> str:
-        tuned = f", {len(self.layers)} layers with their own config" if self.layers else ""
+        tuned = ""
+        if self.layers:  # per-layer settings (tune --accuracy): how many layers at each tau / sampled rows
+            tiers: dict[tuple[float, int], int] = {}
+            for c in self.layers.values():
+                k = (min(1.0, float(c.tau)), c.sample if c.tau < 1.0 else 0)
+                tiers[k] = tiers.get(k, 0) + 1
+            tuned = "; per layer: " + ", ".join(  # densest first
+                f"{n} " + ("dense" if t >= 1.0 else f"tau {t:g}/{r or 'pooled'}") for (t, r), n in sorted(tiers.items(), reverse=True))
         return (f"sparse prefill (approximate, opt-in): PBS {self.config}{tuned} on prefill calls with >= "
                 f"{self.min_len} keys; decode dense [{self.source}]")
 

@@ -59,6 +59,17 @@ def test_engine_sparse_prefill_records_density_and_explains_it(llama):
     assert "sparse prefill (approximate, opt-in)" in text and "layer  0:" in text
 
 
+def test_per_layer_settings_are_summarized_by_tau_and_sampled_rows():
+    from dataclasses import replace
+
+    base = PBSConfig()
+    s = SparsePrefill(base, 2048, {0: replace(base, tau=1.0), 1: replace(base, tau=0.99, sample=16),
+                                   2: replace(base, tau=0.99, sample=16), 3: replace(base, tau=0.9, sample=0)})
+    text = s.describe()
+    assert "per layer: 1 dense, 2 tau 0.99/16, 1 tau 0.9/pooled" in text, text
+    assert "per layer" not in SparsePrefill(base, 2048).describe()
+
+
 def test_decode_and_short_prompts_stay_dense(llama, monkeypatch):
     calls = []
     real = sp.run_sparse
