@@ -7,7 +7,9 @@ tensor and 0.43 ms into a reused one (17x). Implementations that copy gathered b
 
 Rules: a scratch view is only valid until the same thread asks for the same ``name`` again, so
 it must never be returned to a caller or kept; each thread has its own buffers (the engine and
-tests run models on several threads).
+tests run models on several threads). A buffer keeps its largest size until :func:`release`: the
+memory a call's temporaries peaked at stays held for the next call (at 8K on SmolLM2, PBS holds
+~100 MB this way, a layer at density 0.35).
 
 >>> import torch
 >>> a = scratch("doc", (2, 3))
