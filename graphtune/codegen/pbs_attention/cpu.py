@@ -61,15 +61,16 @@ def diagonal_attention(q: Tensor, k: Tensor, v: Tensor, segment: int, scale: flo
     if full:
         a = first - off  # q row of the first whole segment
 
-        def seg(x: Tensor, start: int, lo: int, w: int) -> Tensor:
-            # rows [lo, lo + w) of every whole segment (the first at row `start` of x): [B*full, H, w, D]
+        def seg(x: Tensor, start: int) -> Tensor:
+            # every whole segment (the first at row `start` of x) on the batch axis: [B*full, H, S, D]
             h = x.shape[1]
-            x = x[:, :, start:start + full * S].reshape(B, h, full, S, D)[:, :, :, lo:lo + w]
-            return x.transpose(1, 2).reshape(B * full, h, w, D)
+            return x[:, :, start:start + full * S].reshape(B, h, full, S, D).transpose(1, 2).reshape(B * full, h, S, D)
 
         # the segment's queries in pieces of P rows, piece t over the segment's first (t+1)*P keys
         # (bottom-right causal): ATen's kernel skips no masked key tile of a 256-key segment, so one
-        # causal call computes S*S scores; pieces compute S*(S+P)/2 (1.58x faster at S=256, P=64)
+        # causal call computes S*S scores; pieces compute S*(S+P)/2 (1.58x faster at S=256, P=64).
+        # Segments are stacked once; pieces are strided views of them (the kernel reads strides)
+        qs, ks, vs = seg(q, a), seg(k, first), seg(v, first)
         P = DIAG_PIECE if S % DIAG_PIECE == 0 else S
         ov, lv = out[:, :, a:a + full * S].view(B, Hq, full, S, D), lse[:, :, a:a + full * S].view(B, Hq, full, S)
         for t in range(S // P):
@@ -78,7 +79,7 @@ def diagonal_attention(q: Tensor, k: Tensor, v: Tensor, segment: int, scale: flo
             if t:
                 mask = torch.zeros(P, w, dtype=q.dtype).masked_fill_(
                     torch.arange(w)[None, :] > torch.arange(t * P, w)[:, None], float("-inf"))
-            o, l = flash_cpu(seg(q, a, t * P, P), seg(k, first, 0, w), seg(v, first, 0, w), mask, t == 0, scale)
+            o, l = flash_cpu(qs[:, :, t * P:w], ks[:, :, :w], vs[:, :, :w], mask, t == 0, scale)
             ov[:, :, :, t * P:w] = o.view(B, full, Hq, P, D).transpose(1, 2)
             lv[:, :, :, t * P:w] = l.view(B, full, Hq, P).transpose(1, 2)
     tail = N - (first + full * S)
