@@ -32,7 +32,7 @@ import json
 import threading
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ from graphtune.ir.reference import merge_lse
 from graphtune.runtime import context
 from graphtune.runtime.lean_decode import is_causal_mask, view_key
 
-__all__ = ["SparsePrefill", "SparseStats", "make_sparse", "flag_config", "model_key", "tuned_sparse", "run_sparse", "select", "install", "uninstall",
+__all__ = ["SparsePrefill", "SparseStats", "make_sparse", "flag_config", "layer_tiers", "model_key", "tuned_sparse", "run_sparse", "select", "install", "uninstall",
            "describe", "PLAN_NAME", "SHORTHANDS"]
 
 PLAN_NAME = "sparse_prefill"
@@ -124,16 +124,19 @@ class SparsePrefill:
             self.stats.keys = keys
 
     def describe(self) -> str:
-        tuned = ""
-        if self.layers:  # per-layer settings (tune --accuracy): how many layers at each tau / sampled rows
-            tiers: dict[tuple[float, int], int] = {}
-            for c in self.layers.values():
-                k = (min(1.0, float(c.tau)), c.sample if c.tau < 1.0 else 0)
-                tiers[k] = tiers.get(k, 0) + 1
-            tuned = "; per layer: " + ", ".join(  # densest first
-                f"{n} " + ("dense" if t >= 1.0 else f"tau {t:g}/{r or 'pooled'}") for (t, r), n in sorted(tiers.items(), reverse=True))
+        tuned = f"; per layer: {layer_tiers(self.layers.values())}" if self.layers else ""
         return (f"sparse prefill (approximate, opt-in): PBS {self.config}{tuned} on prefill calls with >= "
                 f"{self.min_len} keys; decode dense [{self.source}]")
+
+
+def layer_tiers(configs: Iterable[PBSConfig]) -> str:
+    """How many layers run at each (tau, sampled rows), densest first: ``"1 dense, 7 tau 0.998/16, ..."``."""
+    tiers: dict[tuple[float, int], int] = {}
+    for c in configs:
+        k = (min(1.0, float(c.tau)), c.sample if c.tau < 1.0 else 0)
+        tiers[k] = tiers.get(k, 0) + 1
+    return ", ".join(f"{n} " + ("dense" if t >= 1.0 else f"tau {t:g}/{r or 'pooled'}")
+                     for (t, r), n in sorted(tiers.items(), reverse=True))
 
 
 def flag_config() -> PBSConfig:

@@ -44,7 +44,7 @@ from graphtune.codegen.tuning_key import pow2_bucket
 from graphtune.errors import OptionError
 from graphtune.runtime.engine.hf_model import ModelRunner
 from graphtune.runtime.sparse_accuracy import calibration_ids, capture, compare_logits, sparse_logits
-from graphtune.runtime.sparse_prefill import SparsePrefill, flag_config, model_key, tuned_sparse
+from graphtune.runtime.sparse_prefill import SparsePrefill, flag_config, layer_tiers, model_key, tuned_sparse
 
 __all__ = ["model_key", "tuned_sparse", "Candidate", "AccuracyTuning", "LayerSensitivity", "layer_sensitivity", "tune_accuracy",
            "store", "LADDER", "KL_EXPONENT", "HIGH_TAU", "rung_sample", "assign", "predicted_kl"]
@@ -174,10 +174,9 @@ def tune_accuracy(model: Any, tokenizer: Any, *, length: int = 4096, min_top1: f
 
     def candidate(beta: float) -> Candidate:
         taus = assign(sens, base, ladder, beta)
-        tiers = sorted({t for t in taus.values()}, reverse=True)
-        name = ", ".join(f"{sum(1 for t in taus.values() if t == u)} {'dense' if u >= 1 else f'@{u:g}'}" for u in tiers)
-        return Candidate(f"KL budget {beta:.1e}: {name}", cfg, taus, float("nan"),
-                         samples={i: rung_sample(cfg, t) for i, t in taus.items() if t < 1.0})
+        c = Candidate("", cfg, taus, float("nan"), samples={i: rung_sample(cfg, t) for i, t in taus.items() if t < 1.0})
+        c.name = f"KL budget {beta:.1e}: {layer_tiers(c.layer_config(i) for i in taus)}"
+        return c
 
     def ok(j: int) -> bool:
         c = tried[j] = candidate(betas[j])
