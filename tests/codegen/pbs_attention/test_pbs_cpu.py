@@ -336,3 +336,21 @@ def test_cpu_reuses_the_plans_permuted_keys_only_for_the_keys_it_planned():
     k2.mul_(1.0)  # in place: the version moves, the plan's copy is stale
     plan.memo["k_perm"] = torch.zeros_like(plan.memo["k_perm"])
     assert_close(pbs_attention_cpu(q, k2, v, plan=plan), want, torch.float32, "in-place change not noticed")
+
+
+def test_concurrent_calls_on_threads_match_single_threaded_results():
+    # the off-diagonal copies and the strided-q copy live in per-thread scratch memory: calls on
+    # several threads at once (the engine serves requests on threads) must not read each other's
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = PBSConfig(32, 64, 0.6)
+    cases = []
+    for i in range(6):
+        q, k, v = make_qkv(1, 4, 2, 16, 320 + 32 * i, 320 + 32 * i, seed=100 + i)
+        cases.append((q.transpose(1, 2).contiguous().transpose(1, 2), k, v))  # a strided q, as models pass
+    want = [pbs_attention_cpu(q, k, v, cfg) for q, k, v in cases]
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda c: pbs_attention_cpu(*c, cfg), cases))
+            for (o, l), (wo, wl) in zip(got, want):
+                assert torch.equal(o, wo) and torch.equal(l, wl)
