@@ -7,8 +7,9 @@ threads (default 1):
 0. **Settings** (module fixture): *tuned*: ``graphtune tune --accuracy``'s per-layer choice on 4K
    calibration tokens (Python stdlib sources, tokens 0..4K), bound top-1 >= 99% (the record in
    ``GRAPHTUNE_DB`` if one is stored for SmolLM2, else tuned here); *uniform*: graphtune's default
-   (tau 0.95 of each query block's mass, by 8 sampled rows per block) on every layer; *paper*: the
-   paper's selection (tau 0.9 of pooled block estimates) on every layer. All are evaluated on
+   (tau 0.94 of each query block's mass, by 8 sampled rows per block, one set per query segment)
+   on every layer; *paper*: the paper's selection (tau 0.9 of pooled block estimates, per query
+   block) on every layer. All are evaluated on
    *other* text (tokens 16K..24K). The model's
    linear layers are tuned first (``tune_model_linears``), so the engine rows run what a
    deployment runs: dense and sparse prefill alike get the tuned linears.
@@ -76,7 +77,8 @@ def tuned(smol):
     ids = calibration_ids(tok, N, offset=2 * N)  # evaluation text: disjoint from the calibration tokens
     cap = capture(model, ids, keep=512)
     return {"tuned": settings, "uniform": SparsePrefill(PBSConfig(), 2048, {}, f"uniform {PBSConfig()}"),
-            "paper": SparsePrefill(PBSConfig(tau=0.9, sample=0), 2048, {}, "paper: uniform tau 0.9, pooled"),
+            "paper": SparsePrefill(PBSConfig(tau=0.9, sample=0, select_per="block"), 2048, {},
+                                   "paper: uniform tau 0.9, pooled, per block"),
             "ids": ids, "cap": cap}
 
 
@@ -145,14 +147,16 @@ def test_prefill_attention_8k_real_qkv_all_layers(benchmark, tuned):
 
 
 def test_pbs_vs_no_permutation_and_estimators_at_equal_tau(benchmark, tuned):
-    """Recall and density at equal tau, every third layer: PBS (sampled rows, the default) vs the
-    no-permutation variant, the paper's pooled estimate, and the oracle (true block mass)."""
+    """Recall and density at equal tau, every third layer: PBS (sampled rows, one set per query segment:
+    the default) vs per-block selection, the no-permutation variant, the paper's pooled estimate (per
+    block), and the oracle (true block mass, per segment)."""
     from graphtune.codegen.pbs_attention.plan import PBSConfig, plan_pbs
     from graphtune.codegen.pbs_attention.stats import kept_mass, oracle_plan
 
     cap = tuned["cap"]
     out: dict[str, Any] = {}
-    variants = {"pbs": dict(), "noperm": dict(permute=False), "pooled": dict(sample=0), "oracle": dict()}
+    variants = {"pbs": dict(), "per_block": dict(select_per="block"), "noperm": dict(permute=False),
+                "pooled": dict(sample=0, select_per="block"), "oracle": dict()}
     curves: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     layers = list(range(0, len(cap.qkv), 3))  # every third layer: recall needs the full softmax (~3 s a layer)
     out["layers"] = layers

@@ -109,12 +109,15 @@ FLAGS: dict[str, Flag] = {
              "cost (-1: greedy measures it per call, sampling uses 0.15, measured for SmolLM2 on one CPU thread)"),
         Flag("SPARSE_PREFILL_MIN_LEN", int, 2048,
              "sparse prefill (opt-in): shortest prompt (keys of a prefill call) that runs block-sparse"),
-        Flag("SPARSE_PREFILL_TAU", float, 0.95, "sparse prefill: fraction of each query block's attention mass its kept key "
+        Flag("SPARSE_PREFILL_TAU", float, 0.94, "sparse prefill: fraction of each query block's attention mass its kept key "
              "blocks and own segment cover (sample > 0; over the earlier segments' blocks only when sample = 0)"),
         Flag("SPARSE_PREFILL_BLOCK", int, 128, "sparse prefill: key/query block size"),
         Flag("SPARSE_PREFILL_SEGMENT", int, 256, "sparse prefill: permutation segment size (a multiple of the block)"),
         Flag("SPARSE_PREFILL_SAMPLE", int, 8, "sparse prefill: query rows per block the block selection samples "
              "(0: the paper's pooled block means)"),
+        Flag("SPARSE_PREFILL_SELECT_PER", str, "segment",
+             "sparse prefill: 'segment' (a query segment's blocks share one block selection, estimated from all "
+             "their sampled rows) or 'block' (each query block its own, the paper's)"),
         Flag("SPARSE_PREFILL_BF16_SCORES", bool, True, "sparse prefill: the selection's sampled scores in bfloat16 "
              "where the hardware has it (a GPU, a CPU with AVX512-BF16/AMX)"),
         Flag("LEAN_MIN_SKEW", float, -1.0, "lean decode: min max/mean KV-length skew to use it (-1: measured default)"),

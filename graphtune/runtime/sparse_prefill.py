@@ -19,7 +19,7 @@ Examples
 --------
 >>> s = make_sparse("pbs")
 >>> s.for_layer(3).tau, s.for_layer(3).permute, s.for_layer(3).sample, s.min_len
-(0.95, True, 8, 2048)
+(0.94, True, 8, 2048)
 >>> make_sparse("block").for_layer(0).permute
 False
 >>> make_sparse(None) is None
@@ -140,9 +140,10 @@ def layer_tiers(configs: Iterable[PBSConfig]) -> str:
 
 
 def flag_config() -> PBSConfig:
-    """The :class:`PBSConfig` the ``SPARSE_PREFILL_*`` flags give (block, segment, tau, sample)."""
+    """The :class:`PBSConfig` the ``SPARSE_PREFILL_*`` flags give (block, segment, tau, sample, select_per)."""
     return PBSConfig(flags.get("SPARSE_PREFILL_BLOCK"), flags.get("SPARSE_PREFILL_SEGMENT"),
-                     flags.get("SPARSE_PREFILL_TAU"), sample=flags.get("SPARSE_PREFILL_SAMPLE"))
+                     flags.get("SPARSE_PREFILL_TAU"), sample=flags.get("SPARSE_PREFILL_SAMPLE"),
+                     select_per=flags.get("SPARSE_PREFILL_SELECT_PER"))
 
 
 def make_sparse(spec: Any, model: Any = None) -> SparsePrefill | None:
@@ -204,7 +205,8 @@ def tuned_sparse(model: Any, min_len: int) -> SparsePrefill | None:
     r = max(recs, key=lambda x: x.created_at)
     p = r.config.get("params", {})
     base = PBSConfig(int(p["BLOCK"]), int(p["SEGMENT"]), 0.9, bool(p.get("PERMUTE", 1)), bool(p.get("SINK", 1)),
-                     sample=int(p.get("SAMPLE", 0)))
+                     sample=int(p.get("SAMPLE", 0)),
+                     select_per="segment" if p.get("PER_SEGMENT", 0) else "block")
     samples = r.details.get("samples", {})  # per-layer sampled rows (records before per-layer taus: none)
     layers = {int(i): replace(base, tau=float(t), sample=int(samples.get(i, base.sample)))
               for i, t in r.details.get("layers", {}).items()}

@@ -163,7 +163,8 @@ def test_accuracy_tuning_is_stored_and_used_by_pbs_shorthand(tmp_path, llama):
         assert got is not None and got.source.startswith("tuned record")
         assert {i: c.tau for i, c in got.layers.items()} == res.best.layers
         assert {i: c.sample for i, c in got.layers.items() if c.tau < 1} == res.best.samples  # per-layer rows too
-        assert got.config.sample == res.best.config.sample == 8  # the estimator round-trips through the record
+        assert got.config.sample == res.best.config.sample == PBSConfig().sample  # the estimator round-trips
+        assert got.config.select_per == res.best.config.select_per == "segment"  # through the record
         assert make_sparse("pbs", llama).source == got.source  # the shorthand picks the tuned record
         opt = graphtune.optimize(llama, sparse_prefill="pbs")  # resolved once: forward path and engine share it
         assert opt.generate.sparse_prefill.source == got.source

@@ -177,6 +177,57 @@ def sampled_probs(q, k, plan, scale=None):
     return p, own, allowed
 
 
+def selection_groups(plan):
+    """Lists of query block indices that share one selection: the blocks of one query segment (by
+    absolute position; ``select_per="segment"``), else each block alone."""
+    b, S, off = plan.config.block, plan.config.segment, plan.n - plan.m
+    if plan.config.select_per != "segment":
+        return [[i] for i in range(plan.q_blocks)]
+    seg = [(off + i * b) // S for i in range(plan.q_blocks)]
+    return [[i for i in range(plan.q_blocks) if seg[i] == t] for t in sorted(set(seg))]
+
+
+def segment_mean(x, plan):
+    """``x [B, Hq, nqb, ...]`` with each query block's entry replaced by the mean over its selection group."""
+    out = x.clone()
+    for g in selection_groups(plan):
+        out[:, :, g] = x[:, :, g].mean(2, keepdim=True)
+    return out
+
+
+def check_coverage(plan, p, own, allowed, tau, what, tie=1e-5):
+    """The selection rule, checked by loops on independently computed block masses ``p [B, Hq, nqb, nkb]``
+    and own-segment masses ``own [B, Hq, nqb]``: per (batch, head, selection group) one set, whose mass
+    plus ``own`` reaches ``tau`` for every block of the group; without its lightest block (by the group's
+    mean mass) some block falls below ``tau`` (minimal); no unkept block outweighs a kept one in the
+    group's mean mass. Returns the number of groups checked (near ties at the threshold are skipped)."""
+    B, Hq = p.shape[:2]
+    pm = segment_mean(p, plan)
+    checked = 0
+    for x in range(B):
+        for h in range(Hq):
+            for g in selection_groups(plan):
+                keeps = [selected(plan, x, h, i) for i in g]
+                assert all(kp == keeps[0] for kp in keeps), f"{what} ({x},{h},{g}): one selection per group"
+                keep = sorted(keeps[0], key=lambda j: float(pm[x, h, g[0], j]))
+                cols = allowed[g[0]].nonzero().squeeze(1).tolist()
+                if not cols:
+                    assert not keep
+                    continue
+                mass = [float(own[x, h, i]) + sum(float(p[x, h, i, j]) for j in keep) for i in g]
+                lightest = [float(p[x, h, i, keep[0]]) if keep else 0.0 for i in g]
+                if any(abs(m - tau) < tie or abs(m - lt - tau) < tie for m, lt in zip(mass, lightest)):
+                    continue  # fp32 vs fp64 ties at the threshold
+                assert min(mass) >= tau, f"{what} ({x},{h},{g}): kept mass {min(mass):.4f} < tau"
+                if keep:
+                    assert min(m - lt for m, lt in zip(mass, lightest)) < tau, f"{what} ({x},{h},{g}): not minimal"
+                    rest = [float(pm[x, h, g[0], j]) for j in cols if j not in keep]
+                    if rest:
+                        assert max(rest) <= float(pm[x, h, g[0], keep[0]]) + 1e-6, f"{what} ({x},{h},{g}): skipped a heavier block"
+                checked += 1
+    return checked
+
+
 def selected(plan, x, h, i):
     """The selected block indices of (batch ``x``, query head ``h``, query block ``i``) as a set."""
     return set(plan.kv_index[x, h, i, : int(plan.kv_count[x, h, i])].tolist())

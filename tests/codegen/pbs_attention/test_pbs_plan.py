@@ -15,7 +15,8 @@ from graphtune import flags
 from graphtune.codegen.pbs_attention.plan import PBSConfig, check_qkv, plan_pbs, sample_rows, score_dtype
 from graphtune.errors import PlanError, ShapeError
 
-from pbs_cases import fuzz_shape, make_qkv, make_structured, pooled_probs, sampled_probs, selected
+from pbs_cases import (check_coverage, fuzz_shape, make_qkv, make_structured, pooled_probs, sampled_probs,
+                       selected)
 
 # (b, hq, hkv, d, n, m, block, segment): odd n, chunks, GQA and MHA, one segment only, n < block
 SHAPES = {
@@ -28,13 +29,13 @@ SHAPES = {
 }
 
 
-def _plan(name, tau=0.7, permute=True, sink=True, structured=False, seed=0, sample=8):
+def _plan(name, tau=0.7, permute=True, sink=True, structured=False, seed=0, sample=8, select_per="segment"):
     b, hq, hkv, d, n, m, blk, seg = SHAPES[name]
     if structured:
         q, k, _ = make_structured(b, hq, hkv, d, n, m, seed=seed)
     else:
         q, k, _ = make_qkv(b, hq, hkv, d, n, m, seed=seed)
-    return q, k, plan_pbs(q, k, PBSConfig(blk, seg, tau, permute, sink, sample=min(sample, blk)))
+    return q, k, plan_pbs(q, k, PBSConfig(blk, seg, tau, permute, sink, sample=min(sample, blk), select_per=select_per))
 
 
 # ----------------------------------------------------------------------------------------- permutation
@@ -63,14 +64,16 @@ def test_perm_permutes_only_within_earlier_segments_and_is_identity_in_the_last(
 @pytest.mark.parametrize("sample", [0, 4])
 def test_perm_orders_each_segment_by_descending_last_block_importance(name, sample):
     """Independent importance: mean over the last query block's rows (sample=0: all of them; else
-    ``sample`` evenly spaced ones ending at its last row) and the group's heads of the causal softmax."""
+    ``sample`` evenly spaced ones ending at each block's last row, of every query block in the last
+    query's segment: they share one selection) and the group's heads of the causal softmax."""
     q, k, plan = _plan(name, structured=True, seed=3, sample=sample)
     B, Hq, M, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     G, S, b = Hq // Hkv, plan.config.segment, plan.config.block
     nb = min(b, M)
-    last = (M - 1) // b * b  # first row of the last query block
-    rows_t = range(M - nb, M) if sample == 0 else [min(M - 1, last + (j + 1) * b // sample - 1) for j in range(sample)]
+    firsts = [r for r in range(0, M, b) if (N - M + r) // S == (N - 1) // S]  # first rows: last segment's blocks
+    rows_t = range(M - nb, M) if sample == 0 else [min(M - 1, f + (j + 1) * b // sample - 1)
+                                                   for f in firsts for j in range(sample)]
     for x in range(B):
         for h in range(Hkv):
             rows = []
@@ -167,66 +170,33 @@ def test_tau_one_keeps_everything_the_docstring_example():
 @pytest.mark.parametrize("structured", [False, True])
 @pytest.mark.parametrize("permute", [True, False])
 def test_selection_is_the_smallest_top_set_reaching_tau_of_pooled_mass(permute, structured):
-    """sample=0 (the paper's estimate), recomputed pooled probabilities: kept mass >= tau, kept minus its
-    smallest < tau, and no unkept block outweighs a kept one."""
+    """sample=0 (the paper's estimate), recomputed pooled probabilities: kept mass >= tau for every
+    block of a selection group, minimal, and no unkept block outweighs a kept one (``check_coverage``)."""
     for name in ("gqa3_odd_n", "chunk_mid_segment", "mha_small_blocks"):
         for tau in (0.3, 0.6, 0.9):
             q, k, plan = _plan(name, tau=tau, permute=permute, sink=False, structured=structured, seed=2, sample=0)
             p, allowed = pooled_probs(q, k, plan)
-            B, Hq, nqb, _ = p.shape
-            checked = 0
-            for x in range(B):
-                for h in range(Hq):
-                    for i in range(nqb):
-                        keep = selected(plan, x, h, i)
-                        if not bool(allowed[i].any()):
-                            assert not keep
-                            continue
-                        pk = torch.tensor(sorted(p[x, h, i, j].item() for j in keep))
-                        mass = float(pk.sum())
-                        if abs(mass - tau) < 1e-6 or abs(mass - float(pk.min()) - tau) < 1e-6:
-                            continue  # fp32 vs fp64 ties at the threshold
-                        assert mass >= tau, f"{name} tau={tau} ({x},{h},{i}): kept mass {mass:.4f}"
-                        assert mass - float(pk.min()) < tau, f"{name} tau={tau} ({x},{h},{i}): not minimal"
-                        rest = [p[x, h, i, j].item() for j in allowed[i].nonzero().squeeze(1).tolist() if j not in keep]
-                        if rest:
-                            assert max(rest) <= float(pk.min()) + 1e-6, f"{name} ({x},{h},{i}): skipped a heavier block"
-                        checked += 1
-            assert checked > 0
+            own = torch.zeros(p.shape[:3], dtype=p.dtype)
+            assert check_coverage(plan, p, own, allowed, tau, f"{name} tau={tau}", tie=1e-6) > 0
 
 
+@pytest.mark.parametrize("select_per", ["segment", "block"])
 @pytest.mark.parametrize("structured", [False, True])
 @pytest.mark.parametrize("permute", [True, False])
-def test_sampled_selection_is_the_smallest_top_set_reaching_tau_of_the_whole_mass(permute, structured):
+def test_sampled_selection_is_the_smallest_top_set_reaching_tau_of_the_whole_mass(permute, structured, select_per):
     """sample > 0, fp32 scores, recomputed in fp64 by loops (``sampled_probs``): own-segment mass plus
-    kept mass >= tau, not without the lightest kept block, and no unkept block outweighs a kept one."""
+    kept mass >= tau for every block of a selection group, minimal, no unkept block heavier than a kept one."""
     checked = 0
     with flags.Context(SPARSE_PREFILL_BF16_SCORES=False):
         for name in ("gqa3_odd_n", "chunk_mid_segment", "mha_small_blocks", "single_last_query"):
             for tau in (0.5, 0.8, 0.95):
                 q, k, plan = _plan(name, tau=tau, permute=permute, sink=False, structured=structured, seed=2,
-                                   sample=4)
+                                   sample=4, select_per=select_per)
                 p, own, allowed = sampled_probs(q, k, plan)
-                B, Hq, nqb, _ = p.shape
-                for x in range(B):
-                    for h in range(Hq):
-                        for i in range(nqb):
-                            keep = selected(plan, x, h, i)
-                            total = float(own[x, h, i] + p[x, h, i][allowed[i]].sum())
-                            assert abs(total - 1.0) < 1e-9, "sampled rows' mass must sum to 1 over the causal keys"
-                            pk = sorted(p[x, h, i, j].item() for j in keep)
-                            mass = float(own[x, h, i]) + sum(pk)
-                            if keep:
-                                if abs(mass - tau) < 1e-5 or abs(mass - pk[0] - tau) < 1e-5:
-                                    continue  # fp32 vs fp64 ties at the threshold
-                                assert mass - pk[0] < tau, f"{name} tau={tau} ({x},{h},{i}): not minimal"
-                            if bool(allowed[i].any()):
-                                assert mass >= tau - 1e-5, f"{name} tau={tau} ({x},{h},{i}): kept mass {mass:.4f}"
-                            rest = [p[x, h, i, j].item() for j in allowed[i].nonzero().squeeze(1).tolist()
-                                    if j not in keep]
-                            if rest and pk:
-                                assert max(rest) <= pk[0] + 1e-6, f"{name} ({x},{h},{i}): skipped a heavier block"
-                            checked += 1
+                for i in range(p.shape[2]):
+                    total = own[..., i] + p[..., i, :][..., allowed[i]].sum(-1)
+                    assert bool(((total - 1.0).abs() < 1e-9).all()), "sampled rows' mass must sum to 1 over causal keys"
+                checked += check_coverage(plan, p, own, allowed, tau, f"{name} tau={tau}")
     assert checked > 0
 
 
@@ -332,6 +302,7 @@ def test_density_drops_below_one_on_long_sparse_problems():
     (dict(sample=-1), "sample must be an int in \\[0, block=128\\]"),
     (dict(block=32, segment=64, sample=33), "sample must be an int in \\[0, block=32\\]"),
     (dict(sample=2.0), "sample must be an int"),
+    (dict(select_per="head"), "select_per must be 'segment'"),
 ])
 def test_bad_config_raises_plan_error_naming_the_field(kw, match):
     with pytest.raises(PlanError, match=match):
@@ -341,6 +312,24 @@ def test_bad_config_raises_plan_error_naming_the_field(kw, match):
 def test_config_str_names_its_knobs():
     assert str(PBSConfig(64, 128, 0.8)) == "b=64 S=128 tau=0.8 sample=8"
     assert str(PBSConfig(64, 128, 0.8, permute=False, sample=0)) == "b=64 S=128 tau=0.8 pooled no-perm"
+    assert str(PBSConfig(64, 128, 0.8, select_per="block")) == "b=64 S=128 tau=0.8 sample=8 per-block"
+
+
+@pytest.mark.parametrize("sample", [0, 4])
+@pytest.mark.parametrize("name", ["gqa3_odd_n", "chunk_mid_segment", "mha_small_blocks"])
+def test_a_query_segments_blocks_share_one_selection_and_per_block_does_not(name, sample):
+    b_, hq, hkv, d, n, m, blk, seg = SHAPES[name]
+    q, k, _ = make_qkv(b_, hq, hkv, d, n, m, seed=4)
+    per_seg = plan_pbs(q, k, PBSConfig(blk, seg, 0.6, sample=sample))
+    per_blk = plan_pbs(q, k, PBSConfig(blk, seg, 0.6, sample=sample, select_per="block"))
+    qseg = [(n - m + i * blk) // seg for i in range(per_seg.q_blocks)]
+    differs = False
+    for i in range(1, per_seg.q_blocks):
+        if qseg[i] == qseg[i - 1]:
+            assert torch.equal(per_seg.kv_count[..., i], per_seg.kv_count[..., i - 1]), f"block {i}"
+            assert torch.equal(per_seg.kv_index[..., i, :], per_seg.kv_index[..., i - 1, :]), f"block {i}"
+            differs |= not torch.equal(per_blk.kv_index[..., i, :], per_blk.kv_index[..., i - 1, :])
+    assert differs, "per-block selection must differ between some blocks of a segment (else the case tests nothing)"
 
 
 @pytest.mark.parametrize("qs, ks, vs, err, match", [

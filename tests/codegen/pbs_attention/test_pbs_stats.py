@@ -6,7 +6,7 @@ import torch
 from graphtune.codegen.pbs_attention.plan import PBSConfig, plan_pbs
 from graphtune.codegen.pbs_attention.stats import kept_mass, oracle_plan, true_mass
 
-from pbs_cases import make_structured, sampled_probs
+from pbs_cases import make_structured, sampled_probs, selection_groups
 
 
 @pytest.mark.parametrize("n, m", [(768, 768), (777, 777), (700, 700 - 3 * 64)])
@@ -21,10 +21,14 @@ def test_true_mass_sums_to_one_per_query_block_and_matches_full_sampling(n, m):
         torch.testing.assert_close(mass.double()[..., allowed], p[..., allowed], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("select_per", ["block", "segment"])
 @pytest.mark.parametrize("tau", [0.6, 0.9])
-def test_oracle_keeps_tau_of_every_query_blocks_mass_with_the_fewest_blocks(tau):
+def test_oracle_keeps_tau_of_every_query_blocks_mass_with_the_fewest_blocks(tau, select_per):
+    # per block: the fewest blocks of all; per segment: each of the segment's blocks still reaches
+    # tau, and the shared set is minimal per segment (a block that reaches tau with fewer keys than
+    # its neighbour keeps the neighbour's)
     q, k, _ = make_structured(1, 4, 2, 16, 777, 777, seed=2)
-    cfg = PBSConfig(64, 128, tau, sink=False)
+    cfg = PBSConfig(64, 128, tau, sink=False, select_per=select_per)
     oracle, sampled = oracle_plan(q, k, cfg), plan_pbs(q, k, cfg)
     b = cfg.block
     nqb = oracle.q_blocks
@@ -40,5 +44,7 @@ def test_oracle_keeps_tau_of_every_query_blocks_mass_with_the_fewest_blocks(tau)
     # minimal: wherever the sampled selection also reaches tau of the true mass, it used no fewer blocks
     reached = (rs >= tau) & has_choice
     assert bool(reached.any())
+    for g in selection_groups(oracle):  # one set per segment: minimal where the sampled set reaches tau on all
+        reached[:, g] = reached[:, g].all(1, keepdim=True)  # of the segment's blocks
     assert bool((oracle.kv_count[0][reached] <= sampled.kv_count[0][reached]).all())
     assert float(oracle.density().mean()) <= float(plan_pbs(q, k, PBSConfig(64, 128, 1.0)).density().mean())
