@@ -51,6 +51,7 @@ from torch import Tensor
 
 from graphtune import flags
 from graphtune.codegen.registry import register_record_kind, source_hash
+from graphtune.codegen.scratch import scratch
 from graphtune.errors import PlanError, ShapeError
 from graphtune.ir.args import softmax_scale
 
@@ -359,7 +360,8 @@ def sampled_mass(q: Tensor, k_perm: Tensor, perm: Tensor, config: PBSConfig, n: 
         pos = (r + off).repeat(G)  # [G*R] query position of each score row
         qt = (q[:, :, r].float() * sc).to(sdt).reshape(B * Hkv, G * r.numel(), D)
         # one GEMM per (batch, kv head): a batched one would copy the row-sliced keys first
-        sco = qt.new_empty(B * Hkv, G * r.numel(), kend)
+        # reused per-thread memory: a fresh multi-MB tensor per chunk page-faults (codegen/scratch.py)
+        sco = scratch("pbs.scores", (B * Hkv, G * r.numel(), kend), sdt)
         for i in range(B * Hkv):
             torch.mm(qt[i], kf[i, :kend].T, out=sco[i])
         sco = sco.view(B, Hkv, G * r.numel(), kend)
