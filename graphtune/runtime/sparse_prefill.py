@@ -49,8 +49,8 @@ from graphtune.ir.reference import merge_lse
 from graphtune.runtime import context
 from graphtune.runtime.lean_decode import is_causal_mask, view_key
 
-__all__ = ["SparsePrefill", "SparseStats", "make_sparse", "flag_config", "layer_tiers", "model_key", "tuned_sparse", "run_sparse", "select", "install", "uninstall",
-           "describe", "PLAN_NAME", "SHORTHANDS"]
+__all__ = ["SparsePrefill", "SparseStats", "make_sparse", "flag_config", "layer_tiers", "model_key", "tuned_sparse",
+           "run_sparse", "select", "install", "uninstall", "describe", "PLAN_NAME", "SHORTHANDS"]
 
 PLAN_NAME = "sparse_prefill"
 SHORTHANDS = ("pbs", "block")

@@ -56,8 +56,8 @@ from graphtune.errors import PlanError, ShapeError
 from graphtune.ir.args import softmax_scale
 
 __all__ = ["PBSConfig", "PBSPlan", "plan_pbs", "permute_keys", "sample_rows", "sampled_mass", "select_blocks",
-           "select_by_mass", "query_groups", "group_reduce", "permute_rows", "tensor_signature", "check_qkv", "DEFAULT_CONFIG", "ACCURACY_IMPL",
-           "SELECTION_HASH"]
+           "select_by_mass", "query_groups", "group_reduce", "permute_rows", "tensor_signature", "check_qkv",
+           "DEFAULT_CONFIG", "ACCURACY_IMPL", "SELECTION_HASH"]
 
 
 @dataclass(frozen=True)
@@ -240,8 +240,8 @@ def permute_keys(q: Tensor, k: Tensor, config: PBSConfig, scale: float | None = 
     """``[B, Hkv, N]`` PBS key permutation: within each earlier segment, keys by descending importance.
 
     Importance of key ``j``: the mean over the last query block's rows (with ``config.sample``: the
-    sampled rows of the last selection group's blocks; and over the GQA group's heads) of ``softmax(q k^T * scale)`` over all keys the
-    row sees (causal). The last segment — the one holding the last query, never anyone's
+    sampled rows of the last selection group's blocks; and over the GQA group's heads) of
+    ``softmax(q k^T * scale)`` over all keys the row sees (causal). The last segment — the one holding the last query, never anyone's
     off-diagonal segment — keeps its order.
     """
     B, Hq, M, D = q.shape
@@ -430,7 +430,8 @@ def select_by_mass(mass: Tensor, perm: Tensor, config: PBSConfig, n: int, m: int
     Per query block and head: the fewest off-diagonal blocks with the largest mass whose mass, added
     to the own segment's, reaches ``tau`` of the whole; plus ``config.local`` segments and the sink.
     With ``select_per="segment"`` a query segment's blocks share one such set, ranked by their mean
-    mass and long enough for each of them (:class:`PBSConfig`). The sampled estimate (:func:`sampled_mass`) and the true mass (an oracle, for measurements:
+    mass and long enough for each of them (:class:`PBSConfig`). The sampled estimate
+    (:func:`sampled_mass`) and the true mass (an oracle, for measurements:
     :func:`graphtune.codegen.pbs_attention.stats.oracle_plan`) both select through it.
     """
     allowed, same = _segments(config, n, m, mass.device)
@@ -521,6 +522,6 @@ def tensor_signature(x: Tensor) -> tuple:
 # (no tuner or dispatch runs it), valid while the selection code the measured accuracy depends on
 # is unchanged (its source hash).
 ACCURACY_IMPL = "pbs.accuracy"
-SELECTION_HASH = source_hash(sample_rows, permute_keys, query_groups, group_reduce, _cover, _block_mean, sampled_mass, _seg_end, select_blocks, select_by_mass,
-                             _segments, _index_lists)
+SELECTION_HASH = source_hash(sample_rows, permute_keys, query_groups, group_reduce, _cover, _block_mean, sampled_mass,
+                             _seg_end, select_blocks, select_by_mass, _segments, _index_lists)
 register_record_kind("pbs_attention", ACCURACY_IMPL, SELECTION_HASH)
