@@ -262,7 +262,7 @@ def permute_keys(q: Tensor, k: Tensor, config: PBSConfig, scale: float | None = 
     # [B*Hkv, G*nr, D]: the group's heads along the rows, the scale folded in (no pass over the scores)
     qt = (q[:, :, rows].float() * softmax_scale(scale, D)).to(sdt).reshape(B * Hkv, G * nr, D)
     kf = k.to(sdt).reshape(B * Hkv, N, D)
-    s = qt.new_empty(B * Hkv, G * nr, N)
+    s = scratch("pbs.perm_scores", (B * Hkv, G * nr, N), sdt)  # reused per-thread memory, as sampled_mass's
     for i in range(B * Hkv):  # one GEMM per (batch, kv head) into one buffer (a batched fp32 one: ~5x slower)
         torch.mm(qt[i], kf[i].T, out=s[i])
     s = s.view(B, Hkv, G * nr, N)
