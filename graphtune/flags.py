@@ -92,6 +92,9 @@ FLAGS: dict[str, Flag] = {
         Flag("ENGINE_MAX_KV_TOKENS", int, 0, "engine: KV budget in tokens (0: no bound); rows beyond it wait"),
         Flag("ENGINE_MIN_SHARED", int, 16, "engine: shortest shared prompt prefix stored once"),
         Flag("ENGINE_MAX_BATCH_TOKENS", int, 2048, "engine: most tokens per prefill forward (longer prompts are chunked)"),
+        Flag("ENGINE_KEEP_FREED_MEMORY", bool, True,
+             "engine: keep freed heap memory in the process (glibc mallopt: no mmap/trim below 1-2 GiB), so a "
+             "forward's large temporaries are reused instead of page-faulting anew (process-wide)"),
         Flag("ENGINE_TUNED_LINEAR", bool, True,
              "engine: run the model's linear layers in decode/verify steps with the tuned CPU formulation "
              "for their shape ('graphtune tune --linear'; untuned shapes run F.linear)"),

@@ -30,6 +30,7 @@ from graphtune import flags
 from graphtune.errors import OptionError, PlanError
 from graphtune.runtime.engine.hf_model import ModelRunner, unsupported_reason
 from graphtune.runtime.engine.kv_pool import KVPool
+from graphtune.runtime.engine.memory import keep_freed_memory
 from graphtune.runtime.engine.prefix_tree import Node, PrefixTree, build_prefix_tree
 from graphtune.runtime.engine.drafters import Drafter, describe_drafter, make_drafter
 from graphtune.runtime.engine.sampling import Sampling, select_tokens
@@ -184,6 +185,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.runner = ModelRunner(model)
+        keep_freed_memory()  # a forward's large temporaries reused, not page-faulted anew (memory.py)
         self.max_kv_tokens = flags.get("ENGINE_MAX_KV_TOKENS") if max_kv_tokens is None else max_kv_tokens
         self.min_shared = flags.get("ENGINE_MIN_SHARED") if min_shared is None else min_shared
         self.max_batch_tokens = flags.get("ENGINE_MAX_BATCH_TOKENS") if max_batch_tokens is None else max_batch_tokens
