@@ -180,6 +180,9 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--sample", default=None,
                    help="--accuracy: query rows per block the block selection samples, e.g. 8,0 to try both; 0: the "
                         "paper's pooled estimate (default: the flag, 8); the sparsest winner is kept")
+    a.add_argument("--peaks", default=None,
+                   help="--accuracy: blocks each query row adds by its score bound, e.g. 0,2 to try both "
+                        "(default: the flag, 0); the sparsest winner is kept")
     a.add_argument("--max-runs", type=int, default=10,
                    help="--accuracy: most binary-search prefills (after one prefill per layer)")
     s = p.add_argument_group("sweeps and validation of static mode (graphtune/autotune/sweep.py)")

@@ -34,8 +34,9 @@ def run_accuracy(args: argparse.Namespace) -> int:
     segments = _ints("--segment", args.segment) or [flags.get("SPARSE_PREFILL_SEGMENT")]
     tau = args.tau if args.tau is not None else flags.get("SPARSE_PREFILL_TAU")
     samples = _ints("--sample", args.sample) or [flags.get("SPARSE_PREFILL_SAMPLE")]
-    cfgs = [PBSConfig(b, s, tau, not args.no_permute, sample=r) for b in blocks for s in segments for r in samples
-            if s % b == 0]
+    peaks = _ints("--peaks", args.peaks) or [flags.get("SPARSE_PREFILL_PEAKS")]
+    cfgs = [PBSConfig(b, s, tau, not args.no_permute, sample=r, peaks=k) for b in blocks for s in segments
+            for r in samples for k in peaks if s % b == 0]
     if not cfgs:
         raise OptionError(f"--block {args.block} / --segment {args.segment}: no segment is a multiple of a block")
     model, tok = load_named(args.model)

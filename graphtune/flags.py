@@ -121,6 +121,8 @@ FLAGS: dict[str, Flag] = {
         Flag("SPARSE_PREFILL_SELECT_PER", str, "segment",
              "sparse prefill: 'segment' (a query segment's blocks share one block selection, estimated from all "
              "their sampled rows) or 'block' (each query block its own, the paper's)"),
+        Flag("SPARSE_PREFILL_PEAKS", int, 0, "sparse prefill: blocks each query row adds to the selection by a "
+             "Quest-style bound on its scores (its peaks the sampled rows miss; 0: off)"),
         Flag("SPARSE_PREFILL_BF16_SCORES", bool, True, "sparse prefill: the selection's sampled scores in bfloat16 "
              "where the hardware has it (a GPU, a CPU with AVX512-BF16/AMX)"),
         Flag("LEAN_MIN_SKEW", float, -1.0, "lean decode: min max/mean KV-length skew to use it (-1: measured default)"),

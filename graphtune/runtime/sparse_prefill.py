@@ -140,10 +140,10 @@ def layer_tiers(configs: Iterable[PBSConfig]) -> str:
 
 
 def flag_config() -> PBSConfig:
-    """The :class:`PBSConfig` the ``SPARSE_PREFILL_*`` flags give (block, segment, tau, sample, select_per)."""
+    """The :class:`PBSConfig` the ``SPARSE_PREFILL_*`` flags give (block, segment, tau, sample, select_per, peaks)."""
     return PBSConfig(flags.get("SPARSE_PREFILL_BLOCK"), flags.get("SPARSE_PREFILL_SEGMENT"),
                      flags.get("SPARSE_PREFILL_TAU"), sample=flags.get("SPARSE_PREFILL_SAMPLE"),
-                     select_per=flags.get("SPARSE_PREFILL_SELECT_PER"))
+                     select_per=flags.get("SPARSE_PREFILL_SELECT_PER"), peaks=flags.get("SPARSE_PREFILL_PEAKS"))
 
 
 def make_sparse(spec: Any, model: Any = None) -> SparsePrefill | None:
@@ -206,7 +206,7 @@ def tuned_sparse(model: Any, min_len: int) -> SparsePrefill | None:
     p = r.config.get("params", {})
     base = PBSConfig(int(p["BLOCK"]), int(p["SEGMENT"]), 0.9, bool(p.get("PERMUTE", 1)), bool(p.get("SINK", 1)),
                      sample=int(p.get("SAMPLE", 0)),
-                     select_per="segment" if p.get("PER_SEGMENT", 0) else "block")
+                     select_per="segment" if p.get("PER_SEGMENT", 0) else "block", peaks=int(p.get("PEAKS", 0)))
     samples = r.details.get("samples", {})  # per-layer sampled rows (records before per-layer taus: none)
     layers = {int(i): replace(base, tau=float(t), sample=int(samples.get(i, base.sample)))
               for i, t in r.details.get("layers", {}).items()}

@@ -137,9 +137,9 @@ def test_unknown_sparse_prefill_values_are_refused_by_name(llama, bad):
 
 def test_shorthands_follow_the_flags():
     with flags.Context(SPARSE_PREFILL_TAU=0.8, SPARSE_PREFILL_BLOCK=64, SPARSE_PREFILL_SEGMENT=512,
-                       SPARSE_PREFILL_MIN_LEN=4096):
+                       SPARSE_PREFILL_MIN_LEN=4096, SPARSE_PREFILL_PEAKS=1):
         s = make_sparse("pbs")
-        assert (s.config.tau, s.config.block, s.config.segment, s.min_len) == (0.8, 64, 512, 4096)
+        assert (s.config.tau, s.config.block, s.config.segment, s.min_len, s.config.peaks) == (0.8, 64, 512, 4096, 1)
         assert make_sparse("block").config.permute is False
     with flags.Context(SPARSE_PREFILL_MIN_LEN=0), pytest.raises(OptionError, match="MIN_LEN"):
         make_sparse("pbs")
@@ -181,6 +181,9 @@ def test_accuracy_tuning_is_stored_and_used_by_pbs_shorthand(tmp_path, llama):
         assert main(["tune", "--accuracy", "--model", "llama", "--length", "512", "--block", "32", "--segment", "64",
                      "--sample", "4,0", "--min-top1", "0.05", "--max-runs", "1", "--quiet"]) == 0
         assert tuned_sparse(llama, 256).config.sample in (4, 0)  # both estimators searched, the sparsest kept
+        assert main(["tune", "--accuracy", "--model", "llama", "--length", "512", "--block", "32", "--segment", "64",
+                     "--peaks", "2", "--min-top1", "0.05", "--max-runs", "1", "--quiet"]) == 0
+        assert tuned_sparse(llama, 256).config.peaks == 2  # the peak blocks round-trip through the record
         assert main(["tune", "--accuracy", "--model", "llama", "--length", "512", "--block", "32", "--segment", "64",
                      "--sample", "33", "--quiet"]) == 2  # more sampled rows than a block has
 

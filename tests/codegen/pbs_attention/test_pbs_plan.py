@@ -309,6 +309,8 @@ def test_density_drops_below_one_on_long_sparse_problems():
     (dict(block=32, segment=64, sample=33), "sample must be an int in \\[0, block=32\\]"),
     (dict(sample=2.0), "sample must be an int"),
     (dict(select_per="head"), "select_per must be 'segment'"),
+    (dict(peaks=-1), "peaks must be an int >= 0"),
+    (dict(peaks=True), "peaks must be an int >= 0"),
 ])
 def test_bad_config_raises_plan_error_naming_the_field(kw, match):
     with pytest.raises(PlanError, match=match):
@@ -319,6 +321,7 @@ def test_config_str_names_its_knobs():
     assert str(PBSConfig(64, 128, 0.8)) == "b=64 S=128 tau=0.8 sample=8"
     assert str(PBSConfig(64, 128, 0.8, permute=False, sample=0)) == "b=64 S=128 tau=0.8 pooled no-perm"
     assert str(PBSConfig(64, 128, 0.8, select_per="block")) == "b=64 S=128 tau=0.8 sample=8 per-block"
+    assert str(PBSConfig(64, 128, 0.8, peaks=2)) == "b=64 S=128 tau=0.8 sample=8 peaks=2"
 
 
 @pytest.mark.parametrize("sample", [0, 4])
@@ -369,7 +372,7 @@ def test_check_qkv_returns_the_dimensions():
 def test_fuzzed_plans_are_well_formed(seed):
     s = fuzz_shape(seed)
     q, k, _ = make_qkv(s["b"], s["hq"], s["hkv"], s["d"], s["n"], s["m"], seed=seed)
-    cfg = PBSConfig(s["block"], s["segment"], 0.6)
+    cfg = PBSConfig(s["block"], s["segment"], 0.6, peaks=seed % 3)  # 0..2 peak blocks per row too
     plan = plan_pbs(q, k, cfg)
     b, S, N = s["block"], s["segment"], s["n"]
     assert (plan.n, plan.m, plan.q_offset) == (N, s["m"], N - s["m"])
@@ -386,3 +389,82 @@ def test_sample_rows_are_evenly_spaced_and_end_at_each_blocks_last_row():
     assert rows.tolist() == [[15, 31, 47, 63], [79, 95, 111, 127], [143, 159, 175, 191], [207, 223, 239, 255],
                              [271, 287, 299, 299]]
     assert sample_rows(64, PBSConfig(block=64, segment=128, sample=64)).tolist() == [list(range(64))]
+
+
+# ----------------------------------------------------------------------------------------- peak blocks
+
+
+def _peak_ref(q, k_perm, cfg, n):
+    # independent loops: per (batch, head, row), each whole earlier-segment block's bound
+    # max over d-sums of max(q_d * kmax_d, q_d * kmin_d); the top `peaks`; OR over the row's group
+    from graphtune.codegen.pbs_attention.plan import query_groups
+    B, Hq, M, D = q.shape
+    G = Hq // k_perm.shape[1]
+    b, S = cfg.block, cfg.segment
+    nkb, nqb = -(-n // b), -(-M // b)
+    grp = query_groups(cfg, n, M).tolist()
+    out = torch.zeros(B, Hq, nqb, nkb, dtype=torch.bool)
+    for bi in range(B):
+        for h in range(Hq):
+            for r in range(M):
+                own = (n - M + r) // S * S
+                bounds = []
+                for j in range(nkb):
+                    if (j + 1) * b > own:
+                        break
+                    blk = k_perm[bi, h // G, j * b:(j + 1) * b].double()
+                    qd = q[bi, h, r].double()
+                    bounds.append((float(torch.maximum(qd * blk.max(0).values, qd * blk.min(0).values).sum()), j))
+                for _, j in sorted(bounds, reverse=True)[:cfg.peaks]:
+                    for qb in range(nqb):
+                        if grp[qb] == grp[r // b]:
+                            out[bi, h, qb, j] = True
+    return out
+
+
+@pytest.mark.parametrize("peaks", [1, 2])
+@pytest.mark.parametrize("name", ["gqa3_odd_n", "chunk_mid_segment", "mha_small_blocks", "single_last_query"])
+def test_peak_blocks_are_each_rows_top_bound_blocks_of_earlier_segments_shared_per_group(name, peaks):
+    from graphtune.codegen.pbs_attention.plan import peak_blocks, permute_keys, permute_rows
+    b_, hq, hkv, d, n, m, blk, seg = SHAPES[name]
+    q, k, _ = make_qkv(b_, hq, hkv, d, n, m, seed=7)
+    cfg = PBSConfig(blk, seg, 0.5, sample=min(8, blk), peaks=peaks)
+    kp = permute_rows(k, permute_keys(q, k, cfg))
+    got = peak_blocks(q, kp, cfg, n)
+    assert torch.equal(got, _peak_ref(q, kp, cfg, n))
+    assert got.any() or n <= seg  # something past the first segment is always added
+
+
+def test_the_bound_is_never_below_a_blocks_true_max_score():
+    # the property the detector rests on: relu(q).kmax + min(q,0).kmin >= q.k for every key of the block
+    g = torch.Generator().manual_seed(3)
+    q, kb = torch.randn(50, 16, generator=g), torch.randn(7, 32, 16, generator=g)
+    ub = q.clamp_min(0) @ kb.amax(1).T + q.clamp_max(0) @ kb.amin(1).T  # [50, 7]
+    true = torch.einsum("rd,jkd->rjk", q, kb).amax(-1)
+    assert bool((ub >= true - 1e-5).all())
+
+
+@pytest.mark.parametrize("sample", [0, 8])
+@pytest.mark.parametrize("name", ["gqa3_odd_n", "chunk_mid_segment"])
+def test_peaks_only_add_blocks_and_never_change_the_permutation(name, sample):
+    b_, hq, hkv, d, n, m, blk, seg = SHAPES[name]
+    q, k, _ = make_structured(b_, hq, hkv, d, n, m, seed=2)
+    base = plan_pbs(q, k, PBSConfig(blk, seg, 0.6, sample=min(sample, blk)))
+    more = plan_pbs(q, k, PBSConfig(blk, seg, 0.6, sample=min(sample, blk), peaks=2))
+    assert torch.equal(base.perm, more.perm)
+    a, b = _mask(base), _mask(more)
+    assert bool((a <= b).all()) and bool((b & ~a).any())
+    # and nothing outside earlier segments: tau 1 (every allowed block) contains it
+    full = _mask(plan_pbs(q, k, PBSConfig(blk, seg, 1.0, sample=min(sample, blk))))
+    assert bool((b <= full).all())
+
+
+def _mask(plan):
+    # [B, Hq, nqb, nkb] bool of the selected blocks
+    B, Hq, nqb, _ = plan.kv_index.shape
+    out = torch.zeros(B, Hq, nqb, -(-plan.n // plan.config.block), dtype=torch.bool)
+    for x in range(B):
+        for h in range(Hq):
+            for i in range(nqb):
+                out[x, h, i, list(selected(plan, x, h, i))] = True
+    return out
