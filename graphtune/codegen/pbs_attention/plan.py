@@ -474,7 +474,6 @@ def peak_blocks(q: Tensor, k_perm: Tensor, config: PBSConfig, n: int) -> Tensor:
     Hkv = k_perm.shape[1]
     G = Hq // Hkv
     b, S = config.block, config.segment
-    off = n - M
     nkb, nqb = -(-n // b), -(-M // b)
     nfull = min(n // b, ((n - 1) // S) * S // b)  # blocks of segments before the last query's
     hit = torch.zeros(B, Hq, nqb * b, nkb, dtype=torch.bool, device=q.device)
@@ -483,8 +482,9 @@ def peak_blocks(q: Tensor, k_perm: Tensor, config: PBSConfig, n: int) -> Tensor:
         kmax, kmin = kb.amax(3), kb.amin(3)  # [B, Hkv, nfull, D]
         qg = q.float().reshape(B, Hkv, G * M, D)  # a GQA group's heads along the rows: K/V never repeated
         ub = (qg.clamp_min(0) @ kmax.transpose(-1, -2) + qg.clamp_max(0) @ kmin.transpose(-1, -2)).view(B, Hq, M, nfull)
-        seg0 = (torch.arange(M, device=q.device) + off) // S * S  # each row's own segment starts here
-        ub.masked_fill_(torch.arange(nfull, device=q.device) * b >= seg0[:, None], float("-inf"))
+        allowed, _ = _segments(config, n, M, q.device)  # [nqb, nkb]: blocks of segments before each query block's
+        rows_allowed = allowed[torch.arange(M, device=q.device) // b, :nfull]  # [M, nfull]: a row's is its block's
+        ub.masked_fill_(~rows_allowed, float("-inf"))
         top = ub.topk(min(config.peaks, nfull), -1)
         hit[:, :, :M].scatter_(-1, top.indices, torch.isfinite(top.values))
     per_block = hit.view(B, Hq, nqb, b, nkb).any(3)
