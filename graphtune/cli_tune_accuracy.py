@@ -30,6 +30,9 @@ def run_accuracy(args: argparse.Namespace) -> int:
 
     if args.length < 512:
         raise OptionError(f"--length must be >= 512 calibration tokens, got {args.length}")
+    positions = getattr(args, "positions", None)
+    if positions is not None and not 1 <= positions <= args.length:
+        raise OptionError(f"--positions must be in [1, --length={args.length}], got {positions}")
     blocks = _ints("--block", args.block) or [flags.get("SPARSE_PREFILL_BLOCK")]
     segments = _ints("--segment", args.segment) or [flags.get("SPARSE_PREFILL_SEGMENT")]
     tau = args.tau if args.tau is not None else flags.get("SPARSE_PREFILL_TAU")
@@ -50,7 +53,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
     for cfg in cfgs:  # one search per (block, segment, sample); the sparsest winner is kept
         say(f"PBS {cfg}")
         results.append(tune_accuracy(model, tok, length=args.length, min_top1=args.min_top1, config=cfg,
-                                     max_runs=args.max_runs, progress=say, ids=ids, keep=min(512, args.length // 4)))
+                                     max_runs=args.max_runs, progress=say, ids=ids, keep=positions))
     met = [r for r in results if r.best is not None]
     res = min(met, key=lambda r: r.best.density) if met else results[0]
     if len(results) > 1:

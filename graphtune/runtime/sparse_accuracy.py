@@ -30,6 +30,7 @@ Examples
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sysconfig
 from dataclasses import dataclass, field
@@ -54,29 +55,41 @@ PASSKEY_DEPTHS = tuple(i / 10 for i in range(10))  # 0.0 .. 0.9 of the filler
 
 @dataclass
 class Capture:
-    """A dense pass over a prompt: per layer ``(q [1,Hq,N,D], k, v [1,Hkv,N,D])`` and the last logits ``[keep, V]``."""
+    """A dense pass over a prompt: per layer ``(q [1,Hq,N,D], k, v [1,Hkv,N,D])``, the last logits ``[keep, V]``
+    and (``capture(..., layer_outputs=True)``) each decoder layer's output, from which :func:`sparse_logits`
+    can resume."""
 
     qkv: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
     logits: Tensor | None = None
+    layer_outputs: list[Any] = field(default_factory=list)
 
 
 Attend = Callable[[int, Tensor, Tensor, Tensor, float | None], Tensor]
 
 
-def _prompt_logits(runner: ModelRunner, ids: Tensor, attend: Attend, keep: int) -> Tensor:
-    # one forward of the whole prompt with `attend` as every layer's attention; logits of the last `keep`
+def _prompt_logits(runner: ModelRunner, ids: Tensor, attend: Attend, keep: int, record: list | None = None,
+                   resume: tuple[int, Sequence[Any]] | None = None) -> Tensor:
+    # one forward of the whole prompt with `attend` as every layer's attention; logits of the last `keep`.
+    # record: collect each decoder layer's output; resume (layer, recorded outputs): skip the layers before
     n = ids.numel()
 
     def step(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
         return attend(layer, q, k, v, scale).transpose(1, 2)  # [1, Hq, N, D] -> [1, N, Hq, D]
 
-    with torch.no_grad(), runner.attention(step):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(runner.attention(step))
+        if record is not None:
+            stack.enter_context(runner.record_layer_outputs(record))
+        if resume is not None:
+            stack.enter_context(runner.resume_at(*resume))
         hidden = runner.hidden(ids.view(-1), torch.arange(n))
         return runner.logits(hidden[n - keep:]).float()
 
 
-def capture(model: Any, ids: Tensor, keep: int = 512, qkv: bool = True) -> Capture:
-    """Dense prefill of ``ids`` (1-D): every layer's ``q, k, v`` (if ``qkv``) and the last ``keep`` logits."""
+def capture(model: Any, ids: Tensor, keep: int = 512, qkv: bool = True, layer_outputs: bool = False) -> Capture:
+    """Dense prefill of ``ids`` (1-D): every layer's ``q, k, v`` (if ``qkv``), the last ``keep`` logits and
+    (if ``layer_outputs``) every decoder layer's output (``N x hidden`` floats each)."""
     runner = ModelRunner(model)
     cap = Capture()
 
@@ -85,12 +98,18 @@ def capture(model: Any, ids: Tensor, keep: int = 512, qkv: bool = True) -> Captu
             cap.qkv.append((q.detach().clone(), k.detach().clone(), v.detach().clone()))
         return flash_cpu(q, k, v, None, True, scale)[0]
 
-    cap.logits = _prompt_logits(runner, ids, attend, min(keep, ids.numel()))
+    cap.logits = _prompt_logits(runner, ids, attend, min(keep, ids.numel()), cap.layer_outputs if layer_outputs else None)
     return cap
 
 
-def sparse_logits(model: Any, ids: Tensor, settings: SparsePrefill, keep: int = 512) -> Tensor:
-    """The last ``keep`` logits of ``ids`` prefilled in one call per layer with sparse prefill ``settings``."""
+def sparse_logits(model: Any, ids: Tensor, settings: SparsePrefill, keep: int = 512,
+                  resume: tuple[int, Capture] | None = None) -> Tensor:
+    """The last ``keep`` logits of ``ids`` prefilled in one call per layer with sparse prefill ``settings``.
+
+    ``resume=(i, cap)``: layers before ``i`` are not run; their output is ``cap``'s (a dense
+    :func:`capture` of the same ``ids`` with ``layer_outputs=True``). Exact when ``settings`` keeps
+    those layers dense (it is not checked which way they would run).
+    """
     runner = ModelRunner(model)
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
@@ -98,7 +117,14 @@ def sparse_logits(model: Any, ids: Tensor, settings: SparsePrefill, keep: int = 
             return run_sparse(settings, layer, q, k, v, scale)[0]
         return flash_cpu(q, k, v, None, True, scale)[0]
 
-    return _prompt_logits(runner, ids, attend, min(keep, ids.numel()))
+    res = None
+    if resume is not None:
+        layer, cap = resume
+        if layer and len(cap.layer_outputs) < layer:
+            raise OptionError(f"sparse_logits: resume at layer {layer} needs a capture with layer_outputs=True "
+                              f"(this one holds {len(cap.layer_outputs)})")
+        res = (layer, cap.layer_outputs)
+    return _prompt_logits(runner, ids, attend, min(keep, ids.numel()), resume=res)
 
 
 def compare_logits(dense: Tensor, sparse: Tensor) -> tuple[float, float]:

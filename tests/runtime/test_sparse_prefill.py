@@ -188,6 +188,25 @@ def test_accuracy_tuning_is_stored_and_used_by_pbs_shorthand(tmp_path, llama):
                      "--sample", "33", "--quiet"]) == 2  # more sampled rows than a block has
 
 
+def test_tune_accuracy_cli_measures_the_bound_on_the_requested_positions_and_records_them(tmp_path, llama):
+    from graphtune.autotune import db as _db
+    from graphtune.cli import main
+
+    def newest() -> dict:
+        recs = _db.get_db().records("op = ? AND impl = ?", ("pbs_attention", "pbs.accuracy"))
+        return max(recs, key=lambda r: r.created_at).details
+
+    base = ["tune", "--accuracy", "--model", "llama", "--length", "512", "--block", "32", "--segment", "64",
+            "--min-top1", "0.05", "--max-runs", "1", "--quiet"]
+    with flags.Context(DB=str(tmp_path / "acc.db")):
+        assert main(base) == 0
+        assert newest()["positions"] == 128  # default: min(2048, length // 4)
+        assert main(base + ["--positions", "100"]) == 0
+        assert newest()["positions"] == 100
+        assert main(base + ["--positions", "0"]) == 2  # a usage error naming --positions
+        assert main(base + ["--positions", "513"]) == 2  # more positions than the prompt has
+
+
 def test_tune_accuracy_refuses_a_bound_outside_0_1(llama):
     from graphtune.runtime.sparse_tune import tune_accuracy
 
@@ -288,3 +307,39 @@ def test_layers_tuned_dense_run_exact_flash_attention_on_chunks(llama, monkeypat
     w, wl = ref.dense_causal_ref(q, k, v)
     assert torch.allclose(out, w, atol=1e-5) and torch.allclose(lse, wl, atol=1e-5)
     assert got.sequences[0][:1] == want[0][:1]  # the sparse layer may change later tokens; the run completes
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sparse_logits_resumed_at_a_layer_equal_a_full_run_and_skip_the_layers_before(family):
+    # tune --accuracy's per-layer sensitivity starts layer i's run at layer i from the dense capture's
+    # recorded outputs: the same logits, bit for bit, as running the dense layers before it
+    from graphtune.runtime.sparse_accuracy import capture, sparse_logits
+
+    kw = {"n_positions": 2048} if family == "gpt2" else {"max_position_embeddings": 2048}
+    m = build_model(family, "sdpa", num_hidden_layers=3, seed=2, **kw)
+    ids = torch.randint(3, 200, (640,), generator=torch.Generator().manual_seed(5))
+    cap = capture(m, ids, keep=32, qkv=False, layer_outputs=True)
+    assert len(cap.layer_outputs) == 3
+    cfg, dense = PBSConfig(32, 64, 0.5), PBSConfig(32, 64, 1.0)
+    for i in range(3):
+        s = SparsePrefill(cfg, 256, {j: (cfg if j == i else dense) for j in range(3)})
+        seen: list[int] = []
+        run_sparse = sp.run_sparse
+
+        def spy(settings, layer, *a, **k):
+            seen.append(layer)
+            return run_sparse(settings, layer, *a, **k)
+
+        full = sparse_logits(m, ids, s, keep=32)
+        with pytest.MonkeyPatch.context() as mp:
+            import graphtune.runtime.sparse_accuracy as sa
+
+            mp.setattr(sa, "run_sparse", spy)
+            resumed = sparse_logits(m, ids, s, keep=32, resume=(i, cap))
+        assert seen == list(range(i, 3)), "the layers before the resume point must not run"
+        assert torch.equal(resumed, full), f"resumed at layer {i}"
+    assert not torch.equal(full, cap.logits)  # the sparse layer changed the logits: the check can fail
+    assert torch.equal(sparse_logits(m, ids, SparsePrefill(dense, 256, {j: dense for j in range(3)}), keep=32),
+                       cap.logits)  # no forward is left patched
+    with pytest.raises(OptionError, match="layer_outputs=True"):
+        sparse_logits(m, ids, s, keep=32, resume=(2, capture(m, ids, keep=32, qkv=False)))

@@ -21,7 +21,7 @@ import contextlib
 import contextvars
 import inspect
 import threading
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from torch import Tensor, nn
 
@@ -190,6 +190,42 @@ class ModelRunner:
         finally:
             handle.remove()
         raise RuntimeError("early exit: the decoder layer hook did not run")  # pragma: no cover
+
+    @contextlib.contextmanager
+    def record_layer_outputs(self, into: list) -> Iterator[None]:
+        """Within the block, each decoder layer's output (whatever it returns: a tensor, or a tuple in
+        older transformers) is appended to ``into``, in layer order, for :meth:`resume_at`."""
+        blocks, _ = self.decoder_blocks()
+
+        def keep(module: nn.Module, args: Any, out: Any) -> None:
+            into.append(out)
+
+        handles = [b.register_forward_hook(keep) for b in blocks]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def resume_at(self, layer: int, outputs: Sequence[Any]) -> Iterator[None]:
+        """Within the block, a forward runs only decoder layers ``layer..``: the earlier ones return
+        ``outputs[layer - 1]`` (recorded by :meth:`record_layer_outputs` on the same input) without
+        computing. Exact when those layers would compute what was recorded; why: a measurement that
+        changes only layer ``i`` (``graphtune tune --accuracy``'s per-layer sensitivity) need not
+        recompute the ``i`` layers before it, which halves its cost.
+        """
+        blocks, _ = self.decoder_blocks()
+        if not 0 <= layer <= len(blocks) or (layer and len(outputs) < layer):
+            raise ValueError(f"resume at layer {layer}: the model has {len(blocks)} layers, {len(outputs)} recorded")
+        out = outputs[layer - 1] if layer else None
+        for b in blocks[:layer]:  # an instance attribute shadows the class's forward (nn.Module.__call__ reads it)
+            b.forward = lambda *a, **kw: out
+        try:
+            yield
+        finally:
+            for b in blocks[:layer]:
+                del b.forward
 
     def decoder_blocks(self) -> tuple[nn.ModuleList, nn.Module]:
         """The decoder layers, in order, and the final norm applied to the last layer's output."""
