@@ -5,7 +5,8 @@ Workloads (issue "Permuted block-sparse prefill"), same-run ratios, medians over
 threads (default 1):
 
 0. **Settings** (module fixture): *tuned*: ``graphtune tune --accuracy``'s per-layer choice on 4K
-   calibration tokens (Python stdlib sources, tokens 0..4K), bound top-1 >= 99% (the record in
+   calibration tokens (Python stdlib sources, tokens 0..4K), bound top-1 >= 99% over the last 1024
+   positions (the record in
    ``GRAPHTUNE_DB`` if one is stored for SmolLM2, else tuned here); *uniform*: graphtune's default
    (tau 0.94 of each query block's mass, by 8 sampled rows per block, one set per query segment)
    on every layer; *paper*: the paper's selection (tau 0.9 of pooled block estimates, per query

@@ -183,6 +183,9 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--peaks", default=None,
                    help="--accuracy: blocks each query row adds by its score bound, e.g. 0,2 to try both "
                         "(default: the flag, 0); the sparsest winner is kept")
+    a.add_argument("--text", metavar="FILE", default=None,
+                   help="--accuracy: calibrate on this UTF-8 text file's first --length tokens (prompts like the ones "
+                        "you will serve) instead of Python stdlib sources")
     a.add_argument("--positions", type=int, default=None,
                    help="--accuracy: last positions of the calibration prompt whose next-token top-1 and KL are "
                         "measured (default: min(2048, --length // 4)); more positions: less noise, less overfit bound")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -42,18 +43,31 @@ def run_accuracy(args: argparse.Namespace) -> int:
             for r in samples for k in peaks if s % b == 0]
     if not cfgs:
         raise OptionError(f"--block {args.block} / --segment {args.segment}: no segment is a multiple of a block")
+    text = None
+    if getattr(args, "text", None):  # read before the model loads: a wrong path fails at once
+        try:
+            with open(args.text, encoding="utf-8") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise OptionError(f"--text {args.text}: cannot read it as UTF-8 text ({e})") from None
     model, tok = load_named(args.model)
+    if text is not None and tok is None:
+        raise OptionError(f"--text {args.text}: model {args.model!r} has no tokenizer (random weights); "
+                          "calibrate a model that has one")
     if tok is None:  # random-weight models: random token ids of their vocabulary
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(3, model.config.vocab_size, (args.length,), generator=g)
+        source = "random token ids"
     else:
-        ids = calibration_ids(tok, args.length)
+        ids = calibration_ids(tok, args.length, text=text)
+        source = f"text file {os.path.abspath(args.text)}" if text is not None else None
     say = (lambda s: None) if args.quiet else (lambda s: print(f"[tune --accuracy] {s}", file=sys.stderr))
     results = []
     for cfg in cfgs:  # one search per (block, segment, sample); the sparsest winner is kept
         say(f"PBS {cfg}")
         results.append(tune_accuracy(model, tok, length=args.length, min_top1=args.min_top1, config=cfg,
-                                     max_runs=args.max_runs, progress=say, ids=ids, keep=positions))
+                                     max_runs=args.max_runs, progress=say, ids=ids, keep=positions,
+                                     calibration=source))
     met = [r for r in results if r.best is not None]
     res = min(met, key=lambda r: r.best.density) if met else results[0]
     if len(results) > 1:

@@ -165,12 +165,14 @@ def calibration_text(min_chars: int = 200_000, files: Sequence[str] = STDLIB_FIL
     return "".join(parts)
 
 
-def calibration_ids(tokenizer: Any, length: int, offset: int = 0) -> Tensor:
-    """``length`` token ids of :func:`calibration_text` starting at token ``offset`` (1-D)."""
-    text = calibration_text(max(200_000, (length + offset) * 6))
+def calibration_ids(tokenizer: Any, length: int, offset: int = 0, text: str | None = None) -> Tensor:
+    """``length`` token ids (1-D) of ``text`` (default :func:`calibration_text`) starting at token ``offset``."""
+    own = text is not None
+    text = calibration_text(max(200_000, (length + offset) * 6)) if text is None else text
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     if ids.numel() < length + offset:
-        raise OptionError(f"calibration text has {ids.numel()} tokens, fewer than {length + offset}")
+        raise OptionError(f"{'the given' if own else 'the stdlib'} calibration text has {ids.numel()} tokens, "
+                          f"fewer than {length + offset}")
     return ids[offset:offset + length]
 
 

@@ -23,7 +23,7 @@ at density 0.57, uniform tau 0.998 reaches top-1 0.990; 5 layers dense, 10 at 0.
 
 Cost: ``(L + 1) / 2 + 1 + max_runs`` prefills of ``length`` tokens: the per-layer runs start at
 their layer from the dense prefill's recorded layer outputs (about 26.5 for a 30-layer model, 41
-before; SmolLM2 at 8K on one thread: ~24 s a prefill).
+before; measured times in ``docs/ops/sparse-prefill.md``).
 
 The winner is a record of op ``pbs_attention``, kind ``pbs.accuracy`` (a non-kernel record, valid
 while the selection code is unchanged), keyed by the model (:func:`model_key`): ``"pbs"``
@@ -85,6 +85,7 @@ class AccuracyTuning:
     record_id: str | None = None
     seconds: float = 0.0
     positions: int = 0  # the last positions top-1 and KL were measured over
+    calibration: str = "python stdlib sources"  # what text the bound was measured on
 
     def table(self) -> str:
         lines = [f"{'layer alone':<40} {'density':>8} {'top-1':>7} {'KL':>9}"]
@@ -160,13 +161,15 @@ def predicted_kl(x: LayerSensitivity, base_tau: float, tau: float) -> float:
 def tune_accuracy(model: Any, tokenizer: Any, *, length: int = 4096, min_top1: float = 0.99, keep: int | None = None,
                   config: PBSConfig | None = None, max_runs: int = 10, min_len: int | None = None,
                   ladder: Sequence[float] = LADDER,
-                  progress: Callable[[str], None] | None = None, ids: torch.Tensor | None = None) -> AccuracyTuning:
+                  progress: Callable[[str], None] | None = None, ids: torch.Tensor | None = None,
+                  calibration: str | None = None) -> AccuracyTuning:
     """Find the sparsest per-layer PBS setting whose top-1 agreement with dense is ``>= min_top1``.
 
     See the module docstring. ``config`` gives block, segment, sampled rows and the ``tau`` the
     sensitivity is measured at (default: the flags'); ``ladder`` the taus a layer can get;
     ``max_runs`` bounds the search's end-to-end prefills; ``keep`` is how many last positions the
-    bound is measured on (default ``min(POSITIONS, length // 4)``).
+    bound is measured on (default ``min(POSITIONS, length // 4)``); ``calibration`` names what ``ids``
+    are, for the record (default: the stdlib sources of :func:`calibration_ids`).
     """
     if not 0.0 < min_top1 <= 1.0:
         raise OptionError(f"--min-top1 must be in (0, 1], got {min_top1}")
@@ -184,6 +187,8 @@ def tune_accuracy(model: Any, tokenizer: Any, *, length: int = 4096, min_top1: f
     sens = layer_sensitivity(model, ids, dense, cfg, keep, ml, say)
     dense.layer_outputs.clear()  # N x hidden floats per layer: not needed past the sensitivity runs
     res = AccuracyTuning(model_key(model), ids.numel(), min_top1, sensitivity=sens, positions=int(dense_logits.shape[0]))
+    if calibration is not None:
+        res.calibration = calibration
     base = float(cfg.tau)
     # every budget at which some layer changes rung, ascending: a larger one is sparser everywhere
     betas = sorted({predicted_kl(x, base, t) for x in sens for t in ladder})
@@ -236,7 +241,7 @@ def store(res: AccuracyTuning) -> Record | None:
                  details={"layers": {str(i): t for i, t in c.layers.items()},
                           "samples": {str(i): r for i, r in c.samples.items()}, "top1": c.top1, "kl": c.kl,
                           "density": c.density, "min_top1": res.min_top1, "candidate": c.name, "tau": c.config.tau,
-                          "calibration": "python stdlib sources", "length": res.length,
+                          "calibration": res.calibration, "length": res.length,
                           "positions": res.positions})
     got = _db.get_db().put(rec)
     res.record_id = got.record_id

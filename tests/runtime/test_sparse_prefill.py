@@ -205,6 +205,42 @@ def test_tune_accuracy_cli_measures_the_bound_on_the_requested_positions_and_rec
         assert newest()["positions"] == 100
         assert main(base + ["--positions", "0"]) == 2  # a usage error naming --positions
         assert main(base + ["--positions", "513"]) == 2  # more positions than the prompt has
+        assert newest()["calibration"] == "random token ids"  # what the bound was measured on (no tokenizer)
+        assert main(base + ["--text", str(tmp_path / "missing.txt")]) == 2  # unreadable: before the model loads
+        (tmp_path / "prompts.txt").write_text("def f(x):\n    return x\n" * 200)
+        assert main(base + ["--text", str(tmp_path / "prompts.txt")]) == 2  # a random-weight model has no tokenizer
+
+
+class _Chars:  # a tokenizer of one token per character
+    def __call__(self, text, return_tensors=None):
+        return type("Enc", (), {"input_ids": torch.tensor([[ord(c) for c in text]])})()
+
+
+def test_tune_accuracy_cli_calibrates_on_the_users_text_and_the_record_says_so(tmp_path, llama, monkeypatch):
+    import graphtune.models
+    from graphtune.autotune import db as _db
+    from graphtune.cli import main
+
+    monkeypatch.setattr(graphtune.models, "load_named", lambda name: (llama, _Chars()))  # a model with a tokenizer
+    text = tmp_path / "prompts.txt"
+    text.write_text("".join(chr(65 + (7 * i) % 58) for i in range(700)), encoding="utf-8")
+    with flags.Context(DB=str(tmp_path / "acc.db")):
+        assert main(["tune", "--accuracy", "--model", "llama", "--length", "512", "--text", str(text), "--block", "32",
+                     "--segment", "64", "--positions", "64", "--min-top1", "0.05", "--max-runs", "1", "--quiet"]) == 0
+        (rec,) = _db.get_db().records("op = ? AND impl = ?", ("pbs_attention", "pbs.accuracy"))
+        assert rec.details["calibration"] == f"text file {text}"
+        assert (rec.details["length"], rec.details["positions"]) == (512, 64)
+        text.write_text("too short", encoding="utf-8")  # 9 tokens: an error naming the text, nothing stored
+        assert main(["tune", "--accuracy", "--model", "llama", "--length", "512", "--text", str(text), "--quiet"]) == 2
+
+
+def test_calibration_ids_take_the_users_text_and_refuse_one_too_short():
+    from graphtune.runtime.sparse_accuracy import calibration_ids
+
+    ids = calibration_ids(_Chars(), 5, offset=2, text="abcdefgh")
+    assert ids.tolist() == [ord(c) for c in "cdefg"]
+    with pytest.raises(OptionError, match="the given calibration text has 8 tokens, fewer than 9"):
+        calibration_ids(_Chars(), 8, offset=1, text="abcdefgh")
 
 
 def test_tune_accuracy_refuses_a_bound_outside_0_1(llama):
@@ -343,3 +379,8 @@ def test_sparse_logits_resumed_at_a_layer_equal_a_full_run_and_skip_the_layers_b
                        cap.logits)  # no forward is left patched
     with pytest.raises(OptionError, match="layer_outputs=True"):
         sparse_logits(m, ids, s, keep=32, resume=(2, capture(m, ids, keep=32, qkv=False)))
+    from graphtune.runtime.engine.hf_model import ModelRunner
+
+    with pytest.raises(OptionError, match="resume at layer 4: the model has 3 layers"):
+        with ModelRunner(m).resume_at(4, cap.layer_outputs):
+            pass

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 
 from torch import Tensor, nn
 
+from graphtune.errors import OptionError
 from graphtune.runtime.engine.linear import LinearRouter
 
 __all__ = ["ATTN_NAME", "unsupported_reason", "ModelRunner"]
@@ -213,11 +214,12 @@ class ModelRunner:
         ``outputs[layer - 1]`` (recorded by :meth:`record_layer_outputs` on the same input) without
         computing. Exact when those layers would compute what was recorded; why: a measurement that
         changes only layer ``i`` (``graphtune tune --accuracy``'s per-layer sensitivity) need not
-        recompute the ``i`` layers before it, which halves its cost.
+        recompute the ``i`` layers before it, which halves its cost. It patches the modules: not
+        for a model other threads run meanwhile.
         """
         blocks, _ = self.decoder_blocks()
         if not 0 <= layer <= len(blocks) or (layer and len(outputs) < layer):
-            raise ValueError(f"resume at layer {layer}: the model has {len(blocks)} layers, {len(outputs)} recorded")
+            raise OptionError(f"resume at layer {layer}: the model has {len(blocks)} layers, {len(outputs)} recorded")
         out = outputs[layer - 1] if layer else None
         for b in blocks[:layer]:  # an instance attribute shadows the class's forward (nn.Module.__call__ reads it)
             b.forward = lambda *a, **kw: out
