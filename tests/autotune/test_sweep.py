@@ -130,7 +130,11 @@ def test_real_cross_compile_on_a_process_pool_scores_and_stores(tmp_path):
 
 
 def _cli(db, tmp_path, counter, sleep):
-    code = ("import fake_runner, graphtune.autotune.sweep as s; s.RUNNER = fake_runner.run; "
+    # a terminal's Ctrl-C: the CLI starts with SIGINT's default disposition. Python keeps SIGINT ignored when
+    # it starts with it ignored, as it does under a background job of a non-interactive shell (`make test &`
+    # in CI): the sweep then rightly ignores the signal and the SIGINT case exits 0
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "import fake_runner, graphtune.autotune.sweep as s; s.RUNNER = fake_runner.run; "
             "from graphtune.cli import main; raise SystemExit(main(['--db', %r, 'tune', '--all-families', "
             "'--targets', 'sm_80,sm_90', '--jobs', '2', '--quiet']))" % str(db))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "SWEEP_COUNT": str(counter),
