@@ -7,7 +7,13 @@ import tempfile
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("GRAPHTUNE_SPEC", "1")
 os.environ.setdefault("GRAPHTUNE_VALIDATE", "1")
-os.environ.setdefault("GRAPHTUNE_DB", os.path.join(tempfile.mkdtemp(prefix="graphtune-test-"), "tuning.db"))
+if "GRAPHTUNE_DB" not in os.environ:
+    import atexit
+    import shutil
+
+    _db_dir = tempfile.mkdtemp(prefix="graphtune-test-")
+    atexit.register(shutil.rmtree, _db_dir, True)  # the session's database goes with the session
+    os.environ["GRAPHTUNE_DB"] = os.path.join(_db_dir, "tuning.db")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
