@@ -177,6 +177,9 @@ def make_sparse(spec: Any, model: Any = None) -> SparsePrefill | None:
             tuned = None
         if tuned is not None:
             return tuned
+        # say so where the settings are shown (explain, Engine.plan): the flags' tau is the throughput
+        # setting (next-token top-1 ~0.91 at 8K on SmolLM2), not an accuracy bound
+        src = "flags; no accuracy-tuned record for this model: graphtune tune --accuracy makes one"
     return SparsePrefill(cfg, min_len, {}, src)
 
 
