@@ -209,7 +209,7 @@ def test_second_call_loads_the_cache_without_converting(converted, monkeypatch):
     took = time.perf_counter() - t0
     print(f"\nsmollm2 cached call: {took:.2f} s {S.last_timings}")
     assert set(S.last_timings) == {"load"}
-    assert took < 30  # a few seconds even on a slow disk; the conversion takes longer
+    # no wall-clock bound: the patched _convert/_load_gguf above already fail the test if the cache is not reused
     enc = _chat(tok, PY_PROMPT)
     assert torch.equal(_logits(model, enc), _logits(converted["model"], enc))
 

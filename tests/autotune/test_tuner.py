@@ -35,7 +35,7 @@ def wrong(*a, config):
 
 
 def hang(*a, config):
-    time.sleep(30.0)  # far past the bound below, which leaves room for a loaded machine
+    time.sleep(60.0)  # far past the bound below, which leaves room for a loaded machine
     return flash_attention(*a)
 
 
@@ -57,7 +57,7 @@ def test_crashing_wrong_and_hanging_candidates_score_inf_and_do_not_stop_the_run
     with flags.Context(TUNE_TIMEOUT=0.5):
         t0 = time.monotonic()
         res = tune_shape(SHAPE, "exhaustive", Budget(reps=3), db=db, candidates=cands)
-        assert time.monotonic() - t0 < 10.0  # did not wait for the hung candidate
+        assert time.monotonic() - t0 < 30.0  # did not wait for the hung candidate (3.5 s on a loaded machine)
     why = {f.split("[")[0]: f for f in res.failures}
     assert set(why) == {"crash", "wrong", "hang"}
     assert "crashed: RuntimeError: kernel exploded" in why["crash"]

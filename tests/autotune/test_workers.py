@@ -87,7 +87,7 @@ def test_pool_kills_a_hung_candidate_and_its_next_task_runs_on_a_fresh_worker(po
     c = Candidate(fakes.HANG, fakes.cfg(tag))
     t0 = time.monotonic()
     [r] = pool.run([measure_task(c, SHAPE, reps=2, timeout=1.0)])
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 60  # did not wait for the 120 s hang (5 s with 4 busy processes on 2 cores)
     assert not r.ok and r.error.startswith("timeout") and "killed" in r.error
     pid = int(open(fakes.pidfile(tag)).read())
     with pytest.raises(ProcessLookupError):  # the hung worker is gone, not abandoned

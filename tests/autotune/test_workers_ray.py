@@ -1,7 +1,6 @@
 """The Ray backend on a local 2-CPU cluster: tasks run on actors, a hung candidate's actor is killed,
 and killing an actor's process mid-run retries its task; the tuning database keeps each result once."""
 import os
-import time
 
 import pytest
 
@@ -35,9 +34,9 @@ def db(tmp_path):
 def test_ray_actor_measures_a_registered_candidate_and_reports_its_fingerprint(backend):
     load_impls("cpu")
     c = default_candidate(SHAPE.op, "cpu")
-    t0 = time.monotonic()
+    # no wall-clock bound: the first run starts the actor (imports torch), which took 135 s with 4 busy
+    # processes on 2 cores; the backend's own start_timeout and the task's timeout bound it instead
     [r] = backend.run([measure_task(c, SHAPE, reps=3)])
-    assert time.monotonic() - t0 < 60
     assert r.ok and to_measurement(c, r).ok, r.error
     assert r.worker.startswith("ray pid") and r.worker != f"ray pid {os.getpid()}"
     assert r.fingerprint == fingerprint.current("cpu")  # same machine: the same hardware key
